@@ -1,0 +1,235 @@
+"""Settings: one frozen pydantic-settings root, read once at the edge (the CLI).
+
+Environment variables use the prefix ``SD_`` and ``__`` between nested groups, e.g.
+``SD_KAFKA__BOOTSTRAP_SERVERS=broker:9092`` or ``SD_DETECTOR__MAX_BATCH=512``. A ``.env`` file in
+the working directory is read too. Nothing else in the package reads the environment.
+
+Secrets (SASL password, SSL key password) are ``SecretStr``: they render as ``**********`` in
+logs and reprs and are only unwrapped when the librdkafka dict is built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from stream_detector.errors import ConfigError
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaSettings(_Group):
+    """Where to read readings from and write alerts to, and how to talk to the brokers."""
+
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers.")
+    input_topic: str = Field("sensor-readings", description="Topic of input readings.")
+    alert_topic: str = Field("sensor-alerts", description="Topic alerts are published to.")
+    score_topic: str = Field(
+        "", description="Topic for every scored window (dashboards, replay parity); empty = off."
+    )
+    dead_letter_topic: str = Field(
+        "sensor-readings-dlq", description="Topic for records that cannot be processed."
+    )
+    group_id: str = Field("stream-detector", description="Consumer group id.")
+    client_id: str = Field("stream-detector", description="Client id prefix.")
+    auto_offset_reset: Literal["earliest", "latest"] = Field(
+        "earliest", description="Where a new group starts reading."
+    )
+    consume_batch: int = Field(1000, ge=1, le=100_000, description="Max messages per consume().")
+    consume_timeout_s: float = Field(0.05, gt=0, le=10, description="consume() timeout, seconds.")
+    session_timeout_ms: int = Field(10_000, ge=1000, description="Consumer session timeout.")
+    heartbeat_interval_ms: int = Field(2_000, ge=100, description="Consumer heartbeat interval.")
+    partition_assignment_strategy: str = Field(
+        "cooperative-sticky", description="librdkafka partition.assignment.strategy."
+    )
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: str = Field("", description="e.g. PLAIN, SCRAM-SHA-512; empty = none.")
+    sasl_username: str = ""
+    sasl_password: SecretStr = SecretStr("")
+    ssl_ca_location: str = ""
+    ssl_certificate_location: str = ""
+    ssl_key_location: str = ""
+    ssl_key_password: SecretStr = SecretStr("")
+    extra: dict[str, str | int | float | bool] = Field(
+        default_factory=dict,
+        description="Extra librdkafka properties for every client (JSON object in env).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> KafkaSettings:
+        if self.heartbeat_interval_ms >= self.session_timeout_ms:
+            raise ValueError("heartbeat_interval_ms must be below session_timeout_ms")
+        topics = [self.input_topic, self.alert_topic, self.dead_letter_topic]
+        if self.score_topic:
+            topics.append(self.score_topic)
+        if len(set(topics)) != len(topics):
+            raise ValueError(f"input, alert, score and dead-letter topics must differ: {topics}")
+        if self.security_protocol.startswith("SASL") and not self.sasl_mechanism:
+            raise ValueError("sasl_mechanism is required with a SASL security_protocol")
+        return self
+
+    def common(self) -> dict[str, Any]:
+        """librdkafka properties shared by every client (secrets unwrapped here only)."""
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "security.protocol": self.security_protocol,
+        }
+        if self.sasl_mechanism:
+            conf["sasl.mechanism"] = self.sasl_mechanism
+            conf["sasl.username"] = self.sasl_username
+            conf["sasl.password"] = self.sasl_password.get_secret_value()
+        for key, value in (
+            ("ssl.ca.location", self.ssl_ca_location),
+            ("ssl.certificate.location", self.ssl_certificate_location),
+            ("ssl.key.location", self.ssl_key_location),
+        ):
+            if value:
+                conf[key] = value
+        if self.ssl_key_password.get_secret_value():
+            conf["ssl.key.password"] = self.ssl_key_password.get_secret_value()
+        conf.update(self.extra)
+        return conf
+
+    def consumer_config(self) -> dict[str, Any]:
+        """Consumer properties. Offsets are stored by hand after alerts are acknowledged."""
+        return {
+            **self.common(),
+            "group.id": self.group_id,
+            "client.id": f"{self.client_id}-consumer",
+            "auto.offset.reset": self.auto_offset_reset,
+            # At-least-once: we call store_offsets() only for readings whose alerts the broker
+            # acknowledged; the background auto-commit then commits just those stored offsets.
+            "enable.auto.offset.store": False,
+            "enable.auto.commit": True,
+            "auto.commit.interval.ms": 1000,
+            "session.timeout.ms": self.session_timeout_ms,
+            "heartbeat.interval.ms": self.heartbeat_interval_ms,
+            "partition.assignment.strategy": self.partition_assignment_strategy,
+            "enable.partition.eof": False,
+        }
+
+    def producer_config(self) -> dict[str, Any]:
+        """Producer properties: idempotent, so retries never duplicate or reorder alerts."""
+        return {
+            **self.common(),
+            "client.id": f"{self.client_id}-producer",
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "compression.type": "lz4",
+        }
+
+
+class DetectorSettings(_Group):
+    """Micro-batching, alerting and input policy of the detector core."""
+
+    max_batch: int = Field(256, ge=1, le=65_536, description="Windows per model call, at most.")
+    max_wait_ms: float = Field(
+        20.0, ge=0, le=60_000, description="Oldest ready window waits at most this long."
+    )
+    warning_ratio: float = Field(
+        1.0, gt=0, description="Score/threshold ratio that opens an episode at level warning."
+    )
+    critical_ratio: float = Field(
+        2.0, gt=0, description="Score/threshold ratio at which an episode escalates to critical."
+    )
+    clear_ratio: float = Field(
+        0.8, gt=0, description="Score/threshold ratio below which the episode may resolve."
+    )
+    clear_after: int = Field(
+        10, ge=1, description="Consecutive windows below clear_ratio before a resolve event."
+    )
+    update_interval_s: float = Field(
+        60.0, ge=0, description="At most one 'update' alert per episode per this many seconds."
+    )
+    top_features: int = Field(5, ge=1, le=64, description="Contributing features named per alert.")
+    max_sensors: int = Field(
+        200_000, ge=1, description="Hard cap on tracked sensors (memory guard)."
+    )
+    late_policy: Literal["drop", "dead_letter"] = Field(
+        "dead_letter", description="What to do with readings at or before the last timestamp."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DetectorSettings:
+        if not self.clear_ratio < self.warning_ratio <= self.critical_ratio:
+            raise ValueError(
+                "need clear_ratio < warning_ratio <= critical_ratio, got "
+                f"{self.clear_ratio} / {self.warning_ratio} / {self.critical_ratio}"
+            )
+        return self
+
+
+class ServiceSettings(_Group):
+    """Process-level settings: health/metrics server, logging, shutdown."""
+
+    http_host: str = Field("0.0.0.0", description="Bind address of health + metrics server.")
+    http_port: int = Field(8000, ge=0, le=65535, description="Port of /healthz /readyz /metrics.")
+    log_format: Literal["json", "console"] = "json"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    grace_period_s: float = Field(20.0, gt=0, description="SIGTERM drain budget, seconds.")
+    max_message_bytes: int = Field(65_536, ge=64, description="Larger readings are dead-lettered.")
+    startup_retries: int = Field(10, ge=0, description="Broker connection attempts at start.")
+    startup_backoff_s: float = Field(1.0, gt=0, description="First retry delay (doubles, max 30s).")
+    rebuild_windows: bool = Field(
+        True,
+        description="On partition assignment, re-read recent records to rebuild windows.",
+    )
+
+
+class Settings(BaseSettings):
+    """Root settings. Build with :func:`load_settings` to get errors that name the field."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SD_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+    )
+
+    artifact_dir: Path = Field(Path("artifacts/model"), description="Model artifact directory.")
+    kafka: KafkaSettings = KafkaSettings()
+    detector: DetectorSettings = DetectorSettings()
+    service: ServiceSettings = ServiceSettings()
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings from env/.env plus ``overrides``; raise :class:`ConfigError` naming fields."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            env = "SD_" + "__".join(str(p) for p in err["loc"]).upper()
+            problems.append(f"  {loc} (env {env}): {err['msg']}")
+        raise ConfigError("invalid settings:\n" + "\n".join(problems)) from None
+
+
+def settings_reference() -> list[tuple[str, str, str, str]]:
+    """(env var, type, default, description) for every setting; used to render the docs."""
+    rows: list[tuple[str, str, str, str]] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            ann = info.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name.upper()}__")
+                continue
+            default = info.get_default(call_default_factory=True)
+            if isinstance(default, SecretStr):
+                default = ""
+            type_name = getattr(ann, "__name__", str(ann)).replace("typing.", "")
+            rows.append(
+                (f"{prefix}{name.upper()}", type_name, str(default), info.description or "")
+            )
+
+    walk(Settings, "SD_")
+    return rows

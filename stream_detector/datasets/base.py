@@ -1,0 +1,67 @@
+"""The small protocol every dataset module implements.
+
+A dataset is a set of *entities* (an SMD machine, a SMAP channel, a NAB stream, a synthetic
+device). Each entity has a train array (assumed mostly normal), a test array with 0/1 labels per
+row, and feature names. In the streaming service an entity is one *sensor*: the Kafka key of its
+readings, each reading holding one value per feature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Interpretation:
+    """One labelled anomaly range and the features known to be responsible for it.
+
+    ``start`` and ``end`` are 0-based test-row indices, ``end`` exclusive; ``features`` are
+    0-based feature indices.
+    """
+
+    start: int
+    end: int
+    features: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Entity:
+    """One entity's data. Arrays are float32 ``(rows, features)``; labels int8 ``(test_rows,)``."""
+
+    name: str
+    train: np.ndarray
+    test: np.ndarray
+    labels: np.ndarray
+    features: tuple[str, ...]
+    interpretation: tuple[Interpretation, ...] | None = None
+    #: Optional epoch-millisecond timestamps of the test rows (NAB); None means one row per step.
+    test_timestamps: np.ndarray | None = None
+    meta: dict[str, str] = field(default_factory=dict)
+
+
+class DatasetLoader(Protocol):
+    """A dataset module. ``data_dir`` None means "the module's default" (only synthetic has one)."""
+
+    name: str
+    needs_data_dir: bool
+
+    def list_entities(self, data_dir: Path | None) -> list[str]: ...
+
+    def load_entity(self, data_dir: Path | None, entity: str) -> Entity: ...
+
+
+def load_dataset(
+    name: str, data_dir: str | Path | None = None, entities: Sequence[str] | None = None
+) -> list[Entity]:
+    """Load ``entities`` (all when None) of dataset ``name`` from ``data_dir``."""
+    from stream_detector.datasets import get_loader
+
+    loader = get_loader(name)
+    path = Path(data_dir) if data_dir is not None else None
+    names = list(entities) if entities else loader.list_entities(path)
+    return [loader.load_entity(path, e) for e in names]

@@ -1,0 +1,177 @@
+"""The artifact manifest: the contract between the trainer and the consumer (no torch here).
+
+An artifact is a directory::
+
+    model.pt        TorchScript module: (B, W, F) scaled windows -> (rec_err, fc_err), each (B, F)
+    manifest.json   everything else the consumer needs, see :class:`Manifest`
+
+Loading verifies the schema version, the sha256 of ``model.pt`` and the internal consistency of
+shapes, and refuses with an :class:`~stream_detector.errors.ArtifactError` that says what differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from stream_detector.errors import ArtifactError
+
+SCHEMA_VERSION = 1
+MODEL_FILE = "model.pt"
+MANIFEST_FILE = "manifest.json"
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    """How per-feature errors become one score. Higher score = more anomalous.
+
+    ``score = w_rec * reconstruction_error + w_fc * forecast_error`` where each error term is the
+    mean over features of the squared error divided by that feature's typical error on
+    validation data (``rec_scale`` / ``fc_scale``), so that no single noisy feature dominates.
+    The reported score is the mean of the last ``smoothing`` window scores of the sensor.
+    """
+
+    w_rec: float
+    w_fc: float
+    rec_scale: tuple[float, ...]
+    fc_scale: tuple[float, ...]
+    smoothing: int = 1
+
+
+@dataclass(frozen=True)
+class ThresholdSpec:
+    """Decision thresholds fitted on validation scores only (never on test labels)."""
+
+    method: str
+    default: float
+    per_sensor: dict[str, float] = field(default_factory=dict)
+    params: dict[str, float] = field(default_factory=dict)
+
+    def for_sensor(self, sensor: str) -> float:
+        return self.per_sensor.get(sensor, self.default)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    schema_version: int
+    model_version: str
+    dataset: str
+    features: tuple[str, ...]
+    window: int
+    network: dict[str, Any]
+    scaler_mean: tuple[float, ...]
+    scaler_std: tuple[float, ...]
+    clip: float
+    score: ScoreSpec
+    thresholds: ThresholdSpec
+    sha256: str
+    training: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    created_at: str = ""
+
+    @property
+    def n_features(self) -> int:
+        return len(self.features)
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Manifest:
+        try:
+            data = dict(raw)
+            data["features"] = tuple(data["features"])
+            data["scaler_mean"] = tuple(float(v) for v in data["scaler_mean"])
+            data["scaler_std"] = tuple(float(v) for v in data["scaler_std"])
+            s = dict(data["score"])
+            s["rec_scale"] = tuple(float(v) for v in s["rec_scale"])
+            s["fc_scale"] = tuple(float(v) for v in s["fc_scale"])
+            data["score"] = ScoreSpec(**s)
+            data["thresholds"] = ThresholdSpec(**data["thresholds"])
+            return cls(**data)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"manifest is malformed: {exc}") from None
+
+    def validate(self) -> None:
+        """Check internal consistency; raise ArtifactError naming the first problem."""
+        f = self.n_features
+        checks = {
+            "scaler_mean": len(self.scaler_mean),
+            "scaler_std": len(self.scaler_std),
+            "score.rec_scale": len(self.score.rec_scale),
+            "score.fc_scale": len(self.score.fc_scale),
+        }
+        for name, n in checks.items():
+            if n != f:
+                raise ArtifactError(f"manifest {name} has {n} values but there are {f} features")
+        if self.window < 3:
+            raise ArtifactError(f"manifest window must be >= 3, got {self.window}")
+        if min(self.scaler_std) <= 0:
+            raise ArtifactError("manifest scaler_std has a non-positive value")
+        if not np.isfinite(self.thresholds.default):
+            raise ArtifactError("manifest default threshold is not finite")
+        if self.score.smoothing < 1:
+            raise ArtifactError("manifest score.smoothing must be >= 1")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(
+    artifact_dir: str | Path,
+    *,
+    expect_features: tuple[str, ...] | None = None,
+    expect_window: int | None = None,
+) -> Manifest:
+    """Read and verify an artifact's manifest (schema, checksum, shapes, expectations)."""
+    root = Path(artifact_dir)
+    mpath = root / MANIFEST_FILE
+    model_path = root / MODEL_FILE
+    if not root.is_dir():
+        raise ArtifactError(f"artifact directory {root} does not exist (train one first)")
+    if not mpath.is_file():
+        raise ArtifactError(f"artifact {root} has no {MANIFEST_FILE}")
+    if not model_path.is_file():
+        raise ArtifactError(f"artifact {root} has no {MODEL_FILE}")
+    try:
+        raw = orjson.loads(mpath.read_bytes())
+    except orjson.JSONDecodeError as exc:
+        raise ArtifactError(f"{mpath} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ArtifactError(f"{mpath} must hold a JSON object")
+    version = raw.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{mpath} has schema_version {version!r}; this build reads {SCHEMA_VERSION}"
+        )
+    manifest = Manifest.from_dict(raw)
+    manifest.validate()
+    actual = sha256_file(model_path)
+    if actual != manifest.sha256:
+        raise ArtifactError(
+            f"checksum mismatch for {model_path}: manifest says {manifest.sha256[:16]}..., "
+            f"file is {actual[:16]}... (tampered with or from another training run)"
+        )
+    if expect_features is not None and tuple(expect_features) != manifest.features:
+        missing = [f for f in expect_features if f not in manifest.features]
+        extra = [f for f in manifest.features if f not in expect_features]
+        raise ArtifactError(
+            f"feature mismatch: expected {len(expect_features)} features, artifact has "
+            f"{manifest.n_features}; missing from artifact {missing[:10]}, unexpected {extra[:10]}"
+            + ("; same names in another order" if not missing and not extra else "")
+        )
+    if expect_window is not None and expect_window != manifest.window:
+        raise ArtifactError(
+            f"window mismatch: expected {expect_window}, artifact has {manifest.window}"
+        )
+    return manifest

@@ -1,0 +1,1 @@
+"""The only package that imports torch: network (train/export), artifact (write), runtime (serve)."""

@@ -1,0 +1,55 @@
+"""Write an artifact directory: TorchScript model + manifest.json with its sha256."""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import sklearn
+import torch
+
+from stream_detector import __version__
+from stream_detector.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
+
+
+def library_versions() -> dict[str, str]:
+    return {
+        "stream_detector": __version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "scikit-learn": sklearn.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def write_artifact(out_dir: str | Path, model: torch.nn.Module, manifest: Manifest) -> Manifest:
+    """Script ``model``, save it and the manifest (with the file's sha256) into ``out_dir``.
+
+    Files are written to temporary names and renamed, so a crash never leaves a half artifact
+    that passes the checksum.
+    """
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    scripted = torch.jit.script(model)
+    tmp_model = root / (MODEL_FILE + ".tmp")
+    torch.jit.save(scripted, str(tmp_model))
+    digest = sha256_file(tmp_model)
+    model_version = manifest.model_version or f"{manifest.dataset}-{digest[:12]}"
+    final = replace(
+        manifest,
+        sha256=digest,
+        model_version=model_version,
+        versions=library_versions(),
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    final.validate()
+    tmp_manifest = root / (MANIFEST_FILE + ".tmp")
+    tmp_manifest.write_bytes(final.to_json())
+    os.replace(tmp_model, root / MODEL_FILE)
+    os.replace(tmp_manifest, root / MANIFEST_FILE)
+    return final

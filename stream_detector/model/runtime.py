@@ -1,0 +1,98 @@
+"""Serve a TorchScript artifact: raw windows in, per-feature errors out.
+
+Imports torch and the manifest only, never the training code: the scripted module carries its
+own graph, so a serving process needs nothing from :mod:`stream_detector.model.network`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stream_detector.errors import ArtifactError
+from stream_detector.manifest import MODEL_FILE, Manifest, read_manifest
+
+
+class TorchScorer:
+    """Implements the :class:`stream_detector.detector.Scorer` protocol with a TorchScript model.
+
+    ``errors(windows)`` takes raw (unscaled) windows ``(B, W, F)`` and returns
+    ``(rec_err, fc_err)``, float64 ``(B, F)``. Scaling and clipping follow the manifest, exactly
+    as in training.
+    """
+
+    def __init__(self, manifest: Manifest, module: torch.jit.ScriptModule, threads: int = 0):
+        self.manifest = manifest
+        self._module = module
+        self._mean = np.asarray(manifest.scaler_mean, dtype=np.float32)
+        self._inv_std = (1.0 / np.asarray(manifest.scaler_std, dtype=np.float64)).astype(
+            np.float32
+        )
+        self._clip = np.float32(manifest.clip)
+        if threads > 0:
+            torch.set_num_threads(threads)
+
+    @classmethod
+    def load(
+        cls,
+        artifact_dir: str | Path,
+        *,
+        expect_features: tuple[str, ...] | None = None,
+        expect_window: int | None = None,
+        threads: int = 0,
+    ) -> TorchScorer:
+        manifest = read_manifest(
+            artifact_dir, expect_features=expect_features, expect_window=expect_window
+        )
+        path = Path(artifact_dir) / MODEL_FILE
+        try:
+            module = torch.jit.load(str(path), map_location="cpu")
+        except Exception as exc:  # torch raises RuntimeError subclasses with long C++ traces
+            raise ArtifactError(f"cannot load TorchScript model {path}: {str(exc)[:300]}") from None
+        module.eval()
+        scorer = cls(manifest, module, threads)
+        scorer._check_shape()
+        return scorer
+
+    def _check_shape(self) -> None:
+        m = self.manifest
+        probe = np.tile(np.asarray(m.scaler_mean, dtype=np.float32), (1, m.window, 1))
+        try:
+            rec, fc = self.errors(probe)
+        except Exception as exc:
+            raise ArtifactError(
+                f"model does not accept windows of shape (B, {m.window}, {m.n_features}) "
+                f"declared by the manifest: {str(exc)[:200]}"
+            ) from None
+        if rec.shape != (1, m.n_features) or fc.shape != (1, m.n_features):
+            raise ArtifactError(
+                f"model returns errors of shapes {rec.shape}/{fc.shape}, "
+                f"manifest declares {m.n_features} features"
+            )
+
+    def scale(self, windows: np.ndarray) -> np.ndarray:
+        x = (np.asarray(windows, dtype=np.float32) - self._mean) * self._inv_std
+        np.clip(x, -self._clip, self._clip, out=x)
+        return x
+
+    def errors(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = torch.from_numpy(np.ascontiguousarray(self.scale(windows)))
+        with torch.inference_mode():
+            rec, fc = self._module(x)
+        return rec.numpy().astype(np.float64), fc.numpy().astype(np.float64)
+
+    def errors_batched(
+        self, windows: np.ndarray, batch: int = 4096
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`errors` for many windows, in chunks of ``batch`` (offline scoring)."""
+        recs, fcs = [], []
+        for i in range(0, len(windows), batch):
+            r, f = self.errors(windows[i : i + batch])
+            recs.append(r)
+            fcs.append(f)
+        if not recs:
+            n = self.manifest.n_features
+            return np.zeros((0, n)), np.zeros((0, n))
+        return np.concatenate(recs), np.concatenate(fcs)

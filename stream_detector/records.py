@@ -1,0 +1,233 @@
+"""Message shapes on the wire (JSON via orjson) and their validation.
+
+Every message carries ``schema_version``. Input readings (topic ``SD_KAFKA__INPUT_TOPIC``)::
+
+    {"schema_version": 1, "sensor": "machine-1-1", "ts": 1700000000000,
+     "values": [0.12, 0.5, ...]}                      # in manifest feature order, or
+     "values": {"cpu": 0.12, "mem": 0.5, ...}         # keyed by feature name
+
+``ts`` is epoch milliseconds (integer). The Kafka key should be the sensor id so one sensor's
+readings stay ordered on one partition. Decoding problems raise :class:`BadRecord` with a
+machine-readable ``reason`` (one of :data:`REASONS`) used for the dead-letter topic and metrics.
+See docs/messages.md for alerts, score records and dead-letter records.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+SCHEMA_VERSION = 1
+
+REASONS = (
+    "oversized",
+    "malformed_json",
+    "not_an_object",
+    "unknown_schema_version",
+    "missing_field",
+    "bad_sensor",
+    "bad_timestamp",
+    "wrong_value_count",
+    "unknown_feature",
+    "non_numeric",
+    "non_finite",
+    "late_or_duplicate",
+)
+
+
+class BadRecord(Exception):
+    """A record that cannot be processed; ``reason`` is one of :data:`REASONS`."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One reading of one sensor. ``ref`` is an opaque token of the driver (e.g. an offset)."""
+
+    sensor: str
+    ts_ms: int
+    values: np.ndarray
+    ref: Any = None
+
+
+class ReadingDecoder:
+    """Decode and validate input readings against the manifest's feature list."""
+
+    def __init__(self, features: tuple[str, ...], max_bytes: int = 65_536) -> None:
+        self.features = features
+        self.n = len(features)
+        self.index = {name: i for i, name in enumerate(features)}
+        self.max_bytes = max_bytes
+
+    def decode(self, raw: bytes | None, ref: Any = None) -> Reading:
+        if raw is None:
+            raise BadRecord("malformed_json", "empty message (tombstone)")
+        if len(raw) > self.max_bytes:
+            raise BadRecord("oversized", f"{len(raw)} bytes > limit {self.max_bytes}")
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise BadRecord("malformed_json", str(exc)[:200]) from None
+        if not isinstance(obj, dict):
+            raise BadRecord("not_an_object", f"top level is {type(obj).__name__}")
+        version = obj.get("schema_version", SCHEMA_VERSION)
+        if version != SCHEMA_VERSION:
+            raise BadRecord("unknown_schema_version", f"{version!r}, expected {SCHEMA_VERSION}")
+        for key in ("sensor", "ts", "values"):
+            if key not in obj:
+                raise BadRecord("missing_field", f"field {key!r} is missing")
+        sensor = obj["sensor"]
+        if not isinstance(sensor, str) or not sensor or len(sensor) > 256:
+            raise BadRecord("bad_sensor", "sensor must be a non-empty string of <= 256 chars")
+        ts = obj["ts"]
+        if isinstance(ts, bool) or not isinstance(ts, int) or ts < 0:
+            raise BadRecord("bad_timestamp", f"ts must be a non-negative integer (ms), got {ts!r}")
+        return Reading(sensor, ts, self._values(obj["values"]), ref)
+
+    def _values(self, values: Any) -> np.ndarray:
+        if isinstance(values, dict):
+            unknown = [k for k in values if k not in self.index]
+            if unknown:
+                raise BadRecord("unknown_feature", f"unknown features {unknown[:5]}")
+            if len(values) != self.n:
+                missing = [f for f in self.features if f not in values]
+                raise BadRecord("wrong_value_count", f"missing features {missing[:5]}")
+            values = [values[f] for f in self.features]
+        elif not isinstance(values, list):
+            raise BadRecord("non_numeric", "values must be a list or an object")
+        if len(values) != self.n:
+            raise BadRecord("wrong_value_count", f"got {len(values)} values, expected {self.n}")
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise BadRecord("non_numeric", f"value {v!r} is not a number")
+        arr = np.asarray(values, dtype=np.float32)
+        if not np.isfinite(arr).all():
+            raise BadRecord("non_finite", "values hold NaN or infinity after float32 conversion")
+        return arr
+
+
+def encode_reading(sensor: str, ts_ms: int, values: list[float] | np.ndarray) -> bytes:
+    vals = values.tolist() if isinstance(values, np.ndarray) else list(values)
+    return orjson.dumps(
+        {"schema_version": SCHEMA_VERSION, "sensor": sensor, "ts": int(ts_ms), "values": vals}
+    )
+
+
+def alert_id(sensor: str, episode_start_ms: int, model_version: str) -> str:
+    """Deterministic id of an anomaly episode: the same after restarts and rebalances."""
+    key = f"{sensor}\x1f{episode_start_ms}\x1f{model_version}".encode()
+    return hashlib.sha256(key).hexdigest()[:24]
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreRecord:
+    sensor: str
+    window_start_ms: int
+    window_end_ms: int
+    score: float
+    reconstruction_error: float
+    forecast_error: float
+    threshold: float
+    level: str
+    model_version: str
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {
+                "schema_version": SCHEMA_VERSION,
+                "type": "score",
+                "sensor": self.sensor,
+                "window_start": self.window_start_ms,
+                "window_end": self.window_end_ms,
+                "score": self.score,
+                "reconstruction_error": self.reconstruction_error,
+                "forecast_error": self.forecast_error,
+                "threshold": self.threshold,
+                "level": self.level,
+                "model_version": self.model_version,
+            }
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    """An alert event of one episode (``open``, ``update`` or ``resolve``)."""
+
+    alert_id: str
+    event: str
+    sensor: str
+    level: str
+    score: float
+    peak_score: float
+    threshold: float
+    reconstruction_error: float
+    forecast_error: float
+    top_features: tuple[tuple[str, float], ...]
+    episode_start_ms: int
+    window_start_ms: int
+    window_end_ms: int
+    model_version: str
+    detected_at_ms: int
+
+    @property
+    def event_id(self) -> str:
+        """Deterministic id of this event: subscribers deduplicate on it."""
+        return f"{self.alert_id}:{self.event}:{self.window_end_ms}"
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {
+                "schema_version": SCHEMA_VERSION,
+                "type": "alert",
+                "alert_id": self.alert_id,
+                "event_id": self.event_id,
+                "event": self.event,
+                "sensor": self.sensor,
+                "level": self.level,
+                "score": self.score,
+                "peak_score": self.peak_score,
+                "threshold": self.threshold,
+                "reconstruction_error": self.reconstruction_error,
+                "forecast_error": self.forecast_error,
+                "top_features": [
+                    {"feature": f, "contribution": c} for f, c in self.top_features
+                ],
+                "episode_start": self.episode_start_ms,
+                "window_start": self.window_start_ms,
+                "window_end": self.window_end_ms,
+                "model_version": self.model_version,
+                "detected_at": self.detected_at_ms,
+            }
+        )
+
+
+def dead_letter(
+    reason: str, detail: str, raw: bytes | None, topic: str, partition: int, offset: int
+) -> bytes:
+    """Dead-letter record: the original bytes base64-encoded, so any payload survives."""
+    return orjson.dumps(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "type": "dead_letter",
+            "reason": reason,
+            "detail": detail,
+            "topic": topic,
+            "partition": partition,
+            "offset": offset,
+            "original_b64": base64.b64encode(raw or b"").decode(),
+        }
+    )
+
+
+def finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None

@@ -1,0 +1,209 @@
+"""Scores, thresholds and alert levels (numpy only; shared by trainer, evaluation and consumer).
+
+Direction, stated once for the whole package: **a higher score means more anomalous.**
+
+* :class:`ScoreFunction` turns the model's per-feature squared errors into the two error terms,
+  the weighted score and per-feature contributions (which sum to the score).
+* :func:`smooth` / :class:`Smoother` average the last ``k`` window scores of a sensor (the offline
+  and the online form compute the same numbers).
+* Thresholds are fitted on validation scores only: :func:`fit_threshold`.
+* :class:`EpisodeTracker` turns a score stream into alert events with hysteresis, so one anomaly
+  episode gives one ``open`` event, rate-limited ``update`` events and one ``resolve`` event.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import numpy as np
+
+from stream_detector.manifest import ScoreSpec
+
+EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class ScoredWindows:
+    """Score terms for a batch of windows; arrays are float64, ``(B,)`` or ``(B, F)``."""
+
+    reconstruction: np.ndarray
+    forecast: np.ndarray
+    score: np.ndarray
+    contributions: np.ndarray
+
+
+class ScoreFunction:
+    """``score = w_rec * mean_f(rec_err_f / rec_scale_f) + w_fc * mean_f(fc_err_f / fc_scale_f)``."""
+
+    def __init__(self, spec: ScoreSpec) -> None:
+        self.spec = spec
+        self._rec_inv = 1.0 / np.maximum(np.asarray(spec.rec_scale, dtype=np.float64), EPS)
+        self._fc_inv = 1.0 / np.maximum(np.asarray(spec.fc_scale, dtype=np.float64), EPS)
+
+    def __call__(self, rec_err: np.ndarray, fc_err: np.ndarray) -> ScoredWindows:
+        rec_n = np.asarray(rec_err, dtype=np.float64) * self._rec_inv
+        fc_n = np.asarray(fc_err, dtype=np.float64) * self._fc_inv
+        n_features = rec_n.shape[1]
+        contrib = (self.spec.w_rec * rec_n + self.spec.w_fc * fc_n) / n_features
+        rec_term = rec_n.mean(axis=1)
+        fc_term = fc_n.mean(axis=1)
+        score = self.spec.w_rec * rec_term + self.spec.w_fc * fc_term
+        return ScoredWindows(rec_term, fc_term, score, contrib)
+
+
+def smooth(raw: np.ndarray, k: int) -> np.ndarray:
+    """Trailing mean of the last ``k`` values (fewer at the start), as :class:`Smoother` does."""
+    raw = np.asarray(raw, dtype=np.float64)
+    if k <= 1 or raw.size == 0:
+        return raw.copy()
+    csum = np.concatenate([[0.0], np.cumsum(raw)])
+    idx = np.arange(1, raw.size + 1)
+    lo = np.maximum(idx - k, 0)
+    return (csum[idx] - csum[lo]) / (idx - lo)
+
+
+class Smoother:
+    """Online trailing mean of the last ``k`` window scores of one sensor (k floats of state)."""
+
+    __slots__ = ("_buf", "_n", "_i")
+
+    def __init__(self, k: int) -> None:
+        self._buf = np.zeros(max(k, 1), dtype=np.float64)
+        self._n = 0
+        self._i = 0
+
+    def push(self, value: float) -> float:
+        k = self._buf.size
+        if k == 1:
+            return value
+        self._buf[self._i] = value
+        self._i = (self._i + 1) % k
+        self._n = min(self._n + 1, k)
+        if self._n < k:
+            return float(self._buf[: self._n].sum() / self._n)
+        return float(self._buf.sum() / k)
+
+
+def fit_threshold(
+    scores: np.ndarray, method: str = "quantile", q: float = 0.995, margin: float = 1.0
+) -> float:
+    """Fit a threshold on validation scores (assumed mostly normal; no labels are used).
+
+    ``quantile``: the ``q`` quantile times ``margin``. ``pot``: peaks over threshold, a
+    generalised Pareto tail fitted above the 0.98 quantile, solved for exceedance risk ``1 - q``
+    (Siffer et al., KDD 2017); falls back to the quantile when the tail fit is degenerate.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    s = s[np.isfinite(s)]
+    if s.size == 0:
+        raise ValueError("cannot fit a threshold on zero finite scores")
+    base = float(np.quantile(s, q))
+    if method == "quantile":
+        return base * margin
+    if method == "pot":
+        from scipy.stats import genpareto
+
+        t = float(np.quantile(s, 0.98))
+        peaks = s[s > t] - t
+        if peaks.size < 20 or np.ptp(peaks) <= 0:
+            return base * margin
+        shape, _, scale = genpareto.fit(peaks, floc=0.0)
+        risk = 1.0 - q
+        ratio = risk * s.size / peaks.size
+        if abs(shape) < 1e-6:
+            z = t - scale * np.log(ratio)
+        else:
+            z = t + scale / shape * (ratio ** (-shape) - 1.0)
+        if not np.isfinite(z) or z <= 0:
+            return base * margin
+        return float(z) * margin
+    raise ValueError(f"unknown threshold method {method!r}; use 'quantile' or 'pot'")
+
+
+class Level(enum.IntEnum):
+    NORMAL = 0
+    WARNING = 1
+    CRITICAL = 2
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class EventKind(enum.StrEnum):
+    OPEN = "open"
+    UPDATE = "update"
+    RESOLVE = "resolve"
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: EventKind
+    level: Level
+    episode_start_ms: int
+    peak_score: float
+
+
+@dataclass(frozen=True)
+class Hysteresis:
+    warning_ratio: float = 1.0
+    critical_ratio: float = 2.0
+    clear_ratio: float = 0.8
+    clear_after: int = 10
+    update_interval_ms: int = 60_000
+
+
+class EpisodeTracker:
+    """Per-sensor alert state machine with hysteresis (a few dozen bytes per sensor).
+
+    * ``open``: the score reaches ``warning_ratio * threshold`` (level warning, or critical if it
+      reaches ``critical_ratio * threshold``) while no episode is open.
+    * ``update``: while open, the level escalates (sent at once) or, at most once per
+      ``update_interval_ms`` of reading time, the peak score rose since the last event.
+    * ``resolve``: ``clear_after`` consecutive windows below ``clear_ratio * threshold``.
+    Time is the reading's timestamp, so replays and live streams behave the same.
+    """
+
+    __slots__ = ("open", "level", "start_ms", "below", "last_event_ms", "peak", "peak_sent")
+
+    def __init__(self) -> None:
+        self.open = False
+        self.level = Level.NORMAL
+        self.start_ms = 0
+        self.below = 0
+        self.last_event_ms = 0
+        self.peak = 0.0
+        self.peak_sent = 0.0
+
+    def step(self, ts_ms: int, score: float, threshold: float, h: Hysteresis) -> Event | None:
+        ratio = score / threshold if threshold > 0 else float("inf")
+        if ratio >= h.critical_ratio:
+            level = Level.CRITICAL
+        elif ratio >= h.warning_ratio:
+            level = Level.WARNING
+        else:
+            level = Level.NORMAL
+        if not self.open:
+            if level == Level.NORMAL:
+                return None
+            self.open, self.level, self.start_ms = True, level, ts_ms
+            self.below, self.last_event_ms = 0, ts_ms
+            self.peak = self.peak_sent = score
+            return Event(EventKind.OPEN, level, ts_ms, score)
+        self.peak = max(self.peak, score)
+        if ratio < h.clear_ratio:
+            self.below += 1
+            if self.below >= h.clear_after:
+                event = Event(EventKind.RESOLVE, Level.NORMAL, self.start_ms, self.peak)
+                self.open, self.level, self.below = False, Level.NORMAL, 0
+                return event
+            return None
+        self.below = 0
+        if level > self.level:
+            self.level, self.last_event_ms, self.peak_sent = level, ts_ms, self.peak
+            return Event(EventKind.UPDATE, level, self.start_ms, self.peak)
+        if self.peak > self.peak_sent and ts_ms - self.last_event_ms >= h.update_interval_ms:
+            self.last_event_ms, self.peak_sent = ts_ms, self.peak
+            return Event(EventKind.UPDATE, self.level, self.start_ms, self.peak)
+        return None

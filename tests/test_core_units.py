@@ -1,0 +1,194 @@
+"""Unit tests for the pure streaming core: ring buffers, micro-batcher, scoring, hysteresis."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stream_detector.batching import MicroBatcher
+from stream_detector.config import DetectorSettings
+from stream_detector.detector import Detector
+from stream_detector.manifest import ScoreSpec
+from stream_detector.records import Reading
+from stream_detector.scoring import (
+    EpisodeTracker,
+    EventKind,
+    Hysteresis,
+    Level,
+    ScoreFunction,
+    Smoother,
+    fit_threshold,
+    smooth,
+)
+from stream_detector.testing import FakeClock, NumpyScorer, make_manifest
+from stream_detector.windows import Status, WindowStore
+
+
+def test_ring_buffer_warms_up_then_yields_latest_window() -> None:
+    store = WindowStore(window=4, n_features=2, initial=1)
+    statuses = []
+    for t in range(10):
+        status, win, start = store.append("s", t, np.array([t, -t], np.float32))
+        statuses.append(status)
+        if status is Status.READY:
+            np.testing.assert_array_equal(win[:, 0], np.arange(t - 3, t + 1))
+            assert start == t - 3
+    assert statuses[:3] == [Status.WARMING] * 3
+    assert all(s is Status.READY for s in statuses[3:])
+
+
+def test_ring_buffer_many_sensors_grow_and_are_independent() -> None:
+    store = WindowStore(window=3, n_features=1, initial=2)
+    for t in range(5):
+        for s in range(50):
+            store.append(f"s{s}", t, np.array([s * 100 + t], np.float32))
+    assert len(store) == 50
+    _, win, _ = store.append("s7", 5, np.array([705], np.float32))
+    np.testing.assert_array_equal(win[:, 0], [703, 704, 705])
+
+
+def test_ring_buffer_rejects_late_and_duplicate_and_caps_sensors() -> None:
+    store = WindowStore(window=3, n_features=1, max_sensors=2)
+    assert store.append("a", 10, np.zeros(1))[0] is Status.WARMING
+    assert store.append("a", 10, np.zeros(1))[0] is Status.LATE
+    assert store.append("a", 9, np.zeros(1))[0] is Status.LATE
+    store.append("b", 1, np.zeros(1))
+    assert store.append("c", 1, np.zeros(1))[0] is Status.FULL
+    store.remove("a")
+    assert store.append("c", 1, np.zeros(1))[0] is Status.WARMING
+
+
+def test_batcher_flushes_on_size() -> None:
+    clock = FakeClock()
+    b = MicroBatcher(max_batch=3, max_wait_s=1.0, window=2, n_features=1, clock=clock)
+    assert b.add(np.zeros((2, 1)), 1) is None
+    assert b.add(np.ones((2, 1)), 2) is None
+    batch = b.add(np.full((2, 1), 2.0), 3)
+    assert batch is not None and batch.items == (1, 2, 3)
+    assert batch.windows[:, 0, 0].tolist() == [0.0, 1.0, 2.0]
+    assert len(b) == 0
+
+
+def test_batcher_flushes_on_deadline_with_fake_clock() -> None:
+    clock = FakeClock(100.0)
+    b = MicroBatcher(max_batch=10, max_wait_s=0.02, window=2, n_features=1, clock=clock)
+    b.add(np.zeros((2, 1)), "x")
+    assert b.poll() is None
+    clock.advance(0.019)
+    assert b.poll() is None
+    clock.advance(0.002)
+    batch = b.poll()
+    assert batch is not None and batch.items == ("x",)
+    assert b.deadline() is None
+
+
+def test_batches_are_immutable_snapshots() -> None:
+    clock = FakeClock()
+    b = MicroBatcher(max_batch=1, max_wait_s=1.0, window=2, n_features=1, clock=clock)
+    w = np.zeros((2, 1), np.float32)
+    first = b.add(w, 1)
+    w[:] = 5.0
+    second = b.add(w, 2)
+    assert first is not None and second is not None
+    assert first.windows.max() == 0.0 and second.windows.max() == 5.0
+
+
+def test_score_function_weighted_sum_and_contributions() -> None:
+    spec = ScoreSpec(0.25, 0.75, (1.0, 2.0), (4.0, 1.0))
+    out = ScoreFunction(spec)(np.array([[2.0, 4.0]]), np.array([[4.0, 3.0]]))
+    rec = (2.0 / 1 + 4.0 / 2) / 2
+    fc = (4.0 / 4 + 3.0 / 1) / 2
+    assert out.reconstruction[0] == pytest.approx(rec)
+    assert out.forecast[0] == pytest.approx(fc)
+    assert out.score[0] == pytest.approx(0.25 * rec + 0.75 * fc)
+    assert out.contributions.sum() == pytest.approx(out.score[0])
+
+
+def test_offline_smooth_equals_online_smoother() -> None:
+    raw = np.random.default_rng(0).random(50)
+    sm = Smoother(4)
+    online = [sm.push(v) for v in raw]
+    np.testing.assert_allclose(online, smooth(raw, 4), rtol=1e-12)
+
+
+def test_fit_threshold_quantile_and_pot_above_bulk() -> None:
+    s = np.random.default_rng(1).exponential(size=20_000)
+    q = fit_threshold(s, "quantile", 0.99)
+    assert q == pytest.approx(np.quantile(s, 0.99))
+    pot = fit_threshold(s, "pot", 0.999)
+    assert np.quantile(s, 0.99) < pot < s.max() * 2
+    with pytest.raises(ValueError, match="unknown threshold method"):
+        fit_threshold(s, "magic")
+
+
+def test_hysteresis_one_open_one_resolve_per_episode() -> None:
+    h = Hysteresis(warning_ratio=1.0, critical_ratio=2.0, clear_ratio=0.8, clear_after=3,
+                   update_interval_ms=1000)
+    tr = EpisodeTracker()
+    scores = [0.1, 1.2, 0.9, 1.1, 0.95, 0.5, 0.5, 0.5, 0.2, 1.5]
+    events = [tr.step(i * 10, s, 1.0, h) for i, s in enumerate(scores)]
+    kinds = [(i, e.kind) for i, e in enumerate(events) if e is not None]
+    # flapping around the threshold (0.9, 1.1, 0.95 stay above clear_ratio) gives no new alert
+    assert kinds == [(1, EventKind.OPEN), (7, EventKind.RESOLVE), (9, EventKind.OPEN)]
+
+
+def test_hysteresis_escalation_and_rate_limited_updates() -> None:
+    h = Hysteresis(1.0, 2.0, 0.8, 2, update_interval_ms=100)
+    tr = EpisodeTracker()
+    e = tr.step(0, 1.5, 1.0, h)
+    assert e is not None and e.level is Level.WARNING
+    e = tr.step(10, 2.5, 1.0, h)
+    assert e is not None and e.kind is EventKind.UPDATE and e.level is Level.CRITICAL
+    assert tr.step(20, 3.0, 1.0, h) is None  # peak rose, but within the update interval
+    e = tr.step(120, 2.9, 1.0, h)
+    assert e is not None and e.kind is EventKind.UPDATE and e.peak_score == 3.0
+    assert tr.step(130, 2.9, 1.0, h) is None
+
+
+def _detector(max_batch: int = 4, window: int = 5, **kw: object) -> tuple[Detector, FakeClock]:
+    clock = FakeClock()
+    settings = DetectorSettings(max_batch=max_batch, max_wait_ms=50, clear_after=2, **kw)
+    det = Detector(make_manifest(window=window, threshold=1.0), NumpyScorer(), settings,
+                   clock=clock, wall_clock_ms=lambda: 0)
+    return det, clock
+
+
+def test_detector_micro_batches_across_sensors_and_keeps_order() -> None:
+    det, clock = _detector(max_batch=4, window=3)
+    results = []
+    for t in range(6):
+        for s in ("a", "b", "c"):
+            det.submit(Reading(s, t, np.full(3, t, np.float32), ref=(s, t)))
+        results += det.poll()
+    results += det.flush()
+    assert det._scorer.calls[:3] == [4, 4, 4]  # type: ignore[attr-defined]
+    assert [r.ref for r in results] == [(s, t) for t in range(2, 6) for s in ("a", "b", "c")]
+
+
+def test_detector_raises_one_alert_per_spike_episode_naming_the_feature() -> None:
+    det, clock = _detector(max_batch=1, window=5)
+    rng = np.random.default_rng(0)
+    alerts = []
+    for t in range(60):
+        v = rng.normal(0, 0.01, 3).astype(np.float32)
+        if 30 <= t < 33:
+            v[1] += 20.0
+        det.submit(Reading("s", t, v))
+        alerts += [r.alert for r in det.poll() if r.alert is not None]
+    assert [a.event for a in alerts] == ["open", "resolve"]
+    opened = alerts[0]
+    assert opened.top_features[0][0] == "b"
+    assert opened.window_end_ms == 30 and opened.level == "critical"
+    assert opened.alert_id == alerts[1].alert_id
+
+
+def test_detector_deadline_flush_and_forget() -> None:
+    det, clock = _detector(max_batch=100, window=2)
+    det.submit(Reading("a", 0, np.zeros(3, np.float32)))
+    det.submit(Reading("a", 1, np.zeros(3, np.float32)))
+    assert det.poll() == [] and det.pending == 1
+    clock.advance(0.051)
+    assert len(det.poll()) == 1
+    det.forget(["a"])
+    assert det.sensors() == []
+    assert det.submit(Reading("a", 0, np.zeros(3, np.float32))) is Status.WARMING
