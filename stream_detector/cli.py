@@ -1,0 +1,294 @@
+"""Command line: thin wrappers that parse arguments, build settings and call one function.
+
+``stream-detector train | evaluate | serve | replay | dev-broker | check | datasets | config``.
+Exit codes: 0 ok, 1 check failed / thresholds not met, 2 bad input, config or artifact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from stream_detector.errors import StreamDetectorError
+
+
+def _parse_value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return text
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = _parse_value(value.strip())
+    return out
+
+
+def _entities(text: str | None) -> list[str] | None:
+    return [e.strip() for e in text.split(",") if e.strip()] if text else None
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="synthetic",
+                   help="smd, smap, msl, nab or synthetic (default; needs no data)")
+    p.add_argument("--data-dir", type=Path, default=None, help="dataset directory")
+    p.add_argument("--entities", default=None,
+                   help="comma-separated entities (machines, channels, streams); default all")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from stream_detector.datasets import load_dataset
+    from stream_detector.train import config_from_overrides, train
+
+    overrides = _overrides(args.set)
+    if args.quick:
+        overrides.setdefault("epochs", 3)
+        overrides.setdefault("max_windows_per_epoch", 20_000)
+    cfg = config_from_overrides(overrides)
+    entities = load_dataset(args.dataset, args.data_dir, _entities(args.entities))
+    manifest = train(entities, cfg, args.out, dataset=args.dataset)
+    print(f"artifact: {args.out}  model_version: {manifest.model_version}  "
+          f"trained in {manifest.training['seconds']} s")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from stream_detector.evaluation import run_evaluation
+
+    baselines = [b for b in args.baselines.split(",") if b] if args.baselines else []
+    result = run_evaluation(
+        dataset=args.dataset, data_dir=args.data_dir, entities=_entities(args.entities),
+        artifact_dir=args.artifact, out_dir=args.out, baselines=baselines,
+        plots=not args.no_plots,
+    )
+    print(result.markdown)
+    print(f"\nreport: {result.out_dir / 'evaluation.md'}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from stream_detector.config import load_settings
+    from stream_detector.consumer import DetectorService
+    from stream_detector.logs import configure_logging
+    from stream_detector.model.runtime import TorchScorer
+
+    overrides: dict[str, Any] = {}
+    if args.artifact:
+        overrides["artifact_dir"] = args.artifact
+    settings = load_settings(**overrides)
+    configure_logging(settings.service.log_format, settings.service.log_level)
+    scorer = TorchScorer.load(settings.artifact_dir, threads=args.threads)
+    service = DetectorService(settings, scorer.manifest, scorer,
+                              rebuild_lookback=args.rebuild_lookback)
+    service.install_signal_handlers()
+    return service.run()
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from stream_detector.replay import ReplayOptions, run_replay
+
+    opts = ReplayOptions(
+        dataset=args.dataset, data_dir=args.data_dir, entities=_entities(args.entities),
+        artifact_dir=args.artifact, out_dir=args.out, bootstrap_servers=args.bootstrap_servers,
+        rate=args.rate, max_parity_error=args.max_parity_error, plots=not args.no_plots,
+        train_if_missing=args.train_if_missing,
+    )
+    report = run_replay(opts)
+    print(report.markdown)
+    print(f"\nreport: {report.out_dir / 'report.md'}")
+    return 0 if report.parity_ok else 1
+
+
+def cmd_dev_broker(args: argparse.Namespace) -> int:
+    from stream_detector.devbroker import run_dev_broker
+
+    return run_dev_broker(args.port, args.ready_file) or 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Probe-friendly check: artifact loads and scores; optionally the broker answers."""
+    from stream_detector.config import load_settings
+
+    overrides: dict[str, Any] = {"artifact_dir": args.artifact} if args.artifact else {}
+    settings = load_settings(**overrides)
+    if args.http:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(args.http, timeout=3) as resp:  # noqa: S310
+                ok = resp.status == 200
+        except OSError as exc:
+            print(f"FAIL {args.http}: {exc}")
+            return 1
+        print(("ok " if ok else "FAIL ") + args.http)
+        return 0 if ok else 1
+    from stream_detector.model.runtime import TorchScorer
+
+    scorer = TorchScorer.load(settings.artifact_dir)
+    m = scorer.manifest
+    print(f"artifact ok: {settings.artifact_dir} model_version={m.model_version} "
+          f"features={m.n_features} window={m.window}")
+    if args.broker:
+        from stream_detector.consumer import wait_for_broker
+
+        wait_for_broker(settings)
+        print(f"broker ok: {settings.kafka.bootstrap_servers}")
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from stream_detector.datasets import DATASETS, get_loader
+
+    if args.action == "list":
+        for name, loader in DATASETS.items():
+            needs = "needs --data-dir" if loader.needs_data_dir else "built in"
+            line = f"{name:10s} {needs}"
+            if args.data_dir or not loader.needs_data_dir:
+                line += f"  entities: {len(loader.list_entities(args.data_dir))}"
+            print(line)
+        return 0
+    if args.name != "smd":
+        raise SystemExit("only 'smd' can be downloaded; see docs/backtesting.md for the others")
+    from stream_detector.datasets.download import download_smd
+
+    get_loader("smd")
+    path = download_smd(args.to, machines=_entities(args.entities))
+    print(f"SMD downloaded to {path}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from stream_detector.config import settings_reference
+
+    print("| variable | type | default | description |\n|---|---|---|---|")
+    for env, typ, default, desc in settings_reference():
+        print(f"| `{env}` | {typ} | `{default}` | {desc} |")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from stream_detector.bench import run_bench
+
+    return run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stream-detector", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train the hybrid model and write an artifact")
+    _add_data_args(t)
+    t.add_argument("--out", type=Path, default=Path("artifacts/model"))
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="training option, e.g. --set window=32 --set hidden=64 (repeatable)")
+    t.add_argument("--quick", action="store_true", help="few epochs, for smoke tests")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="batch-score test data; metrics table, baselines, plots")
+    _add_data_args(e)
+    e.add_argument("--artifact", type=Path, default=Path("artifacts/model"))
+    e.add_argument("--out", type=Path, default=Path("reports/evaluation"))
+    e.add_argument("--baselines", default="random,pca,iforest,ridge")
+    e.add_argument("--no-plots", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("serve", help="run the Kafka consumer (settings from SD_* env / .env)")
+    s.add_argument("--artifact", type=Path, default=None, help="overrides SD_ARTIFACT_DIR")
+    s.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    s.add_argument("--rebuild-lookback", type=int, default=10_000,
+                   help="records re-read per assigned partition to rebuild windows")
+    s.set_defaults(func=cmd_serve)
+
+    r = sub.add_parser("replay", help="backtest: dataset -> Kafka -> consumer -> metrics")
+    _add_replay_args(r)
+
+    d = sub.add_parser("dev-broker", help="run the embedded Tansu broker on loopback")
+    d.add_argument("--port", type=int, default=None)
+    d.add_argument("--ready-file", type=Path, default=None,
+                   help="write the bootstrap address here once the broker answers")
+    d.set_defaults(func=cmd_dev_broker)
+
+    c = sub.add_parser("check", help="health check with a probe-friendly exit code")
+    c.add_argument("--artifact", type=Path, default=None)
+    c.add_argument("--broker", action="store_true", help="also check the broker answers")
+    c.add_argument("--http", default=None, help="GET this URL (e.g. .../readyz) instead")
+    c.set_defaults(func=cmd_check)
+
+    ds = sub.add_parser("datasets", help="list datasets or download SMD")
+    ds.add_argument("action", choices=["list", "download"])
+    ds.add_argument("name", nargs="?", default="smd")
+    ds.add_argument("--to", type=Path, default=Path("data/smd"))
+    ds.add_argument("--data-dir", type=Path, default=None)
+    ds.add_argument("--entities", default=None, help="machines to download (default all 28)")
+    ds.set_defaults(func=cmd_datasets)
+
+    cf = sub.add_parser("config", help="print every setting, its env var and default")
+    cf.set_defaults(func=cmd_config)
+
+    b = sub.add_parser("bench", help="throughput, latency and memory benchmarks")
+    b.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    b.add_argument("--out", type=Path, default=Path("reports/bench"))
+    b.add_argument("--data-dir", type=Path, default=None, help="SMD dir for the quality table")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def _add_replay_args(r: argparse.ArgumentParser) -> None:
+    _add_data_args(r)
+    r.add_argument("--artifact", type=Path, default=None,
+                   help="artifact to deploy (default artifacts/<dataset>)")
+    r.add_argument("--train-if-missing", action="store_true",
+                   help="train the artifact first when it does not exist")
+    r.add_argument("--out", type=Path, default=None, help="report dir (default reports/replay-*)")
+    r.add_argument("--bootstrap-servers", default=None,
+                   help="use a running Kafka + deployment instead of the embedded broker")
+    r.add_argument("--rate", type=float, default=0.0,
+                   help="readings per second to produce (0 = as fast as possible)")
+    r.add_argument("--max-parity-error", type=float, default=1e-4)
+    r.add_argument("--no-plots", action="store_true")
+    r.set_defaults(func=cmd_replay)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command not in ("serve",):
+        from stream_detector.logs import configure_logging
+
+        configure_logging("console", "INFO")
+    try:
+        return int(args.func(args) or 0)
+    except StreamDetectorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def replay_main(argv: list[str] | None = None) -> int:
+    """The ``replay`` console script: same as ``stream-detector replay``."""
+    p = argparse.ArgumentParser(prog="replay", description="backtest through Kafka")
+    _add_replay_args(p)
+    args = p.parse_args(argv)
+    from stream_detector.logs import configure_logging
+
+    configure_logging("console", "INFO")
+    try:
+        return int(args.func(args) or 0)
+    except StreamDetectorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,440 @@
+"""The Kafka driver: consume -> decode -> Detector -> publish -> store offsets.
+
+Delivery guarantee: **at least once.**
+
+* ``enable.auto.offset.store=false``: an input offset is stored (and then committed by the
+  background auto-commit, or synchronously on revoke and shutdown) only when everything derived
+  from that reading is done: the reading was rejected to the dead-letter topic and the broker
+  acknowledged that record, or it only warmed a window, or its window was scored and every
+  record produced from it (alert, score) was acknowledged by the broker (delivery callback).
+  Offsets are stored in order per partition: one unfinished reading holds back the later ones.
+* The producer is idempotent (``enable.idempotence=true``, ``acks=all``), so its own retries
+  neither duplicate nor reorder alerts. A delivery that finally fails stops the service without
+  storing the offset; the restarted consumer re-reads from the last committed offset.
+* Re-processing after a crash or rebalance can re-publish alerts. Every alert carries a
+  deterministic ``alert_id`` (sensor, episode start, model version) and ``event_id``; subscribers
+  deduplicate on ``event_id``.
+
+State after restart or rebalance: when a partition is assigned and it has a committed offset
+``C``, the consumer seeks to ``max(low watermark, C - rebuild_lookback)`` and feeds the records
+before ``C`` through the detector *silently* (no alert, no score record, no offset store), so
+ring buffers, score smoothing and alert hysteresis are rebuilt exactly as an uninterrupted
+consumer had them, provided every sensor on the partition has a full window plus the smoothing
+length within the look-back. Cost: re-reading and scoring up to ``rebuild_lookback`` records per
+assigned partition. On revocation the detector is flushed, results are delivered, offsets are
+committed synchronously, and the partition's sensors are forgotten.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import structlog
+from confluent_kafka import (
+    OFFSET_INVALID,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient
+
+from stream_detector.config import Settings
+from stream_detector.detector import Detector, Result, Scorer
+from stream_detector.errors import StreamDetectorError
+from stream_detector.manifest import Manifest
+from stream_detector.observability import HealthServer, HealthState, Metrics
+from stream_detector.records import BadRecord, ReadingDecoder, dead_letter
+from stream_detector.windows import Status
+
+log = structlog.get_logger(__name__)
+
+TP = tuple[str, int]
+
+
+class OffsetTracker:
+    """In-order completion tracking per partition (pure; no Kafka).
+
+    ``begin`` registers an offset with one pending hold; ``hold`` adds one, ``release`` removes
+    one. ``advance`` returns, per partition, the next offset to store: one past the longest
+    prefix of finished offsets.
+    """
+
+    def __init__(self) -> None:
+        self._order: dict[TP, deque[int]] = {}
+        self._pending: dict[TP, dict[int, int]] = {}
+        self._dirty: set[TP] = set()
+
+    def begin(self, tp: TP, offset: int) -> None:
+        self._order.setdefault(tp, deque()).append(offset)
+        self._pending.setdefault(tp, {})[offset] = 1
+
+    def hold(self, tp: TP, offset: int) -> None:
+        self._pending[tp][offset] += 1
+
+    def release(self, tp: TP, offset: int) -> None:
+        pend = self._pending.get(tp)
+        if pend is None or offset not in pend:
+            return  # partition was revoked meanwhile
+        n = pend[offset] - 1
+        if n > 0:
+            pend[offset] = n
+        else:
+            pend[offset] = 0
+            self._dirty.add(tp)
+
+    def advance(self) -> dict[TP, int]:
+        out: dict[TP, int] = {}
+        for tp in self._dirty:
+            order, pend = self._order[tp], self._pending[tp]
+            last = None
+            while order and pend[order[0]] == 0:
+                last = order.popleft()
+                del pend[last]
+            if last is not None:
+                out[tp] = last + 1
+        self._dirty.clear()
+        return out
+
+    def in_flight(self, tp: TP | None = None) -> int:
+        if tp is not None:
+            return len(self._order.get(tp, ()))
+        return sum(len(o) for o in self._order.values())
+
+    def drop(self, tp: TP) -> None:
+        self._order.pop(tp, None)
+        self._pending.pop(tp, None)
+        self._dirty.discard(tp)
+
+
+@dataclass(frozen=True, slots=True)
+class _Ref:
+    tp: TP
+    offset: int
+    silent: bool
+    kafka_ts_ms: int
+
+
+class FatalError(StreamDetectorError):
+    """The service cannot keep its delivery guarantee and must stop (and be restarted)."""
+
+
+def wait_for_broker(settings: Settings, sleep: Callable[[float], None] = time.sleep) -> None:
+    """Retry the metadata request with exponential backoff; raise FatalError when out of tries."""
+    svc = settings.service
+    admin = AdminClient(settings.kafka.common())
+    delay = svc.startup_backoff_s
+    for attempt in range(svc.startup_retries + 1):
+        try:
+            md = admin.list_topics(timeout=5)
+            if settings.kafka.input_topic not in md.topics:
+                log.warning("input topic not found yet", topic=settings.kafka.input_topic)
+            return
+        except KafkaException as exc:
+            if attempt == svc.startup_retries:
+                break
+            log.warning("broker unreachable, retrying", attempt=attempt + 1,
+                        retry_in_s=delay, error=str(exc.args[0]))
+            sleep(delay)
+            delay = min(delay * 2, 30.0)
+    raise FatalError(
+        f"broker {settings.kafka.bootstrap_servers} unreachable after "
+        f"{svc.startup_retries + 1} attempts"
+    )
+
+
+class DetectorService:
+    """Runs the consumer loop. Build with settings, a manifest and a scorer; call :meth:`run`.
+
+    The constructor does no I/O; Kafka clients are created in :meth:`run`.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        manifest: Manifest,
+        scorer: Scorer,
+        *,
+        rebuild_lookback: int = 10_000,
+        metrics: Metrics | None = None,
+        serve_http: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.manifest = manifest
+        self.scorer = scorer
+        self.rebuild_lookback = rebuild_lookback
+        self.metrics = metrics or Metrics()
+        self.health = HealthState()
+        self.serve_http = serve_http
+        self.http: HealthServer | None = None
+        self._stop = threading.Event()
+        self._fatal: str | None = None
+        self.detector: Detector | None = None
+        self.tracker = OffsetTracker()
+        self._silent_until: dict[TP, int] = {}
+        self._sensor_tp: dict[str, TP] = {}
+        self._consumer: Consumer | None = None
+        self._producer: Producer | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def stop(self, *_: Any) -> None:
+        """Ask the loop to drain and exit (signal-safe)."""
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def run(self) -> int:
+        """Run until stopped. Returns the process exit code (0 = clean drain)."""
+        s = self.settings
+        if self.serve_http:
+            self.http = HealthServer(s.service.http_host, s.service.http_port,
+                                     self.metrics, self.health)
+            self.http.start()
+        try:
+            wait_for_broker(s)
+            self.detector = Detector(self.manifest, self.scorer, s.detector)
+            self.detector.on_batch = self._observe_batch
+            self._producer = Producer(s.kafka.producer_config())
+            conf = s.kafka.consumer_config()
+            conf["statistics.interval.ms"] = 5000
+            conf["stats_cb"] = self._on_stats
+            self._consumer = Consumer(conf)
+            self._consumer.subscribe(
+                [s.kafka.input_topic], on_assign=self._on_assign,
+                on_revoke=self._on_revoke, on_lost=self._on_lost,
+            )
+            log.info("consumer started", topic=s.kafka.input_topic, group=s.kafka.group_id,
+                     model_version=self.manifest.model_version)
+            self._loop()
+            return self._shutdown()
+        except FatalError as exc:
+            log.error("fatal", error=str(exc))
+            return 2
+        finally:
+            if self.http is not None:
+                self.http.stop()
+
+    # -- the hot loop ------------------------------------------------------------------
+    def _loop(self) -> None:
+        assert self._consumer is not None and self._producer is not None
+        k = self.settings.kafka
+        decoder = ReadingDecoder(self.manifest.features, self.settings.service.max_message_bytes)
+        consumer, producer, detector = self._consumer, self._producer, self.detector
+        assert detector is not None
+        while not self._stop.is_set():
+            if self._fatal:
+                raise FatalError(self._fatal)
+            self.health.beat()
+            timeout = k.consume_timeout_s
+            deadline = detector.next_deadline()
+            if deadline is not None:
+                timeout = max(0.0, min(timeout, deadline - time.monotonic()))
+            messages = consumer.consume(k.consume_batch, timeout)
+            for msg in messages:
+                self._ingest(msg, decoder, detector)
+            self._publish(detector.poll())
+            producer.poll(0)
+            self._store_offsets()
+
+    def _ingest(self, msg: Message, decoder: ReadingDecoder, detector: Detector) -> None:
+        err = msg.error()
+        if err is not None:
+            if err.fatal():
+                raise FatalError(f"consumer error: {err}")
+            log.warning("consumer error", error=str(err))
+            return
+        tp = (msg.topic(), msg.partition())
+        offset = msg.offset()
+        silent = offset < self._silent_until.get(tp, -1)
+        ref = _Ref(tp, offset, silent, msg.timestamp()[1])
+        if not silent:
+            self.tracker.begin(tp, offset)
+            self.metrics.readings.inc()
+        else:
+            self.metrics.rebuilt.inc()
+        try:
+            reading = decoder.decode(msg.value(), ref)
+        except BadRecord as bad:
+            if not silent:
+                self._dead_letter(bad.reason, bad.detail, msg, ref)
+            return
+        status = detector.submit(reading)
+        if status is Status.READY or status is Status.WARMING:
+            self._sensor_tp.setdefault(reading.sensor, tp)
+        if status is Status.READY:
+            return
+        if silent:
+            return
+        if status is Status.WARMING:
+            self.metrics.warming.inc()
+            self.tracker.release(tp, offset)
+        elif status is Status.LATE:
+            if self.settings.detector.late_policy == "dead_letter":
+                self._dead_letter("late_or_duplicate",
+                                  f"ts {reading.ts_ms} not after the sensor's last reading",
+                                  msg, ref)
+            else:
+                self.tracker.release(tp, offset)
+        else:  # FULL
+            self._dead_letter("bad_sensor", "sensor limit reached (max_sensors)", msg, ref)
+
+    def _dead_letter(self, reason: str, detail: str, msg: Message, ref: _Ref) -> None:
+        assert self._producer is not None
+        self.metrics.dead_letters.labels(reason).inc()
+        payload = dead_letter(reason, detail, msg.value(), msg.topic(), msg.partition(),
+                              msg.offset())
+        self._produce(self.settings.kafka.dead_letter_topic, msg.key(), payload, ref, None)
+
+    def _publish(self, results: list[Result]) -> None:
+        k = self.settings.kafka
+        for r in results:
+            ref: _Ref = r.ref
+            if ref.silent:
+                continue
+            self.metrics.windows.inc()
+            key = r.score.sensor.encode()
+            if k.score_topic:
+                self.tracker.hold(ref.tp, ref.offset)
+                self._produce(k.score_topic, key, r.score.to_json(), ref, None)
+            if r.alert is not None:
+                self.tracker.hold(ref.tp, ref.offset)
+                self.metrics.alerts.labels(r.alert.event, r.alert.level).inc()
+                self._produce(k.alert_topic, key, r.alert.to_json(), ref, ref.kafka_ts_ms)
+            self.tracker.release(ref.tp, ref.offset)  # the hold taken by begin()
+
+    def _produce(self, topic: str, key: bytes | None, value: bytes, ref: _Ref,
+                 latency_from_ms: int | None) -> None:
+        assert self._producer is not None
+
+        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+            if err is not None:
+                self._fatal = f"delivery to {topic} failed: {err}"
+                return
+            if latency_from_ms is not None and latency_from_ms > 0:
+                self.metrics.reading_to_alert.observe(
+                    max(0.0, time.time() - latency_from_ms / 1000.0))
+            self.tracker.release(ref.tp, ref.offset)
+
+        while True:
+            try:
+                self._producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
+                return
+            except BufferError:
+                self._producer.poll(0.05)  # local queue full: serve callbacks, then retry
+
+    def _store_offsets(self) -> None:
+        assert self._consumer is not None
+        ready = self.tracker.advance()
+        if ready:
+            try:
+                self._consumer.store_offsets(
+                    offsets=[TopicPartition(t, p, o) for (t, p), o in ready.items()]
+                )
+            except KafkaException as exc:  # partition no longer assigned: harmless
+                log.debug("store_offsets failed", error=str(exc))
+
+    def _drain_all(self, timeout_s: float) -> None:
+        """Score what is pending, deliver everything, store offsets."""
+        assert self._producer is not None and self.detector is not None
+        self._publish(self.detector.flush())
+        remaining = self._producer.flush(timeout_s)
+        if remaining:
+            log.error("producer could not deliver everything", remaining=remaining)
+        if self._fatal:
+            log.error("delivery failed; offsets of undelivered readings not stored",
+                      error=self._fatal)
+        self._store_offsets()
+
+    def _shutdown(self) -> int:
+        assert self._consumer is not None
+        grace = self.settings.service.grace_period_s
+        t0 = time.monotonic()
+        log.info("draining", pending=self.detector.pending if self.detector else 0)
+        self._drain_all(grace * 0.8)
+        code = 0 if not self._fatal else 2
+        try:
+            self._consumer.commit(asynchronous=False)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError._NO_OFFSET:
+                log.warning("final commit failed", error=str(exc))
+        self._consumer.close()
+        log.info("stopped", seconds=round(time.monotonic() - t0, 3), exit_code=code)
+        return code
+
+    # -- rebalance callbacks -----------------------------------------------------------
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self.settings.service.rebuild_windows and partitions:
+            committed = consumer.committed(partitions, timeout=10)
+            for p, c in zip(partitions, committed, strict=True):
+                if c.offset is None or c.offset < 0 or c.offset == OFFSET_INVALID:
+                    continue
+                low, _high = consumer.get_watermark_offsets(p, timeout=10, cached=False)
+                start = max(low, c.offset - self.rebuild_lookback)
+                if start < c.offset:
+                    self._silent_until[(p.topic, p.partition)] = c.offset
+                p.offset = start
+                log.info("rebuilding windows", topic=p.topic, partition=p.partition,
+                         from_offset=start, committed=c.offset)
+        if self.settings.kafka.partition_assignment_strategy == "cooperative-sticky":
+            consumer.incremental_assign(partitions)
+        else:
+            consumer.assign(partitions)
+        self.metrics.assigned.set(len(consumer.assignment()))
+        self.health.ready = True
+        log.info("assigned", partitions=[(p.topic, p.partition) for p in partitions])
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("revoking", partitions=[(p.topic, p.partition) for p in partitions])
+        if self.detector is not None and self._producer is not None:
+            self._drain_all(self.settings.service.grace_period_s / 2)
+            try:
+                consumer.commit(asynchronous=False)
+            except KafkaException as exc:
+                log.debug("commit on revoke", error=str(exc))
+        self._forget(partitions)
+        if self.settings.kafka.partition_assignment_strategy == "cooperative-sticky":
+            consumer.incremental_unassign(partitions)
+        else:
+            consumer.unassign()
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.warning("partitions lost", partitions=[(p.topic, p.partition) for p in partitions])
+        self._forget(partitions)
+
+    def _forget(self, partitions: list[TopicPartition]) -> None:
+        gone = {(p.topic, p.partition) for p in partitions}
+        for tp in gone:
+            self.tracker.drop(tp)
+            self._silent_until.pop(tp, None)
+        sensors = [s for s, tp in self._sensor_tp.items() if tp in gone]
+        for s in sensors:
+            del self._sensor_tp[s]
+        if self.detector is not None:
+            self.detector.forget(sensors)
+            self.metrics.sensors.set(len(self.detector.sensors()))
+
+    # -- observability -----------------------------------------------------------------
+    def _observe_batch(self, size: int, seconds: float) -> None:
+        self.metrics.batch_size.observe(size)
+        self.metrics.inference.observe(seconds)
+
+    def _on_stats(self, stats_json: str) -> None:
+        stats = orjson.loads(stats_json)
+        for topic, t in stats.get("topics", {}).items():
+            for pid, p in t.get("partitions", {}).items():
+                lag = p.get("consumer_lag", -1)
+                if pid != "-1" and lag is not None and lag >= 0:
+                    self.metrics.lag.labels(topic, pid).set(lag)
+        if self.detector is not None:
+            self.metrics.sensors.set(len(self.detector.sensors()))

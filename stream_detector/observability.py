@@ -1,0 +1,117 @@
+"""Prometheus metrics and the liveness / readiness / metrics HTTP endpoints.
+
+``/healthz`` (liveness): 200 while the main loop has turned within ``stall_s`` seconds.
+``/readyz`` (readiness): 200 once the consumer joined its group and the model is loaded.
+``/metrics``: Prometheus text format. Each :class:`Metrics` has its own registry, so several
+services (tests, benchmarks) can live in one process.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LAT = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.readings = Counter("sd_readings_total", "Readings consumed", registry=r)
+        self.warming = Counter(
+            "sd_readings_warming_total", "Readings absorbed before a full window", registry=r
+        )
+        self.windows = Counter("sd_windows_scored_total", "Windows scored", registry=r)
+        self.batch_size = Histogram(
+            "sd_batch_size", "Windows per model call", registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096),
+        )
+        self.inference = Histogram(
+            "sd_inference_seconds", "Model call latency per batch", registry=r, buckets=_LAT
+        )
+        self.reading_to_alert = Histogram(
+            "sd_reading_to_alert_seconds",
+            "Kafka timestamp of a reading to broker ack of the alert it caused",
+            registry=r, buckets=_LAT,
+        )
+        self.alerts = Counter(
+            "sd_alerts_total", "Alert events published", ["event", "level"], registry=r
+        )
+        self.dead_letters = Counter(
+            "sd_dead_letters_total", "Records sent to the dead-letter topic", ["reason"],
+            registry=r,
+        )
+        self.rebuilt = Counter(
+            "sd_readings_rebuilt_total", "Readings re-read to rebuild windows", registry=r
+        )
+        self.lag = Gauge(
+            "sd_consumer_lag", "Consumer lag in messages", ["topic", "partition"], registry=r
+        )
+        self.sensors = Gauge("sd_sensors", "Sensors with state in this process", registry=r)
+        self.assigned = Gauge("sd_assigned_partitions", "Partitions assigned", registry=r)
+
+
+class HealthState:
+    def __init__(self, stall_s: float = 30.0) -> None:
+        self.stall_s = stall_s
+        self.ready = False
+        self._beat = time.monotonic()
+
+    def beat(self) -> None:
+        self._beat = time.monotonic()
+
+    @property
+    def alive(self) -> bool:
+        return time.monotonic() - self._beat < self.stall_s
+
+
+class HealthServer:
+    """A small threaded HTTP server for the probes and Prometheus (port 0 = pick a free one)."""
+
+    def __init__(self, host: str, port: int, metrics: Metrics, health: HealthState) -> None:
+        self._addr = (host, port)
+        self.metrics = metrics
+        self.health = health
+        self._server: ThreadingHTTPServer | None = None
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1] if self._server else self._addr[1]
+
+    def start(self) -> None:
+        metrics, health = self.metrics, self.health
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server API)
+                if self.path == "/healthz":
+                    self._send(200 if health.alive else 503, b"ok" if health.alive else b"stalled")
+                elif self.path == "/readyz":
+                    self._send(200 if health.ready else 503, b"ready" if health.ready else b"no")
+                elif self.path == "/metrics":
+                    self._send(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
+                else:
+                    self._send(404, b"not found")
+
+            def _send(self, code: int, body: bytes, ctype: str = "text/plain") -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                return
+
+        self._server = ThreadingHTTPServer(self._addr, Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True, name="health").start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

@@ -1,0 +1,266 @@
+"""Offline trainer: dataset -> hybrid model -> artifact directory.
+
+* Time-ordered split: per entity, the first ``1 - val_fraction`` of the train rows fit the model,
+  the last ``val_fraction`` is validation (early stopping, error scales, thresholds). No
+  shuffling across that boundary; windows are shuffled only within the fit part.
+* The scaler (mean/std per feature) is fitted on the fit rows only.
+* One model per dataset, shared by every entity with the same features, so the consumer can
+  micro-batch windows of all sensors into one model call. Entities with different feature sets
+  are refused with an error (train them as separate datasets / artifacts).
+* Thresholds are calibrated on validation scores (no test labels): a high quantile or
+  peaks-over-threshold, per sensor and a global default for sensors never seen in training.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+import torch
+from tqdm.auto import tqdm
+
+from stream_detector.datasets.base import Entity
+from stream_detector.errors import DatasetError
+from stream_detector.manifest import SCHEMA_VERSION, Manifest, ScoreSpec, ThresholdSpec
+from stream_detector.model.artifact import write_artifact
+from stream_detector.model.network import HybridModel
+from stream_detector.scoring import ScoreFunction, fit_threshold, smooth
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    window: int = 32
+    hidden: int = 64
+    encoder: str = "lstm"
+    layers: int = 1
+    epochs: int = 12
+    batch_size: int = 256
+    lr: float = 2e-3
+    lambda_fc: float = 1.0
+    patience: int = 3
+    val_fraction: float = 0.2
+    max_windows_per_epoch: int = 120_000
+    std_floor: float = 1e-2
+    clip: float = 10.0
+    w_rec: float = 0.5
+    w_fc: float = 0.5
+    scale_floor_ratio: float = 0.5
+    smoothing: int = 4
+    threshold_method: str = "quantile"
+    threshold_q: float = 0.995
+    threshold_margin: float = 1.0
+    per_sensor_thresholds: bool = True
+    seed: int = 0
+    threads: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.05 <= self.val_fraction <= 0.5:
+            raise ValueError(f"val_fraction must be in [0.05, 0.5], got {self.val_fraction}")
+        if self.window < 3:
+            raise ValueError(f"window must be >= 3, got {self.window}")
+        if self.w_rec < 0 or self.w_fc < 0 or self.w_rec + self.w_fc <= 0:
+            raise ValueError("score weights must be non-negative and not both zero")
+
+
+@dataclass
+class _Split:
+    data: np.ndarray  # all entities' scaled rows, concatenated (float32)
+    starts: np.ndarray  # window start rows that do not cross an entity boundary
+    owner: np.ndarray  # entity index of each start
+    names: list[str] = field(default_factory=list)
+
+
+def _check_features(entities: list[Entity]) -> tuple[str, ...]:
+    if not entities:
+        raise DatasetError("no entities to train on")
+    features = entities[0].features
+    for e in entities[1:]:
+        if e.features != features:
+            raise DatasetError(
+                f"entity {e.name} has {len(e.features)} features, {entities[0].name} has "
+                f"{len(features)}: one model needs one feature set; train them separately"
+            )
+    return features
+
+
+def _split_rows(e: Entity, val_fraction: float, window: int) -> tuple[np.ndarray, np.ndarray]:
+    n = len(e.train)
+    cut = int(round(n * (1.0 - val_fraction)))
+    if cut < window or n - cut < window:
+        raise DatasetError(
+            f"entity {e.name}: {n} train rows are too few for window {window} with "
+            f"val_fraction {val_fraction}"
+        )
+    return e.train[:cut], e.train[cut:]
+
+
+def _make_split(parts: list[np.ndarray], names: list[str], mean, std, clip, window) -> _Split:
+    scaled = [np.clip((p - mean) / std, -clip, clip).astype(np.float32) for p in parts]
+    data = np.concatenate(scaled)
+    starts, owner, offset = [], [], 0
+    for i, p in enumerate(scaled):
+        n = len(p) - window + 1
+        starts.append(offset + np.arange(n))
+        owner.append(np.full(n, i))
+        offset += len(p)
+    return _Split(data, np.concatenate(starts), np.concatenate(owner), names)
+
+
+def _gather(split: _Split, idx: np.ndarray, window: int) -> torch.Tensor:
+    rows = split.starts[idx][:, None] + np.arange(window)
+    return torch.from_numpy(split.data[rows])
+
+
+def _errors(model: HybridModel, split: _Split, window: int, batch: int = 4096):
+    recs, fcs = [], []
+    with torch.inference_mode():
+        for i in range(0, len(split.starts), batch):
+            idx = np.arange(i, min(i + batch, len(split.starts)))
+            r, f = model(_gather(split, idx, window))
+            recs.append(r.numpy())
+            fcs.append(f.numpy())
+    return np.concatenate(recs).astype(np.float64), np.concatenate(fcs).astype(np.float64)
+
+
+def train(
+    entities: list[Entity], config: TrainConfig, out_dir: str | Path, dataset: str = "custom"
+) -> Manifest:
+    """Train one hybrid model on ``entities`` and write the artifact to ``out_dir``."""
+    t0 = time.monotonic()
+    features = _check_features(entities)
+    cfg = config
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+    fit_parts, val_parts = zip(
+        *(_split_rows(e, cfg.val_fraction, cfg.window) for e in entities), strict=True
+    )
+    fit_all = np.concatenate(fit_parts).astype(np.float64)
+    mean = fit_all.mean(axis=0)
+    std = np.maximum(fit_all.std(axis=0), cfg.std_floor)
+    names = [e.name for e in entities]
+    fit = _make_split(list(fit_parts), names, mean, std, cfg.clip, cfg.window)
+    val = _make_split(list(val_parts), names, mean, std, cfg.clip, cfg.window)
+
+    model = HybridModel(len(features), cfg.window, cfg.hidden, cfg.encoder, cfg.layers)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=1)
+    val_idx = np.arange(len(val.starts))
+    if len(val_idx) > 50_000:
+        val_idx = np.sort(rng.choice(val_idx, 50_000, replace=False))
+    best, best_state, bad, history = float("inf"), None, 0, []
+    per_epoch = min(cfg.max_windows_per_epoch, len(fit.starts))
+    steps = (per_epoch + cfg.batch_size - 1) // cfg.batch_size
+    for epoch in range(cfg.epochs):
+        model.train()
+        order = rng.choice(len(fit.starts), per_epoch, replace=False)
+        total = 0.0
+        bar = tqdm(
+            range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
+            leave=False, unit="batch",
+        )
+        for step in bar:
+            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            rec, fc = model(_gather(fit, idx, cfg.window))
+            loss = rec.mean() + cfg.lambda_fc * fc.mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            total += loss.item()
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{total / (step + 1):.4f}")
+        model.eval()
+        with torch.inference_mode():
+            vr, vf = [], []
+            for i in range(0, len(val_idx), 4096):
+                r, f = model(_gather(val, val_idx[i : i + 4096], cfg.window))
+                vr.append(float(r.mean()) * len(r))
+                vf.append(float(f.mean()) * len(f))
+        val_loss = (sum(vr) + cfg.lambda_fc * sum(vf)) / len(val_idx)
+        sched.step(val_loss)
+        history.append({"epoch": epoch + 1, "train_loss": total / steps, "val_loss": val_loss})
+        log.info("epoch", epoch=epoch + 1, train_loss=round(total / steps, 5),
+                 val_loss=round(val_loss, 5))
+        if val_loss < best - 1e-5:
+            best, bad = val_loss, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+
+    # Error scales and thresholds come from validation windows only.
+    rec, fc = _errors(model, val, cfg.window)
+    rec_scale = rec.mean(axis=0)
+    fc_scale = fc.mean(axis=0)
+    rec_scale = np.maximum(rec_scale, cfg.scale_floor_ratio * rec_scale.mean() + 1e-12)
+    fc_scale = np.maximum(fc_scale, cfg.scale_floor_ratio * fc_scale.mean() + 1e-12)
+    score_spec = ScoreSpec(
+        w_rec=cfg.w_rec, w_fc=cfg.w_fc, rec_scale=tuple(rec_scale.tolist()),
+        fc_scale=tuple(fc_scale.tolist()), smoothing=cfg.smoothing,
+    )
+    raw = ScoreFunction(score_spec)(rec, fc).score
+    per_sensor: dict[str, float] = {}
+    smoothed_all = []
+    for i, name in enumerate(names):
+        s = smooth(raw[val.owner == i], cfg.smoothing)
+        smoothed_all.append(s)
+        if cfg.per_sensor_thresholds:
+            per_sensor[name] = fit_threshold(
+                s, cfg.threshold_method, cfg.threshold_q, cfg.threshold_margin
+            )
+    default = fit_threshold(
+        np.concatenate(smoothed_all), cfg.threshold_method, cfg.threshold_q, cfg.threshold_margin
+    )
+    thresholds = ThresholdSpec(
+        method=cfg.threshold_method, default=default, per_sensor=per_sensor,
+        params={"q": cfg.threshold_q, "margin": cfg.threshold_margin},
+    )
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION,
+        model_version="",
+        dataset=dataset,
+        features=features,
+        window=cfg.window,
+        network={"encoder": cfg.encoder, "hidden": cfg.hidden, "layers": cfg.layers},
+        scaler_mean=tuple(mean.tolist()),
+        scaler_std=tuple(std.tolist()),
+        clip=cfg.clip,
+        score=score_spec,
+        thresholds=thresholds,
+        sha256="",
+        training={
+            "config": {k: v for k, v in asdict(cfg).items() if k != "progress"},
+            "entities": names,
+            "fit_windows": int(len(fit.starts)),
+            "val_windows": int(len(val.starts)),
+            "best_val_loss": best,
+            "history": history,
+            "seconds": round(time.monotonic() - t0, 1),
+        },
+    )
+    result = write_artifact(out_dir, model, manifest)
+    log.info("artifact written", path=str(out_dir), model_version=result.model_version,
+             seconds=result.training["seconds"])
+    return result
+
+
+def config_from_overrides(overrides: dict[str, Any]) -> TrainConfig:
+    fields = TrainConfig.__dataclass_fields__
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown training options {unknown}; known: {sorted(fields)}")
+    return TrainConfig(**overrides)

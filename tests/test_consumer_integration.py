@@ -1,0 +1,248 @@
+"""The consumer against the real embedded broker: alerts, parity, dead letters, crash, rebalance,
+SIGTERM drain."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stream_detector.consumer import DetectorService
+from stream_detector.model.runtime import TorchScorer
+from stream_detector.offline import batch_score
+from tests.kafka_helpers import (
+    env_for,
+    produce_readings,
+    read_all,
+    settings_for,
+    stream_of,
+    tiny_entities,
+    train_tiny,
+)
+
+pytestmark = [pytest.mark.integration]
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_tiny(tmp_path_factory.mktemp("art") / "model")
+
+
+@pytest.fixture
+def topics(make_topic) -> dict[str, str]:
+    return {
+        "input": make_topic(partitions=3),
+        "alerts": make_topic(partitions=1),
+        "scores": make_topic(partitions=1),
+        "dlq": make_topic(partitions=1),
+        "group": f"g-{time.time_ns()}",
+    }
+
+
+def _run_in_thread(service: DetectorService) -> threading.Thread:
+    th = threading.Thread(target=service.run, daemon=True)
+    th.start()
+    return th
+
+
+def _wait_for(pred, timeout: float = 90.0, step: float = 0.2) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if pred():
+            return
+        time.sleep(step)
+    raise AssertionError("condition not met in time")
+
+
+def _expected_windows(entities, window: int) -> int:
+    return sum(len(e.test) for e in entities)
+
+
+def test_scores_match_offline_and_alerts_flow(kafka_broker, topics, artifact) -> None:
+    bs = kafka_broker.bootstrap_servers
+    settings = settings_for(bs, topics, artifact)
+    scorer = TorchScorer.load(artifact)
+    entities = tiny_entities()
+    produce_readings(bs, topics["input"], stream_of(entities, scorer.manifest.window))
+    service = DetectorService(settings, scorer.manifest, scorer, serve_http=False)
+    th = _run_in_thread(service)
+    n = _expected_windows(entities, scorer.manifest.window)
+    scores = read_all(bs, topics["scores"], expect=n)
+    service.stop()
+    th.join(30)
+    assert len(scores) == n
+    for e in entities:
+        offline = batch_score(scorer, scorer.manifest, e)
+        streamed = sorted((s for s in scores if s["sensor"] == e.name),
+                          key=lambda s: s["window_end"])
+        got = np.array([s["score"] for s in streamed])
+        assert len(got) == len(offline.score)
+        assert np.max(np.abs(got - offline.score)) < 1e-5
+        rec = np.array([s["reconstruction_error"] for s in streamed])
+        assert np.max(np.abs(rec - offline.reconstruction)) < 1e-5
+    alerts = read_all(bs, topics["alerts"])
+    opened = [a for a in alerts if a["event"] == "open"]
+    assert opened, "the injected spikes must raise alerts"
+    # each entity's spike (feature f2) is caught and named as the top feature
+    for e in entities:
+        at = int(np.flatnonzero(e.labels)[0])
+        ts_spike = 1_000_000 + (scorer.manifest.window - 1 + at) * 1000
+        hits = [a for a in opened if a["sensor"] == e.name
+                and ts_spike <= a["window_end"] <= ts_spike + 3000]
+        assert hits, f"no alert at the spike of {e.name}"
+        assert hits[0]["top_features"][0]["feature"] == "f2"
+        assert len(hits[0]["alert_id"]) == 24
+
+
+def test_bad_input_goes_to_dead_letter_with_reason(kafka_broker, topics, artifact) -> None:
+    bs = kafka_broker.bootstrap_servers
+    settings = settings_for(bs, topics, artifact)
+    scorer = TorchScorer.load(artifact)
+    entities = tiny_entities(n=1, rows=200)
+    good = stream_of(entities, scorer.manifest.window)
+    bad = [
+        (b"x", b"{not json"),
+        (b"x", b'{"sensor": "x", "ts": 1}'),
+        (b"x", b'{"sensor": "x", "ts": 1, "values": [1, 2]}'),
+        (b"x", b'{"sensor": "x", "ts": 1, "values": [1, "a", 2, 3]}'),
+        (b"x", b'{"sensor": "x", "ts": 1, "values": [1, 1e39, 2, 3]}'),
+        (b"x", b'{"schema_version": 9, "sensor": "x", "ts": 1, "values": [1, 2, 3, 4]}'),
+        (b"x", b'{"sensor": "x", "ts": 1, "values": {"f0": 1, "zz": 2, "f2": 3, "f3": 4}}'),
+        (b"x", b"[1, 2, 3]"),
+        (b"x", b'{"sensor": "x", "ts": 1, "values": [' + b"1," * 40_000 + b"1]}"),
+        # duplicate and out-of-order timestamps of a sensor that is otherwise fine
+        (b"sensor-0", b'{"sensor": "sensor-0", "ts": 5, "values": [0, 0, 0, 0]}'),
+    ]
+    # first half of the good readings, then the bad ones, then the rest: good keep flowing
+    half = len(good) // 2
+    produce_readings(bs, topics["input"], good[:half], extra=bad)
+    produce_readings(bs, topics["input"], good[half:])
+    service = DetectorService(settings, scorer.manifest, scorer, serve_http=False)
+    th = _run_in_thread(service)
+    dlq = read_all(bs, topics["dlq"], expect=len(bad))
+    scores = read_all(bs, topics["scores"], expect=len(entities[0].test))
+    service.stop()
+    th.join(30)
+    reasons = sorted(d["reason"] for d in dlq)
+    assert reasons == sorted([
+        "malformed_json", "missing_field", "wrong_value_count", "non_numeric", "non_finite",
+        "unknown_schema_version", "unknown_feature", "not_an_object", "oversized",
+        "late_or_duplicate",
+    ])
+    assert all("original_b64" in d and d["offset"] >= 0 for d in dlq)
+    assert len(scores) == len(entities[0].test)
+    assert service.metrics.dead_letters.labels("oversized")._value.get() == 1
+
+
+def _serve_proc(settings, log_path: Path) -> subprocess.Popen:
+    env = {**os.environ, **env_for(settings)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "stream_detector.cli", "serve", "--rebuild-lookback", "100000"],
+        env=env, stdout=subprocess.DEVNULL, stderr=log_path.open("wb"),
+    )
+
+
+def _event_ids(alerts: list[dict]) -> set[str]:
+    return {a["event_id"] for a in alerts}
+
+
+@pytest.fixture(scope="module")
+def reference_alerts(kafka_broker, artifact, tmp_path_factory) -> tuple[list, set[str]]:
+    """Alerts of an uninterrupted run over a 3-sensor stream (one consumer)."""
+    import uuid
+
+    bs = kafka_broker.bootstrap_servers
+    names = {k: f"ref-{k}-{uuid.uuid4().hex[:8]}" for k in ("input", "alerts", "scores", "dlq")}
+    kafka_broker.create_topics([names["input"]], partitions=3)
+    kafka_broker.create_topics([names["alerts"], names["scores"], names["dlq"]], partitions=1)
+    names["group"] = f"g-ref-{uuid.uuid4().hex[:8]}"
+    scorer = TorchScorer.load(artifact)
+    items = stream_of(tiny_entities(), scorer.manifest.window)
+    produce_readings(bs, names["input"], items)
+    service = DetectorService(settings_for(bs, names, artifact), scorer.manifest, scorer,
+                              serve_http=False)
+    th = _run_in_thread(service)
+    read_all(bs, names["scores"], expect=_expected_windows(tiny_entities(), 8))
+    service.stop()
+    th.join(30)
+    alerts = read_all(bs, names["alerts"])
+    assert alerts
+    return items, _event_ids(alerts)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_stream_then_restart_loses_no_alert(
+    kafka_broker, topics, artifact, reference_alerts, tmp_path
+) -> None:
+    items, expected = reference_alerts
+    bs = kafka_broker.bootstrap_servers
+    settings = settings_for(bs, topics, artifact)
+    produce_readings(bs, topics["input"], items)
+    proc = _serve_proc(settings, tmp_path / "first.log")
+    # kill once it has scored part of the stream
+    _wait_for(lambda: len(read_all(bs, topics["scores"], idle_s=0.5, max_s=2)) > 500, 120)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    partial = read_all(bs, topics["scores"], idle_s=0.5, max_s=5)
+    assert len(partial) < len(items) - 3 * 7, "killed too late to test anything"
+    proc = _serve_proc(settings, tmp_path / "second.log")
+    try:
+        n = _expected_windows(tiny_entities(), 8)
+        _wait_for(lambda: len({(s["sensor"], s["window_end"]) for s in
+                               read_all(bs, topics["scores"], idle_s=0.5, max_s=5)}) >= n, 150)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    alerts = read_all(bs, topics["alerts"])
+    got = _event_ids(alerts)
+    assert expected <= got, f"lost alerts: {sorted(expected - got)[:5]}"
+    assert got == expected  # duplicates only as repeats of the same event ids
+
+
+@pytest.mark.slow
+def test_two_consumers_with_rebalance_emit_reference_alerts(
+    kafka_broker, topics, artifact, reference_alerts, tmp_path
+) -> None:
+    items, expected = reference_alerts
+    bs = kafka_broker.bootstrap_servers
+    settings = settings_for(bs, topics, artifact)
+    produce_readings(bs, topics["input"], items[: len(items) // 3])
+    first = _serve_proc(settings, tmp_path / "a.log")
+    _wait_for(lambda: len(read_all(bs, topics["scores"], idle_s=0.5, max_s=2)) > 200, 120)
+    second = _serve_proc(settings, tmp_path / "b.log")  # joins the group: rebalance
+    time.sleep(4)
+    produce_readings(bs, topics["input"], items[len(items) // 3 :])
+    try:
+        n = _expected_windows(tiny_entities(), 8)
+        _wait_for(lambda: len({(s["sensor"], s["window_end"]) for s in
+                               read_all(bs, topics["scores"], idle_s=0.5, max_s=5)}) >= n, 150)
+    finally:
+        for p in (first, second):
+            p.send_signal(signal.SIGTERM)
+        codes = [p.wait(40) for p in (first, second)]
+    assert codes == [0, 0]
+    got = _event_ids(read_all(bs, topics["alerts"]))
+    assert got == expected
+
+
+def test_sigterm_drains_and_exits_zero(kafka_broker, topics, artifact, tmp_path) -> None:
+    bs = kafka_broker.bootstrap_servers
+    settings = settings_for(bs, topics, artifact)
+    scorer = TorchScorer.load(artifact)
+    items = stream_of(tiny_entities(n=1, rows=300), scorer.manifest.window)
+    produce_readings(bs, topics["input"], items)
+    proc = _serve_proc(settings, tmp_path / "serve.log")
+    _wait_for(lambda: len(read_all(bs, topics["scores"], idle_s=0.5, max_s=2)) >= 300, 120)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    assert time.monotonic() - t0 < settings.service.grace_period_s + 5
+    log = (tmp_path / "serve.log").read_text()
+    assert '"stopped"' in log and '"exit_code":0' in log
