@@ -269,6 +269,11 @@ class DetectorService:
             if not silent:
                 self._dead_letter(bad.reason, bad.detail, msg, ref)
             return
+        except Exception as exc:  # noqa: BLE001 - a record must never stop the partition
+            log.exception("unexpected decode failure", topic=tp[0], partition=tp[1], offset=offset)
+            if not silent:
+                self._dead_letter("internal_error", f"{type(exc).__name__}: {exc}"[:300], msg, ref)
+            return
         status = detector.submit(reading)
         if status is Status.READY or status is Status.WARMING:
             self._sensor_tp.setdefault(reading.sensor, tp)

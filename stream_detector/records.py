@@ -38,6 +38,7 @@ REASONS = (
     "non_numeric",
     "non_finite",
     "late_or_duplicate",
+    "internal_error",
 )
 
 
@@ -58,6 +59,9 @@ class Reading:
     ts_ms: int
     values: np.ndarray
     ref: Any = None
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 class ReadingDecoder:
@@ -110,10 +114,11 @@ class ReadingDecoder:
         for v in values:
             if isinstance(v, bool) or not isinstance(v, int | float):
                 raise BadRecord("non_numeric", f"value {v!r} is not a number")
-        arr = np.asarray(values, dtype=np.float32)
-        if not np.isfinite(arr).all():
-            raise BadRecord("non_finite", "values hold NaN or infinity after float32 conversion")
-        return arr
+        wide = np.asarray(values, dtype=np.float64)
+        # check before the float32 cast: 1e39 is finite in JSON but overflows float32
+        if not (np.isfinite(wide).all() and (np.abs(wide) <= _F32_MAX).all()):
+            raise BadRecord("non_finite", "values hold NaN, infinity or exceed float32 range")
+        return wide.astype(np.float32)
 
 
 def encode_reading(sensor: str, ts_ms: int, values: list[float] | np.ndarray) -> bytes:

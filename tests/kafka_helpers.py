@@ -66,6 +66,27 @@ def produce_readings(bootstrap: str, topic: str, items, extra: list[tuple[bytes,
     assert p.flush(30) == 0
 
 
+def produce_paced(bootstrap: str, topic: str, items, per_second: float):
+    """Produce ``items`` at about ``per_second`` in a background thread; returns the thread."""
+    import threading
+
+    def run() -> None:
+        p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True,
+                      "linger.ms": 5})
+        t0 = time.monotonic()
+        for i, (sensor, ts, values) in enumerate(items):
+            p.produce(topic, key=sensor.encode(), value=encode_reading(sensor, ts, values))
+            p.poll(0)
+            ahead = i / per_second - (time.monotonic() - t0)
+            if ahead > 0:
+                time.sleep(ahead)
+        assert p.flush(30) == 0
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    return th
+
+
 def read_all(bootstrap: str, topic: str, expect: int | None = None, idle_s: float = 3.0,
              max_s: float = 90.0) -> list[dict]:
     """Read a topic from the beginning (all partitions) until idle or ``expect`` reached."""

@@ -19,6 +19,7 @@ from stream_detector.model.runtime import TorchScorer
 from stream_detector.offline import batch_score
 from tests.kafka_helpers import (
     env_for,
+    produce_paced,
     produce_readings,
     read_all,
     settings_for,
@@ -143,10 +144,12 @@ def test_bad_input_goes_to_dead_letter_with_reason(kafka_broker, topics, artifac
 
 def _serve_proc(settings, log_path: Path) -> subprocess.Popen:
     env = {**os.environ, **env_for(settings)}
-    return subprocess.Popen(
-        [sys.executable, "-m", "stream_detector.cli", "serve", "--rebuild-lookback", "100000"],
-        env=env, stdout=subprocess.DEVNULL, stderr=log_path.open("wb"),
-    )
+    with log_path.open("wb") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "stream_detector.cli", "serve", "--rebuild-lookback",
+             "100000"],
+            env=env, stdout=subprocess.DEVNULL, stderr=log,
+        )
 
 
 def _event_ids(alerts: list[dict]) -> set[str]:
@@ -184,14 +187,15 @@ def test_sigkill_mid_stream_then_restart_loses_no_alert(
     items, expected = reference_alerts
     bs = kafka_broker.bootstrap_servers
     settings = settings_for(bs, topics, artifact)
-    produce_readings(bs, topics["input"], items)
     proc = _serve_proc(settings, tmp_path / "first.log")
-    # kill once it has scored part of the stream
-    _wait_for(lambda: len(read_all(bs, topics["scores"], idle_s=0.5, max_s=2)) > 500, 120)
+    # readings arrive at ~150/s while it runs; kill it mid-stream, with work in flight
+    producer = produce_paced(bs, topics["input"], items, per_second=150)
+    _wait_for(lambda: len(read_all(bs, topics["scores"], idle_s=0.5, max_s=2)) > 300, 120)
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     partial = read_all(bs, topics["scores"], idle_s=0.5, max_s=5)
     assert len(partial) < len(items) - 3 * 7, "killed too late to test anything"
+    producer.join(60)
     proc = _serve_proc(settings, tmp_path / "second.log")
     try:
         n = _expected_windows(tiny_entities(), 8)

@@ -1,0 +1,101 @@
+"""Dataset registry: real benchmarks (SMD, SMAP, MSL, NAB) and a built-in synthetic generator.
+
+Every dataset is a :class:`~stream_detector.datasets.base.DatasetLoader`; look one up with
+:func:`get_loader` and load entities with :func:`load_dataset`::
+
+    from stream_detector.datasets import load_dataset
+    entities = load_dataset("smd", "/data/smd", ["machine-1-1"])
+
+Real datasets need a data directory. When none is given, :func:`default_data_dir` looks for the
+shared checkout next to the repository (``../shared/data/<smd|smap_msl|nab>``, relative to the
+current directory or to the repository root); when that is absent too, loading fails with a
+:class:`~stream_detector.errors.DatasetError` asking for ``--data-dir``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stream_detector.datasets.base import DatasetLoader, Entity, Interpretation, load_dataset
+from stream_detector.datasets.nab import NABLoader
+from stream_detector.datasets.smap_msl import TelemanomLoader
+from stream_detector.datasets.smd import SMDLoader
+from stream_detector.datasets.synthetic import SyntheticLoader
+from stream_detector.errors import DatasetError
+
+__all__ = [
+    "DATASETS",
+    "DEFAULT_DATASET",
+    "DatasetLoader",
+    "Entity",
+    "Interpretation",
+    "default_data_dir",
+    "get_loader",
+    "load_dataset",
+    "resolve_data_dir",
+]
+
+DEFAULT_DATASET = "synthetic"
+
+DATASETS: dict[str, DatasetLoader] = {
+    "smd": SMDLoader(),
+    "smap": TelemanomLoader("smap"),
+    "msl": TelemanomLoader("msl"),
+    "nab": NABLoader(),
+    "synthetic": SyntheticLoader(),
+}
+
+#: Sub-folder of ``../shared/data`` holding each real dataset.
+_SHARED_SUBDIR: dict[str, str] = {
+    "smd": "smd",
+    "smap": "smap_msl",
+    "msl": "smap_msl",
+    "nab": "nab",
+}
+
+#: Repository root: the parent of the ``stream_detector`` package directory.
+_REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def get_loader(name: str) -> DatasetLoader:
+    """The loader registered as ``name`` (case-insensitive); DatasetError when unknown."""
+    key = name.strip().lower()
+    try:
+        return DATASETS[key]
+    except KeyError:
+        known = ", ".join(DATASETS)
+        raise DatasetError(f"unknown dataset {name!r}; known datasets: {known}") from None
+
+
+def default_data_dir(name: str) -> Path | None:
+    """``../shared/data/<subdir>`` for a real dataset, if it exists; else None.
+
+    Looked up relative to the current working directory first, then to the repository root.
+    Synthetic and unknown names give None.
+    """
+    sub = _SHARED_SUBDIR.get(name.strip().lower())
+    if sub is None:
+        return None
+    for base in (Path.cwd(), _REPO_ROOT):
+        candidate = base.parent / "shared" / "data" / sub
+        if candidate.is_dir():
+            return candidate.resolve()
+    return None
+
+
+def resolve_data_dir(name: str, data_dir: str | Path | None) -> Path:
+    """``data_dir`` as a Path that exists, or the default one; DatasetError otherwise."""
+    if data_dir is None:
+        found = default_data_dir(name)
+        if found is None:
+            sub = _SHARED_SUBDIR.get(name, name)
+            raise DatasetError(
+                f"dataset {name!r} needs its data directory: pass --data-dir "
+                f"(no default ../shared/data/{sub} found)"
+            )
+        return found
+    path = Path(data_dir).expanduser()
+    if not path.is_dir():
+        what = "is not a directory" if path.exists() else "does not exist"
+        raise DatasetError(f"{name} data directory {path} {what}")
+    return path

