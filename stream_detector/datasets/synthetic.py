@@ -10,6 +10,11 @@ built from a few latent signals:
   reconstruct a feature from the others;
 - every feature gets its own Gaussian noise, scale and offset (values are *not* normalised).
 
+The sensors form a *fleet* of one device type: how features derive from the latents, the noise
+levels and the units are shared (drawn from the dataset seed), while each sensor has its own
+periods, phases, noise draws and a few per cent of calibration spread. That is the setting in
+which one model serves every sensor of a topic (see docs/evaluation.md).
+
 The train part is clean. The test part (which continues the same process) carries 6-10
 anomalies per sensor by default, non-overlapping, after a 50-row warm-up, of these kinds
 (``sigma`` = the feature's train standard deviation):
@@ -99,25 +104,46 @@ def _latent(rng: np.random.Generator, t: np.ndarray) -> np.ndarray:
     return sig + wander
 
 
+def _fleet(cfg: SyntheticConfig) -> dict[str, np.ndarray]:
+    """What every sensor of the fleet shares: the same kind of device, the same physics.
+
+    How derived features mix the latents (weights, lags, product terms), the noise levels and
+    the units (scale, offset) come from the dataset seed alone; each sensor then has its own
+    latent periods and phases, noise and a few per cent of calibration spread.
+    """
+    rng = np.random.default_rng([cfg.seed, 1_000_003])
+    n_latent = min(3, cfg.n_features)
+    n_derived = cfg.n_features - n_latent
+    w = rng.normal(size=(max(n_derived, 0), n_latent))
+    w /= np.linalg.norm(w, axis=1, keepdims=True) + 1e-12
+    return {
+        "w": w,
+        "lag": rng.integers(0, 4, size=n_derived),
+        "pair": rng.integers(0, n_latent, size=(n_derived, 2)),
+        "product": rng.uniform(0.0, 0.3, size=n_derived),
+        "noise": cfg.noise * rng.uniform(0.5, 1.5, size=cfg.n_features),
+        "scale": np.exp(rng.uniform(np.log(0.5), np.log(20.0), size=cfg.n_features)),
+        "offset": rng.uniform(-5.0, 50.0, size=cfg.n_features),
+    }
+
+
 def _clean_signal(rng: np.random.Generator, cfg: SyntheticConfig) -> np.ndarray:
     rows = cfg.train_rows + cfg.test_rows
     lag_max = 3
+    fleet = _fleet(cfg)
     t = np.arange(rows + lag_max, dtype=np.float64)
     n_latent = min(3, cfg.n_features)
     latents = np.stack([_latent(rng, t) for _ in range(n_latent)], axis=1)
     x = np.empty((rows, cfg.n_features))
     x[:, :n_latent] = latents[lag_max:]
-    for j in range(n_latent, cfg.n_features):
-        w = rng.normal(size=n_latent)
-        w /= np.linalg.norm(w)
-        lag = int(rng.integers(0, lag_max + 1))
+    for i, j in enumerate(range(n_latent, cfg.n_features)):
+        lag = int(fleet["lag"][i])
         src = latents[lag_max - lag : lag_max - lag + rows]
-        a, b = rng.integers(0, n_latent, size=2)
-        x[:, j] = src @ w + rng.uniform(0.0, 0.3) * src[:, a] * src[:, b]
-    noise_sd = cfg.noise * rng.uniform(0.5, 1.5, size=cfg.n_features)
-    x += rng.normal(size=x.shape) * noise_sd
-    scale = np.exp(rng.uniform(np.log(0.5), np.log(20.0), size=cfg.n_features))
-    offset = rng.uniform(-5.0, 50.0, size=cfg.n_features)
+        a, b = fleet["pair"][i]
+        x[:, j] = src @ fleet["w"][i] + fleet["product"][i] * src[:, a] * src[:, b]
+    x += rng.normal(size=x.shape) * fleet["noise"]
+    scale = fleet["scale"] * rng.uniform(0.95, 1.05, size=cfg.n_features)
+    offset = fleet["offset"] + rng.uniform(-0.2, 0.2, size=cfg.n_features) * fleet["scale"]
     return x * scale + offset
 
 

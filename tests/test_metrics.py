@@ -1,0 +1,217 @@
+"""Metrics against hand-computed cases and brute-force references."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from stream_detector.metrics import (
+    ENTITY_METRIC_KEYS,
+    auc_pr,
+    best_f1,
+    entity_metrics,
+    f1_at,
+    hit_rate,
+    markdown_table,
+    pa_best_f1,
+    point_adjust,
+    segments,
+    summarize,
+)
+
+
+def _f1(pred: np.ndarray, y: np.ndarray) -> float:
+    tp = int(np.sum(pred & y))
+    fp = int(np.sum(pred & ~y))
+    fn = int(np.sum(~pred & y))
+    return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+
+
+def _brute(scores: np.ndarray, labels: np.ndarray, adjust: bool) -> float:
+    """Best F1 by trying every distinct score as threshold (and +inf: flag nothing)."""
+    y = labels.astype(bool)
+    best = 0.0
+    for t in [*np.unique(scores), np.inf]:
+        pred = scores >= t
+        if adjust:
+            pred = point_adjust(pred, y)
+        best = max(best, _f1(pred, y))
+    return best
+
+
+# Worked by hand. Sorted by decreasing score (label): 0.9(1) 0.8(1) 0.7(0) 0.6(1) 0.5(0) ...
+# with P = 3 positives, F1 = 2 TP / (k + P) after flagging the top k:
+#   k=1: 2/4 = 0.500   k=2: 4/5 = 0.800   k=3: 4/6 = 0.667   k=4: 6/7 = 0.857   k=5: 6/8 = 0.750
+# and lower for larger k. Best: k=4, threshold 0.6, precision 3/4, recall 3/3.
+HAND_SCORES = np.array([0.1, 0.9, 0.2, 0.8, 0.3, 0.7, 0.4, 0.6, 0.5, 0.05])
+HAND_LABELS = np.array([0, 1, 0, 1, 0, 0, 0, 1, 0, 0], dtype=np.int8)
+
+
+def test_best_f1_hand_example() -> None:
+    r = best_f1(HAND_SCORES, HAND_LABELS)
+    assert r["f1"] == pytest.approx(6 / 7)
+    assert r["threshold"] == pytest.approx(0.6)
+    assert r["precision"] == pytest.approx(0.75)
+    assert r["recall"] == pytest.approx(1.0)
+    # The threshold reproduces the F1 through f1_at.
+    assert f1_at(HAND_SCORES, HAND_LABELS, r["threshold"])["f1"] == pytest.approx(6 / 7)
+
+
+def test_f1_at_hand_example() -> None:
+    # threshold 0.75 flags 0.9 and 0.8: TP 2, FP 0, FN 1
+    r = f1_at(HAND_SCORES, HAND_LABELS, 0.75)
+    assert r == pytest.approx({"f1": 0.8, "precision": 1.0, "recall": 2 / 3})
+    # nothing flagged: zeros, no division error
+    assert f1_at(HAND_SCORES, HAND_LABELS, 5.0) == {"f1": 0.0, "precision": 0.0, "recall": 0.0}
+
+
+def test_best_f1_ties_only_real_thresholds() -> None:
+    # 0.5 is shared by a positive and two negatives: flagging "the positive only" is impossible.
+    scores = np.array([0.5, 0.5, 0.5, 0.1])
+    labels = np.array([1, 0, 0, 0])
+    r = best_f1(scores, labels)
+    assert r["f1"] == pytest.approx(2 * 1 / (3 + 1))
+    assert r["threshold"] == 0.5
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_best_f1_matches_brute_force(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = 200
+    labels = (rng.random(n) < 0.15).astype(np.int8)
+    scores = rng.normal(size=n) + labels * rng.uniform(0, 2)
+    if seed % 2:  # many ties
+        scores = np.round(scores, 1)
+    r = best_f1(scores, labels)
+    assert r["f1"] == pytest.approx(_brute(scores, labels, adjust=False))
+    assert f1_at(scores, labels, r["threshold"])["f1"] == pytest.approx(r["f1"])
+
+
+def test_segments_and_point_adjust_hand_example() -> None:
+    labels = np.array([0, 1, 1, 1, 0, 0, 1, 1, 0])
+    assert segments(labels) == [(1, 4), (6, 8)]
+    assert segments([1, 1, 0, 1]) == [(0, 2), (3, 4)]
+    assert segments([]) == []
+    pred = np.array([0, 0, 1, 0, 0, 0, 0, 0, 1])
+    # Row 2 hits the first segment, which becomes fully detected; the second segment is missed;
+    # the false positive at row 8 stays.
+    expected = np.array([0, 1, 1, 1, 0, 0, 0, 0, 1], dtype=bool)
+    np.testing.assert_array_equal(point_adjust(pred, labels), expected)
+
+
+def test_pa_best_f1_hand_example() -> None:
+    labels = np.array([0, 1, 1, 1, 0, 0, 1, 1, 0])
+    scores = np.array([0.2, 0.1, 0.9, 0.1, 0.3, 0.2, 0.1, 0.25, 0.0])
+    # t = 0.9: segment 1 (3 rows) detected, FP 0, FN 2 -> F1 = 6 / 8 = 0.75
+    # t = 0.25: both segments (5 rows), FP = rows 0.3 -> 1, F1 = 10 / 11 = 0.909
+    r = pa_best_f1(scores, labels)
+    assert r["f1"] == pytest.approx(10 / 11)
+    assert r["threshold"] == pytest.approx(0.25)
+    assert r["precision"] == pytest.approx(5 / 6)
+    assert r["recall"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_pa_best_f1_matches_brute_force(seed: int) -> None:
+    rng = np.random.default_rng(100 + seed)
+    n = 200
+    labels = np.zeros(n, dtype=np.int8)
+    for _ in range(rng.integers(1, 6)):
+        a = int(rng.integers(0, n - 1))
+        labels[a : a + int(rng.integers(1, 25))] = 1
+    scores = rng.normal(size=n)
+    if seed % 2:
+        scores = np.round(scores, 1)
+    r = pa_best_f1(scores, labels)
+    assert r["f1"] == pytest.approx(_brute(scores, labels, adjust=True))
+    pred = point_adjust(scores >= r["threshold"], labels)
+    assert _f1(pred, labels.astype(bool)) == pytest.approx(r["f1"])
+
+
+def test_pa_best_f1_is_fast_on_long_series() -> None:
+    import time
+
+    rng = np.random.default_rng(0)
+    n = 30_000
+    labels = (np.convolve(rng.random(n) < 0.002, np.ones(60), mode="same") > 0).astype(np.int8)
+    scores = rng.random(n)
+    t0 = time.perf_counter()
+    pa_best_f1(scores, labels)
+    best_f1(scores, labels)
+    assert time.perf_counter() - t0 < 0.5
+
+
+def test_auc_pr_sanity() -> None:
+    labels = np.array([0, 0, 1, 1, 0, 1])
+    assert auc_pr(labels * 2.0 + 0.1, labels) == pytest.approx(1.0)
+    # one positive ranked last out of 4: precision at its recall point is 1/4
+    assert auc_pr([4, 3, 2, 1], [0, 0, 0, 1]) == pytest.approx(0.25)
+    rng = np.random.default_rng(0)
+    y = (rng.random(20_000) < 0.1).astype(int)
+    assert auc_pr(rng.random(y.size), y) == pytest.approx(0.1, abs=0.02)
+
+
+def test_hit_rate_examples() -> None:
+    gt = {1, 2, 3}
+    ranking = [1, 5, 2, 3, 7]
+    assert hit_rate(ranking, gt, 1.0) == pytest.approx(2 / 3)  # top 3: 1, 5, 2
+    assert hit_rate(ranking, gt, 1.5) == pytest.approx(1.0)  # top int(4.5) = 4
+    assert hit_rate([9, 8, 7], gt, 1.0) == 0.0
+    assert hit_rate([1, 1, 1, 2, 3], gt, 1.0) == pytest.approx(1.0)  # repeats count once
+    assert hit_rate([3, 0], {3}, 1.5) == 1.0  # top int(1.5) = 1
+    assert hit_rate([0, 3], {3}, 0.2) == 0.0  # k floored to 0, then at least 1
+    assert hit_rate(list(range(100)), set(range(100)), 0.29) == pytest.approx(0.29)  # float guard
+    assert math.isnan(hit_rate([1, 2], set(), 1.0))
+
+
+def test_entity_metrics_keys_and_values() -> None:
+    m = entity_metrics(HAND_SCORES, HAND_LABELS, threshold=0.75)
+    assert set(ENTITY_METRIC_KEYS) <= set(m)
+    assert all(isinstance(v, float) for v in m.values())
+    assert m["best_f1"] == pytest.approx(6 / 7)
+    assert m["f1_at_threshold"] == pytest.approx(0.8)
+    assert m["precision"] == pytest.approx(1.0)
+    assert m["recall"] == pytest.approx(2 / 3)
+    assert 0 < m["auc_pr"] <= 1
+    assert m["pa_best_f1"] >= m["best_f1"]
+    no_thr = entity_metrics(HAND_SCORES, HAND_LABELS)
+    assert math.isnan(no_thr["f1_at_threshold"]) and not math.isnan(no_thr["best_f1"])
+
+
+def test_no_positive_labels_gives_nan_and_summarize_skips_it() -> None:
+    m_empty = entity_metrics(np.arange(10.0), np.zeros(10), threshold=5.0)
+    assert all(math.isnan(m_empty[k]) for k in ENTITY_METRIC_KEYS)
+    assert math.isnan(best_f1(np.arange(3.0), np.zeros(3))["f1"])
+    assert math.isnan(pa_best_f1(np.arange(3.0), np.zeros(3))["f1"])
+    assert math.isnan(auc_pr(np.arange(3.0), np.zeros(3)))
+    m_ok = entity_metrics(HAND_SCORES, HAND_LABELS, threshold=0.75)
+    rows = [{"entity": "a", **m_ok}, {"entity": "b", **m_empty}]
+    s = summarize(rows)
+    assert "entity" not in s
+    assert s["best_f1"] == pytest.approx(6 / 7)
+    assert s["f1_at_threshold"] == pytest.approx(0.8)
+    assert math.isnan(summarize([{"x": float("nan")}])["x"])
+
+
+def test_markdown_table() -> None:
+    rows = [
+        {"entity": "m-1", "best_f1": 0.5, "auc_pr": 0.25, "n": 3},
+        {"entity": "m-2", "best_f1": float("nan"), "auc_pr": 0.75, "n": 5},
+    ]
+    text = markdown_table(rows, ["entity", ("best_f1", "best F1"), "auc_pr", "n"], title="SMD")
+    lines = text.strip().splitlines()
+    assert lines[0] == "### SMD"
+    assert lines[2] == "| entity | best F1 | auc_pr | n |"
+    assert lines[3] == "|---|---:|---:|---:|"
+    assert lines[4] == "| m-1 | 0.500 | 0.250 | 3 |"
+    assert lines[5] == "| m-2 | n/a | 0.750 | 5 |"
+    assert lines[6] == "| **mean** | 0.500 | 0.500 | 4.000 |"
+
+
+def test_length_mismatch_raises() -> None:
+    with pytest.raises(ValueError):
+        best_f1([1.0, 2.0], [1])
+    with pytest.raises(ValueError):
+        point_adjust([1, 0], [1])
