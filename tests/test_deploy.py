@@ -8,14 +8,18 @@
 * The consumer Deployment's contract: non-root, probes on the settings' port, grace period above
   the drain budget, resources, replicas within the partitions, anti-affinity.
 * docker-compose.yml, .env and the Dockerfile: parsed and cross-checked with the settings
-  (``settings_reference``) and with each other.
+  (``settings_reference``) and with each other. ``.env`` holds the host's values (pydantic-settings
+  reads ./.env when ``stream-detector`` runs from the repository root); the compose file's
+  ``x-app`` ``environment:`` overrides the container-only ones (artifact dir, bootstrap servers).
 
 No network, no Docker, no cluster.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -141,13 +145,16 @@ def mem(q: str | int) -> float:
     return float(m.group(1)) * _MEM_UNITS[m.group(2)]
 
 
-def load_with_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]):
-    """Settings from exactly these SD_* variables (no ./.env, no stray SD_* of the caller)."""
-    import os
-
+def clear_sd_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drop every SD_* variable of the caller's environment (for this test only)."""
     for key in list(os.environ):
         if key.startswith("SD_"):
             monkeypatch.delenv(key)
+
+
+def load_with_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]):
+    """Settings from exactly these SD_* variables (no ./.env, no stray SD_* of the caller)."""
+    clear_sd_env(monkeypatch)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return load_settings(_env_file=None)
@@ -429,6 +436,35 @@ def dotenv() -> dict[str, str]:
     return {k: v for _, k, v in entries}
 
 
+APP_SERVICES = ("train", "detector", "replay")
+# Settings whose .env value is the host's; the containers get theirs from x-app's environment.
+CONTAINER_OVERRIDES = {"SD_ARTIFACT_DIR", "SD_KAFKA__BOOTSTRAP_SERVERS"}
+
+
+def kafka_listeners(compose: dict) -> dict[str, str]:
+    """Advertised listener name -> host:port of the compose kafka service."""
+    env = compose["services"]["kafka"]["environment"]
+    out = {}
+    for item in env["KAFKA_ADVERTISED_LISTENERS"].split(","):
+        name, _, address = item.partition("://")
+        out[name] = address
+    return out
+
+
+def internal_bootstrap(compose: dict) -> str:
+    """The listener the other containers use: the inter-broker (INTERNAL) one."""
+    env = compose["services"]["kafka"]["environment"]
+    return kafka_listeners(compose)[env["KAFKA_INTER_BROKER_LISTENER_NAME"]]
+
+
+def container_env(compose: dict, dotenv: dict[str, str], service: str) -> dict[str, str]:
+    """SD_* variables an app container sees: env_file .env, then `environment:` on top."""
+    svc = compose["services"][service]
+    env = {k: v for k, v in dotenv.items() if k.startswith("SD_")}
+    env.update({k: str(v) for k, v in (svc.get("environment") or {}).items()})
+    return env
+
+
 def test_compose_services_are_complete(compose):
     services = compose["services"]
     declared_volumes = set(compose.get("volumes") or {})
@@ -467,7 +503,11 @@ def test_compose_wiring(compose, dotenv):
         "kafka-init": "service_completed_successfully",
         "train": "service_completed_successfully",
     }
-    artifact_dir = dotenv["SD_ARTIFACT_DIR"]
+    # the containers' artifact dir: x-app's environment = the image's ENV = the mounts = train --out
+    app_env = compose["x-app"]["environment"]
+    assert set(app_env) == CONTAINER_OVERRIDES
+    artifact_dir = app_env["SD_ARTIFACT_DIR"]
+    assert artifact_dir == dockerfile_env()["SD_ARTIFACT_DIR"]
     assert f"artifacts:{artifact_dir}:ro" in detector["volumes"]
     assert detector["command"] == ["serve"]
     assert f"artifacts:{artifact_dir}" in services["train"]["volumes"]
@@ -477,9 +517,23 @@ def test_compose_wiring(compose, dotenv):
     replay = services["replay"]
     assert replay["profiles"] == ["replay"]
     assert replay["command"][0] == "replay"
-    assert "--bootstrap-servers" in replay["command"]
-    for name in ("train", "detector", "replay"):
+    assert replay["command"][replay["command"].index("--artifact") + 1] == artifact_dir
+    assert f"artifacts:{artifact_dir}:ro" in replay["volumes"]
+    # the containers' bootstrap: the kafka service's internal listener
+    bootstrap = internal_bootstrap(compose)
+    assert bootstrap == "kafka:9092"
+    assert app_env["SD_KAFKA__BOOTSTRAP_SERVERS"] == bootstrap
+    assert replay["command"][replay["command"].index("--bootstrap-servers") + 1] == bootstrap
+    assert f"bs={bootstrap}" in " ".join(services["kafka-init"]["command"])
+    for name in APP_SERVICES:
         assert services[name]["env_file"] == ".env"
+        # `<<: *app` is a shallow merge: a service's own `environment:` would drop x-app's
+        assert services[name].get("environment") == app_env, (
+            f"{name}: environment differs from x-app's (repeat its keys there)"
+        )
+        env = container_env(compose, dotenv, name)
+        assert env["SD_ARTIFACT_DIR"] == artifact_dir
+        assert env["SD_KAFKA__BOOTSTRAP_SERVERS"] == bootstrap
     port = dotenv["SD_SERVICE__HTTP_PORT"]
     assert detector["ports"][0].endswith(":${SD_SERVICE__HTTP_PORT:-8000}")
     assert port == _default("SD_SERVICE__HTTP_PORT")
@@ -515,16 +569,46 @@ def test_env_file_documents_each_variable():
         assert above.startswith("#") and len(above) > 2, f".env:{n} {key} has no comment above"
 
 
-def test_env_file_loads(dotenv, monkeypatch):
-    # as compose passes it (environment variables) ...
-    settings = load_with_env(monkeypatch, {k: v for k, v in dotenv.items()
-                                           if k.startswith("SD_")})
-    assert settings.kafka.bootstrap_servers == "kafka:9092"
-    assert str(settings.artifact_dir) == "/app/artifacts/model"
-    assert settings.kafka.sasl_password.get_secret_value() == ""
+def test_env_file_holds_host_values(compose, dotenv):
+    """.env is the host's: the compose Kafka's host listener and the repo-relative artifact dir."""
+    port = dotenv["KAFKA_HOST_PORT"]
+    assert dotenv["SD_KAFKA__BOOTSTRAP_SERVERS"] == f"localhost:{port}"
+    assert kafka_listeners(compose)["HOST"] == "localhost:${KAFKA_HOST_PORT:-29092}"
+    assert compose["services"]["kafka"]["ports"] == ["127.0.0.1:${KAFKA_HOST_PORT:-29092}:29092"]
+    assert dotenv["SD_ARTIFACT_DIR"] == "artifacts/model"
+    assert not Path(dotenv["SD_ARTIFACT_DIR"]).is_absolute()
+
+
+def test_env_file_loads(compose, dotenv, monkeypatch):
+    # in the app containers (env_file .env + x-app's environment, as environment variables) ...
+    for name in APP_SERVICES:
+        settings = load_with_env(monkeypatch, container_env(compose, dotenv, name))
+        assert settings.kafka.bootstrap_servers == "kafka:9092"
+        assert settings.artifact_dir == Path("/app/artifacts/model")
+        assert settings.kafka.sasl_password.get_secret_value() == ""
+    # ... on the host, as environment variables ...
+    host = load_with_env(monkeypatch, {k: v for k, v in dotenv.items() if k.startswith("SD_")})
+    assert host.kafka.bootstrap_servers == f"localhost:{dotenv['KAFKA_HOST_PORT']}"
+    assert host.artifact_dir == Path("artifacts/model")
     # ... and as pydantic-settings reads it as a dotenv file
     load_with_env(monkeypatch, {})
-    assert load_settings(_env_file=ENV_FILE) == settings
+    assert load_settings(_env_file=ENV_FILE) == host
+    # the only difference between host and containers is the overridden pair
+    containers = load_with_env(monkeypatch, container_env(compose, dotenv, "detector"))
+    assert containers.model_copy(update={
+        "artifact_dir": host.artifact_dir,
+        "kafka": containers.kafka.model_copy(
+            update={"bootstrap_servers": host.kafka.bootstrap_servers}),
+    }) == host
+
+
+def test_host_cli_defaults_from_repo_root(dotenv, monkeypatch):
+    """`stream-detector ...` on the host from the repo root reads ./.env: host values only."""
+    clear_sd_env(monkeypatch)
+    monkeypatch.chdir(ROOT)
+    settings = load_settings()
+    assert settings.artifact_dir == Path("artifacts/model")
+    assert settings.kafka.bootstrap_servers == dotenv["SD_KAFKA__BOOTSTRAP_SERVERS"]
 
 
 # --------------------------------------------------------------------------- Dockerfile
@@ -546,6 +630,20 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     return out
 
 
+def dockerfile_env() -> dict[str, str]:
+    """KEY=VALUE pairs of the final stage's ENV instructions."""
+    instr = dockerfile_instructions()
+    final = instr[max(i for i, (w, _) in enumerate(instr) if w == "FROM"):]
+    env: dict[str, str] = {}
+    for word, args in final:
+        if word == "ENV":
+            for item in shlex.split(args):
+                key, sep, value = item.partition("=")
+                assert sep, f"ENV {args!r}: use KEY=VALUE"
+                env[key] = value
+    return env
+
+
 def test_dockerfile():
     instr = dockerfile_instructions()
     stages = [i for i, (w, _) in enumerate(instr) if w == "FROM"]
@@ -565,8 +663,7 @@ def test_dockerfile():
     assert "stream-detector check --http" in health and "/healthz" in health
     exposed = [a for w, a in final if w == "EXPOSE"]
     assert exposed == [_default("SD_SERVICE__HTTP_PORT")]
-    env = " ".join(a for w, a in final if w == "ENV")
-    assert "SD_ARTIFACT_DIR=/app/artifacts/model" in env
+    assert dockerfile_env()["SD_ARTIFACT_DIR"] == "/app/artifacts/model"
 
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     (torch_pin,) = [d for d in pyproject["project"]["dependencies"] if d.startswith("torch")]
