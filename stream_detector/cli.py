@@ -1,6 +1,7 @@
 """Command line: thin wrappers that parse arguments, build settings and call one function.
 
-``stream-detector train | evaluate | serve | replay | dev-broker | check | datasets | config``.
+``stream-detector train | evaluate | serve | replay | demo | dev-broker | check | datasets |
+config | bench``.
 Exit codes: 0 ok, 1 check failed / thresholds not met, 2 bad input, config or artifact.
 """
 
@@ -110,6 +111,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0 if report.parity_ok else 1
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from stream_detector.demo import DemoOptions, run_demo
+
+    return run_demo(DemoOptions(
+        dataset=args.dataset, data_dir=args.data_dir, entities=_entities(args.entities),
+        artifact_dir=args.artifact, out_dir=args.out, retrain=args.retrain, epochs=args.epochs,
+    ))
+
+
 def cmd_dev_broker(args: argparse.Namespace) -> int:
     from stream_detector.devbroker import run_dev_broker
 
@@ -212,6 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("replay", help="backtest: dataset -> Kafka -> consumer -> metrics")
     _add_replay_args(r)
+
+    dm = sub.add_parser("demo", help="broker + train + evaluate + serve + replay, end to end")
+    _add_data_args(dm)
+    dm.add_argument("--artifact", type=Path, default=None,
+                    help="artifact dir (default artifacts/<dataset>)")
+    dm.add_argument("--out", type=Path, default=Path("reports/demo"))
+    dm.add_argument("--retrain", action="store_true", help="train even if the artifact exists")
+    dm.add_argument("--epochs", type=int, default=None, help="override training epochs")
+    dm.set_defaults(func=cmd_demo)
 
     d = sub.add_parser("dev-broker", help="run the embedded Tansu broker on loopback")
     d.add_argument("--port", type=int, default=None)

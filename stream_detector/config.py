@@ -10,11 +10,12 @@ logs and reprs and are only unwrapped when the librdkafka dict is built.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from stream_detector.errors import ConfigError
 
@@ -211,6 +212,17 @@ def load_settings(**overrides: Any) -> Settings:
             env = "SD_" + "__".join(str(p) for p in err["loc"]).upper()
             problems.append(f"  {loc} (env {env}): {err['msg']}")
         raise ConfigError("invalid settings:\n" + "\n".join(problems)) from None
+    except SettingsError as exc:
+        # raised before validation when a value that must be JSON (an object such as
+        # SD_KAFKA__EXTRA, or a whole group such as SD_KAFKA) does not parse
+        found = re.search(r'field "([^"]+)"', str(exc))
+        name = found.group(1) if found else "?"
+        env = "SD_" + name.upper()
+        raise ConfigError(
+            f"invalid settings:\n  {name} (env {env} or {env}__*): value is not valid JSON "
+            f"({exc.__cause__ or exc}); objects are JSON, e.g. "
+            "SD_KAFKA__EXTRA='{\"fetch.max.bytes\": 52428800}'"
+        ) from None
 
 
 def settings_reference() -> list[tuple[str, str, str, str]]:

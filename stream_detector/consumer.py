@@ -79,7 +79,10 @@ class OffsetTracker:
         self._pending.setdefault(tp, {})[offset] = 1
 
     def hold(self, tp: TP, offset: int) -> None:
-        self._pending[tp][offset] += 1
+        pend = self._pending.get(tp)
+        if pend is None or offset not in pend:
+            return  # partition was revoked or lost meanwhile (like release)
+        pend[offset] += 1
 
     def release(self, tp: TP, offset: int) -> None:
         pend = self._pending.get(tp)

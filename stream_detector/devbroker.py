@@ -7,7 +7,8 @@ demo, ``replay`` (without ``--bootstrap-servers``) and the integration tests run
 production deployment uses Apache Kafka (see docker-compose.yml and deploy/).
 
 Known differences from Apache Kafka that matter here: no persistence (a restart loses every
-topic), topics are not auto-created reliably (create them with :meth:`EmbeddedBroker.create_topics`),
+topic), topics are not auto-created reliably (create them with
+:meth:`EmbeddedBroker.create_topics`),
 and aborted transactions are visible to ``read_committed`` consumers (we do not use transactions).
 """
 

@@ -34,7 +34,8 @@ class ScoredWindows:
 
 
 class ScoreFunction:
-    """``score = w_rec * mean_f(rec_err_f / rec_scale_f) + w_fc * mean_f(fc_err_f / fc_scale_f)``."""
+    """``score = w_rec * mean_f(rec_err_f / rec_scale_f)``
+    ``+ w_fc * mean_f(fc_err_f / fc_scale_f)``."""
 
     def __init__(self, spec: ScoreSpec) -> None:
         self.spec = spec

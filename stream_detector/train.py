@@ -39,6 +39,7 @@ class TrainConfig:
     hidden: int = 64
     encoder: str = "lstm"
     layers: int = 1
+    latent: int = 0  # reconstruction bottleneck; 0 = max(2, min(16, features // 2))
     epochs: int = 12
     batch_size: int = 256
     lr: float = 2e-3
@@ -151,7 +152,8 @@ def train(
     fit = _make_split(list(fit_parts), names, mean, std, cfg.clip, cfg.window)
     val = _make_split(list(val_parts), names, mean, std, cfg.clip, cfg.window)
 
-    model = HybridModel(len(features), cfg.window, cfg.hidden, cfg.encoder, cfg.layers)
+    model = HybridModel(len(features), cfg.window, cfg.hidden, cfg.encoder, cfg.layers,
+                        cfg.latent)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=1)
     val_idx = np.arange(len(val.starts))
@@ -170,8 +172,7 @@ def train(
         )
         for step in bar:
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            rec, fc = model(_gather(fit, idx, cfg.window))
-            loss = rec.mean() + cfg.lambda_fc * fc.mean()
+            loss = model.training_loss(_gather(fit, idx, cfg.window), cfg.lambda_fc)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -181,12 +182,12 @@ def train(
                 bar.set_postfix(loss=f"{total / (step + 1):.4f}")
         model.eval()
         with torch.inference_mode():
-            vr, vf = [], []
+            parts = []
             for i in range(0, len(val_idx), 4096):
-                r, f = model(_gather(val, val_idx[i : i + 4096], cfg.window))
-                vr.append(float(r.mean()) * len(r))
-                vf.append(float(f.mean()) * len(f))
-        val_loss = (sum(vr) + cfg.lambda_fc * sum(vf)) / len(val_idx)
+                chunk = val_idx[i : i + 4096]
+                loss_v = model.training_loss(_gather(val, chunk, cfg.window), cfg.lambda_fc)
+                parts.append(float(loss_v) * len(chunk))
+        val_loss = sum(parts) / len(val_idx)
         sched.step(val_loss)
         history.append({"epoch": epoch + 1, "train_loss": total / steps, "val_loss": val_loss})
         log.info("epoch", epoch=epoch + 1, train_loss=round(total / steps, 5),
@@ -235,7 +236,8 @@ def train(
         dataset=dataset,
         features=features,
         window=cfg.window,
-        network={"encoder": cfg.encoder, "hidden": cfg.hidden, "layers": cfg.layers},
+        network={"encoder": cfg.encoder, "hidden": cfg.hidden, "layers": cfg.layers,
+                 "latent": model.latent},
         scaler_mean=tuple(mean.tolist()),
         scaler_std=tuple(std.tolist()),
         clip=cfg.clip,

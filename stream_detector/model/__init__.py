@@ -1,1 +1,2 @@
-"""The only package that imports torch: network (train/export), artifact (write), runtime (serve)."""
+"""The only package that imports torch: network (train/export), artifact (write), runtime
+(serve)."""

@@ -1,19 +1,24 @@
 """The hybrid network: a shared encoder, a reconstruction decoder and a forecasting decoder.
 
 Input is a window ``x`` of shape ``(B, W, F)`` (batch, window length, features), already scaled.
-The encoder reads the *context* ``x[:, :W-1]`` and summarises it into ``h`` of shape ``(B, H)``:
+The encoder is causal and returns a state per step, ``(B, W, H)``; one encoder is shared by:
 
-* the reconstruction decoder rebuilds the whole context ``(B, W-1, F)`` from ``h``;
-* the forecasting decoder predicts the next step ``x[:, W-1]`` (as a residual on the last
-  context step), which the encoder never saw.
+* the **reconstruction decoder**: squeezes the state after the *newest* reading through a narrow
+  bottleneck (``latent`` < F) and rebuilds the whole window ``(B, W, F)``. A reading that breaks
+  the learned normal structure (a correlation break, a stuck sensor, a level shift) cannot be
+  rebuilt through the bottleneck;
+* the **forecasting decoder**: from the state after the context ``x[:, :W-1]`` it predicts the
+  newest reading ``x[:, W-1]`` (a residual on the last context step), which it has not seen.
 
-``forward`` returns per-feature squared errors, ``(rec_err, fc_err)``, each ``(B, F)``:
-``rec_err`` is the squared reconstruction error averaged over the context steps and ``fc_err``
-the squared forecast error of the newest reading. The training loss is
-``rec_err.mean() + lambda * fc_err.mean()``. Returning errors rather than outputs keeps the
-serving contract tiny: the consumer hands a window in and gets the two error terms back.
+``forward`` returns per-feature squared errors ``(rec_err, fc_err)``, each ``(B, F)``: the
+reconstruction error of the newest reading and its forecast error. Both refer to the newest
+reading, so a window's score is about the reading that completed it. Training minimises
+``MSE(rebuilt window) + lambda * MSE(forecast)`` (:meth:`HybridModel.training_loss`). Returning
+errors rather than outputs keeps the serving contract tiny: a window in, two error terms out.
 
-Encoders are chosen by name from :data:`ENCODERS`; each maps ``(B, T, F) -> (B, H)``.
+Encoders are chosen by name from :data:`ENCODERS`; each maps ``(B, T, F) -> (B, T, H)`` causally
+(the output at step ``t`` depends on steps ``<= t`` only), so a Transformer encoder with a causal
+mask fits behind the same interface.
 """
 
 from __future__ import annotations
@@ -23,31 +28,31 @@ from torch import nn
 
 
 class LSTMEncoder(nn.Module):
-    """LSTM over the context; the summary is the last layer's final hidden state."""
+    """LSTM over the window; returns the last layer's output at every step."""
 
     def __init__(self, n_features: int, hidden: int, layers: int = 1) -> None:
         super().__init__()
         self.rnn = nn.LSTM(n_features, hidden, num_layers=layers, batch_first=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, (h, _) = self.rnn(x)
-        return h[-1]
+        out, _ = self.rnn(x)
+        return out
 
 
 class GRUEncoder(nn.Module):
-    """GRU over the context; cheaper than the LSTM at the same hidden size."""
+    """GRU over the window; cheaper than the LSTM at the same hidden size."""
 
     def __init__(self, n_features: int, hidden: int, layers: int = 1) -> None:
         super().__init__()
         self.rnn = nn.GRU(n_features, hidden, num_layers=layers, batch_first=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, h = self.rnn(x)
-        return h[-1]
+        out, _ = self.rnn(x)
+        return out
 
 
 class TCNEncoder(nn.Module):
-    """Causal dilated 1-D convolutions (kernel 3, dilations 1, 2, 4, ...), last time step."""
+    """Causal dilated 1-D convolutions (kernel 3, dilations 1, 2, 4, ...)."""
 
     def __init__(self, n_features: int, hidden: int, layers: int = 3) -> None:
         super().__init__()
@@ -67,8 +72,8 @@ class TCNEncoder(nn.Module):
         i = 0
         for conv in self.convs:
             y = torch.relu(conv(nn.functional.pad(y, (self.pads[i], 0))))
-            i += 1
-        return y[:, :, -1]
+            i += 1  # noqa: SIM113 - TorchScript-friendly indexing
+        return y.transpose(1, 2)
 
 
 ENCODERS: dict[str, type[nn.Module]] = {
@@ -88,6 +93,7 @@ class HybridModel(nn.Module):
         hidden: int = 64,
         encoder: str = "lstm",
         layers: int = 1,
+        latent: int = 0,
     ) -> None:
         super().__init__()
         if window < 3:
@@ -97,19 +103,40 @@ class HybridModel(nn.Module):
         self.n_features = n_features
         self.window = window
         self.context = window - 1
+        self.latent = latent if latent > 0 else default_latent(n_features)
         self.encoder = ENCODERS[encoder](n_features, hidden, layers)
+        self.bottleneck = nn.Linear(hidden, self.latent)
         self.reconstruct = nn.Sequential(
-            nn.Linear(hidden, hidden * 2), nn.ReLU(), nn.Linear(hidden * 2, self.context * n_features)
+            nn.Linear(self.latent, hidden * 2),
+            nn.ReLU(),
+            nn.Linear(hidden * 2, window * n_features),
         )
         self.forecast = nn.Sequential(
             nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, n_features)
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx = x[:, : self.context, :]
-        h = self.encoder(ctx)
-        rec = self.reconstruct(h).view(-1, self.context, self.n_features)
-        fc = ctx[:, -1, :] + self.forecast(h)
-        rec_err = (rec - ctx).pow(2).mean(dim=1)
+        out = self.encoder(x)  # (B, W, H), causal: step t has seen x[:, :t+1]
+        rec = self.reconstruct(self.bottleneck(out[:, -1, :])).view(-1, self.window,
+                                                                   self.n_features)
+        fc = x[:, self.context - 1, :] + self.forecast(out[:, self.context - 1, :])
+        rec_sq = (rec - x).pow(2)
+        # score term: the newest reading's reconstruction error (timely), while training fits
+        # the whole window (see training_loss)
+        rec_err = rec_sq[:, -1, :]
         fc_err = (fc - x[:, self.context, :]).pow(2)
         return rec_err, fc_err
+
+    @torch.jit.export
+    def training_loss(self, x: torch.Tensor, lambda_fc: float) -> torch.Tensor:
+        out = self.encoder(x)
+        rec = self.reconstruct(self.bottleneck(out[:, -1, :])).view(-1, self.window,
+                                                                   self.n_features)
+        fc = x[:, self.context - 1, :] + self.forecast(out[:, self.context - 1, :])
+        return (rec - x).pow(2).mean() + lambda_fc * (fc - x[:, self.context, :]).pow(2).mean()
+
+
+def default_latent(n_features: int) -> int:
+    """Bottleneck width when not given: narrower than the reading, so the newest reading cannot
+    be copied through and has to be explained by the learned normal structure."""
+    return max(2, min(16, n_features // 2))
