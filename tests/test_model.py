@@ -1,0 +1,393 @@
+"""The hybrid network, the trainer and the artifact contract (TorchScript + manifest).
+
+Everything here is CPU-only and tiny: 4 features, windows of 8, hidden size 16, a few hundred
+windows per epoch. One artifact is trained per module (``artifact`` fixture) and shared; tests
+that damage it work on a copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+import torch
+
+from stream_detector.datasets.base import Entity
+from stream_detector.datasets.synthetic import generate
+from stream_detector.errors import ArtifactError, StreamDetectorError
+from stream_detector.manifest import MANIFEST_FILE, MODEL_FILE, SCHEMA_VERSION, read_manifest
+from stream_detector.model.network import ENCODERS, HybridModel, default_latent
+from stream_detector.model.runtime import TorchScorer
+from stream_detector.offline import batch_score
+from stream_detector.train import TrainConfig, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+CFG = TrainConfig(
+    window=8, hidden=16, epochs=3, batch_size=64, max_windows_per_epoch=600, patience=5,
+    smoothing=2, seed=0, threads=1, progress=False,
+)
+
+
+def _entities() -> list[Entity]:
+    return generate(n_sensors=2, n_features=4, train_rows=600, test_rows=300, seed=0)
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("artifact")
+    entities = _entities()
+    manifest = train(entities, CFG, out, dataset="synthetic")
+    return out, manifest, entities
+
+
+def _copy(artifact_dir: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(artifact_dir, dst)
+    return dst
+
+
+def _edit_manifest(root: Path, **changes) -> None:
+    path = root / MANIFEST_FILE
+    raw = orjson.loads(path.read_bytes())
+    raw.update(changes)
+    path.write_bytes(orjson.dumps(raw))
+
+
+# ----------------------------------------------------------------------------- network
+
+
+@pytest.mark.parametrize("encoder", sorted(ENCODERS))
+@pytest.mark.parametrize(("batch", "window", "features"), [(3, 8, 4), (1, 5, 7)])
+def test_forward_shapes_and_non_negative_errors(encoder, batch, window, features) -> None:
+    torch.manual_seed(0)
+    model = HybridModel(features, window, hidden=8, encoder=encoder).eval()
+    x = torch.randn(batch, window, features)
+    with torch.no_grad():
+        rec, fc = model(x)
+        out = model.encoder(x)
+    assert rec.shape == (batch, features)
+    assert fc.shape == (batch, features)
+    assert out.shape == (batch, window, 8)  # encoder keeps one state per step
+    for err in (rec, fc):
+        assert torch.isfinite(err).all()
+        assert (err >= 0).all()
+    assert model.latent == default_latent(features) < max(features, 3)
+
+
+@pytest.mark.parametrize("encoder", sorted(ENCODERS))
+def test_forecast_path_is_causal(encoder) -> None:
+    """The forecast of the newest reading must not have seen it."""
+    torch.manual_seed(1)
+    model = HybridModel(4, 8, hidden=8, encoder=encoder).eval()
+    x1 = torch.randn(5, 8, 4)
+    x2 = x1.clone()
+    x2[:, -1, :] += 3.0 * torch.randn(5, 4)  # differ only in the newest reading
+    ctx = model.context
+    assert ctx == 7
+    with torch.no_grad():
+        out1, out2 = model.encoder(x1), model.encoder(x2)
+        # every state up to the last context step is blind to the newest reading
+        torch.testing.assert_close(out1[:, :ctx], out2[:, :ctx], rtol=0, atol=0)
+        pred1 = x1[:, ctx - 1] + model.forecast(out1[:, ctx - 1])
+        pred2 = x2[:, ctx - 1] + model.forecast(out2[:, ctx - 1])
+        torch.testing.assert_close(pred1, pred2, rtol=0, atol=0)
+        rec1, fc1 = model(x1)
+        rec2, fc2 = model(x2)
+    # forward's forecast error is exactly (prediction - newest reading)^2 ...
+    torch.testing.assert_close(fc1, (pred1 - x1[:, -1]).pow(2))
+    torch.testing.assert_close(fc2, (pred2 - x2[:, -1]).pow(2))
+    # ... so it changes only through the target, and the reconstruction does see the reading
+    assert not torch.allclose(fc1, fc2)
+    assert not torch.allclose(rec1, rec2)
+
+
+@pytest.mark.parametrize("encoder", sorted(ENCODERS))
+def test_scripted_model_matches_eager_and_training_loss_matches_forward(encoder) -> None:
+    torch.manual_seed(2)
+    model = HybridModel(3, 6, hidden=8, encoder=encoder).eval()
+    scripted = torch.jit.script(model)
+    x = torch.randn(4, 6, 3)
+    with torch.no_grad():
+        rec, fc = model(x)
+        rec_s, fc_s = scripted(x)
+        torch.testing.assert_close(rec_s, rec)
+        torch.testing.assert_close(fc_s, fc)
+        # lambda weighs exactly the forecast MSE of forward()
+        diff = model.training_loss(x, 1.0) - model.training_loss(x, 0.0)
+        torch.testing.assert_close(diff, fc.mean())
+        torch.testing.assert_close(scripted.training_loss(x, 0.5), model.training_loss(x, 0.5))
+
+
+def test_network_refuses_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="window"):
+        HybridModel(4, 2)
+    with pytest.raises(ValueError, match="unknown encoder 'transformer'"):
+        HybridModel(4, 8, encoder="transformer")
+    assert HybridModel(4, 8, latent=3).latent == 3
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_validation_loss_falls(artifact) -> None:
+    _, manifest, _ = artifact
+    history = manifest.training["history"]
+    assert len(history) == CFG.epochs
+    assert history[-1]["val_loss"] < history[0]["val_loss"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert manifest.training["best_val_loss"] == min(h["val_loss"] for h in history)
+
+
+def test_manifest_describes_the_training(artifact) -> None:
+    root, manifest, entities = artifact
+    assert manifest.schema_version == SCHEMA_VERSION
+    assert manifest.features == entities[0].features
+    assert manifest.window == CFG.window
+    assert manifest.network["encoder"] == "lstm"
+    assert manifest.network["latent"] == default_latent(4)
+    assert manifest.model_version.startswith("synthetic-")
+    assert set(manifest.thresholds.per_sensor) == {e.name for e in entities}
+    assert manifest.thresholds.default > 0
+    assert manifest.training["entities"] == [e.name for e in entities]
+    assert "progress" not in manifest.training["config"]
+    assert {"torch", "numpy", "stream_detector"} <= set(manifest.versions)
+    assert read_manifest(root) == manifest
+    assert not list(root.glob("*.tmp"))
+
+
+def test_trainer_refuses_mixed_feature_sets_and_short_entities(tmp_path) -> None:
+    from stream_detector.errors import DatasetError
+
+    a = _entities()[0]
+    b = dataclasses.replace(a, name="other", features=("x", "y", "z", "w"))
+    with pytest.raises(DatasetError, match="one model needs one feature set"):
+        train([a, b], CFG, tmp_path / "a")
+    short = dataclasses.replace(a, train=a.train[:20])
+    with pytest.raises(DatasetError, match="too few"):
+        train([short], CFG, tmp_path / "b")
+    with pytest.raises(DatasetError, match="no entities"):
+        train([], CFG, tmp_path / "c")
+    assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
+
+
+def test_thresholds_ignore_test_labels_and_same_seed_is_deterministic(artifact, tmp_path) -> None:
+    """Retrain with every test label flipped and the test values moved: the trainer never
+    looks at the test part, so thresholds (and the whole model) come out identical."""
+    root, manifest, entities = artifact
+    changed = [
+        dataclasses.replace(e, labels=(1 - e.labels).astype(np.int8), test=e.test + 100.0)
+        for e in entities
+    ]
+    again = train(changed, CFG, tmp_path / "again", dataset="synthetic")
+    assert again.thresholds == manifest.thresholds
+    assert again.score == manifest.score
+    assert again.scaler_mean == manifest.scaler_mean
+    # same seed and data -> bit-identical TorchScript file -> same model_version
+    assert again.sha256 == manifest.sha256
+    assert again.model_version == manifest.model_version
+    s1 = TorchScorer.load(root)
+    s2 = TorchScorer.load(tmp_path / "again")
+    for e in entities:
+        a, b = batch_score(s1, s1.manifest, e), batch_score(s2, s2.manifest, e)
+        np.testing.assert_array_equal(a.score, b.score)
+        np.testing.assert_array_equal(a.contributions, b.contributions)
+
+
+def test_other_seed_gives_other_model_version(artifact, tmp_path) -> None:
+    _, manifest, entities = artifact
+    other = train(entities, dataclasses.replace(CFG, seed=1, epochs=1), tmp_path / "o",
+                  dataset="synthetic")
+    assert other.model_version != manifest.model_version
+
+
+# ----------------------------------------------------------------------------- serving
+
+_SUBPROCESS = r"""
+import json, sys
+import numpy as np
+from stream_detector.datasets.base import Entity
+from stream_detector.model.runtime import TorchScorer
+from stream_detector.offline import batch_score
+
+art, npz, name = sys.argv[1], sys.argv[2], sys.argv[3]
+scorer = TorchScorer.load(art, expect_features=tuple(sys.argv[4].split(",")),
+                          expect_window=int(sys.argv[5]), threads=1)
+d = np.load(npz)
+e = Entity(name, d["train"], d["test"], d["labels"], scorer.manifest.features)
+s = batch_score(scorer, scorer.manifest, e)
+assert "stream_detector.train" not in sys.modules, "training code was imported"
+assert "stream_detector.model.network" not in sys.modules, "network module was imported"
+print(json.dumps({
+    "model_version": scorer.manifest.model_version,
+    "threshold": s.threshold,
+    "score": s.score.tolist(),
+    "reconstruction": s.reconstruction.tolist(),
+    "forecast": s.forecast.tolist(),
+    "contributions": s.contributions.tolist(),
+}))
+"""
+
+
+def test_artifact_round_trip_in_a_fresh_process(artifact, tmp_path) -> None:
+    root, manifest, entities = artifact
+    entity = entities[1]
+    local = batch_score(TorchScorer.load(root), manifest, entity)
+    assert local.score.shape == (len(entity.test),)
+    assert local.contributions.shape == (len(entity.test), manifest.n_features)
+    npz = tmp_path / "entity.npz"
+    np.savez(npz, train=entity.train, test=entity.test, labels=entity.labels)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _SUBPROCESS, str(root), str(npz), entity.name,
+         ",".join(manifest.features), str(manifest.window)],
+        capture_output=True, text=True, timeout=120, cwd=REPO, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    remote = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert remote["model_version"] == manifest.model_version
+    assert remote["threshold"] == manifest.thresholds.for_sensor(entity.name)
+    for key in ("score", "reconstruction", "forecast", "contributions"):
+        np.testing.assert_allclose(np.asarray(remote[key]), getattr(local, key), atol=1e-6,
+                                   rtol=0, err_msg=key)
+
+
+def test_scorer_scales_and_clips_like_training(artifact) -> None:
+    root, manifest, _ = artifact
+    scorer = TorchScorer.load(root)
+    mean = np.asarray(manifest.scaler_mean, np.float32)
+    std = np.asarray(manifest.scaler_std, np.float32)
+    w = np.tile(mean, (2, manifest.window, 1))
+    w[1, -1, 0] = mean[0] + 1e6 * std[0]  # far beyond the clip
+    x = scorer.scale(w)
+    assert x.dtype == np.float32
+    np.testing.assert_allclose(x[0], 0.0, atol=1e-6)
+    assert x[1, -1, 0] == pytest.approx(manifest.clip)
+    rec, fc = scorer.errors(w)
+    assert rec.dtype == fc.dtype == np.float64
+    assert rec.shape == fc.shape == (2, manifest.n_features)
+    r0, f0 = scorer.errors_batched(np.zeros((0, manifest.window, manifest.n_features)))
+    assert r0.shape == f0.shape == (0, manifest.n_features)
+    # chunking changes nothing beyond float32 rounding (kernels depend on the batch size)
+    rb, fb = scorer.errors_batched(np.concatenate([w] * 3), batch=4)
+    assert rb.shape == fb.shape == (6, manifest.n_features)
+    np.testing.assert_allclose(rb, np.concatenate([rec] * 3), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(fb, np.concatenate([fc] * 3), rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def test_tampered_model_file_is_refused(artifact, tmp_path) -> None:
+    root = _copy(artifact[0], tmp_path)
+    model = root / MODEL_FILE
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="checksum mismatch") as info:
+        TorchScorer.load(root)
+    assert "tampered" in str(info.value)
+
+
+def test_changed_schema_version_is_refused(artifact, tmp_path) -> None:
+    root = _copy(artifact[0], tmp_path)
+    _edit_manifest(root, schema_version=SCHEMA_VERSION + 1)
+    with pytest.raises(ArtifactError, match=r"schema_version 2; this build reads 1"):
+        TorchScorer.load(root)
+    _edit_manifest(root, schema_version=None)
+    with pytest.raises(ArtifactError, match="schema_version None"):
+        read_manifest(root)
+
+
+def test_feature_mismatch_says_which_features_differ(artifact) -> None:
+    root, manifest, _ = artifact
+    feats = list(manifest.features)
+    wrong = (*feats[:-1], "humidity_typo")
+    with pytest.raises(ArtifactError, match="feature mismatch") as info:
+        TorchScorer.load(root, expect_features=wrong)
+    msg = str(info.value)
+    assert "'humidity_typo'" in msg and f"'{feats[-1]}'" in msg
+    with pytest.raises(ArtifactError, match="same names in another order"):
+        TorchScorer.load(root, expect_features=tuple(reversed(feats)))
+    with pytest.raises(ArtifactError, match="expected 3 features, artifact has 4"):
+        TorchScorer.load(root, expect_features=tuple(feats[:3]))
+    assert TorchScorer.load(root, expect_features=tuple(feats)).manifest == manifest
+
+
+def test_window_mismatch_is_refused(artifact) -> None:
+    root, manifest, _ = artifact
+    with pytest.raises(ArtifactError, match=r"window mismatch: expected 16, artifact has 8"):
+        TorchScorer.load(root, expect_window=16)
+    assert TorchScorer.load(root, expect_window=manifest.window).manifest.window == 8
+
+
+def test_missing_files_are_refused_clearly(artifact, tmp_path) -> None:
+    with pytest.raises(ArtifactError, match="does not exist"):
+        TorchScorer.load(tmp_path / "nowhere")
+    root = _copy(artifact[0], tmp_path)
+    (root / MODEL_FILE).unlink()
+    with pytest.raises(ArtifactError, match="has no model.pt"):
+        TorchScorer.load(root)
+    (root / MANIFEST_FILE).unlink()
+    with pytest.raises(ArtifactError, match="has no manifest.json"):
+        TorchScorer.load(root)
+
+
+def test_corrupted_manifest_is_refused_clearly(artifact, tmp_path) -> None:
+    root = _copy(artifact[0], tmp_path)
+    path = root / MANIFEST_FILE
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ArtifactError, match="is not valid JSON"):
+        TorchScorer.load(root)
+    path.write_bytes(b"[1, 2]")
+    with pytest.raises(ArtifactError, match="must hold a JSON object"):
+        TorchScorer.load(root)
+    raw = orjson.loads(good)
+    del raw["scaler_std"]
+    path.write_bytes(orjson.dumps(raw))
+    with pytest.raises(ArtifactError, match="malformed.*scaler_std"):
+        TorchScorer.load(root)
+    raw = orjson.loads(good)
+    raw["score"]["fc_scale"] = raw["score"]["fc_scale"][:2]
+    path.write_bytes(orjson.dumps(raw))
+    with pytest.raises(ArtifactError, match="score.fc_scale has 2 values but there are 4"):
+        TorchScorer.load(root)
+
+
+def test_checksum_valid_but_unloadable_or_mismatched_model_is_refused(artifact, tmp_path):
+    from stream_detector.manifest import sha256_file
+
+    root = _copy(artifact[0], tmp_path)
+    model = root / MODEL_FILE
+    good_model = model.read_bytes()
+    # a "model" whose checksum was updated too: loading fails with a short, clear message
+    model.write_bytes(b"not a torchscript archive")
+    _edit_manifest(root, sha256=sha256_file(model))
+    with pytest.raises(ArtifactError, match="cannot load TorchScript model"):
+        TorchScorer.load(root)
+    # a consistent manifest that declares fewer features than the model takes
+    model.write_bytes(good_model)
+    raw = orjson.loads((root / MANIFEST_FILE).read_bytes())
+    n = 3
+    raw.update(
+        sha256=sha256_file(model), features=raw["features"][:n],
+        scaler_mean=raw["scaler_mean"][:n], scaler_std=raw["scaler_std"][:n],
+    )
+    raw["score"].update(rec_scale=raw["score"]["rec_scale"][:n],
+                        fc_scale=raw["score"]["fc_scale"][:n])
+    (root / MANIFEST_FILE).write_bytes(orjson.dumps(raw))
+    with pytest.raises(ArtifactError, match=r"does not accept windows of shape \(B, 8, 3\)"):
+        TorchScorer.load(root)
+
+
+def test_artifact_errors_are_package_errors() -> None:
+    assert issubclass(ArtifactError, StreamDetectorError)

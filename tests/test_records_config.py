@@ -1,0 +1,409 @@
+"""Message schemas on the wire (readings, alerts, score and dead-letter records) and settings."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+import structlog
+from pydantic import SecretStr
+
+from stream_detector.config import KafkaSettings, Settings, load_settings
+from stream_detector.errors import ConfigError
+from stream_detector.records import (
+    REASONS,
+    SCHEMA_VERSION,
+    Alert,
+    BadRecord,
+    ReadingDecoder,
+    ScoreRecord,
+    alert_id,
+    dead_letter,
+    encode_reading,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+FEATURES = ("temperature", "pressure", "vibration")
+
+
+@pytest.fixture
+def decoder() -> ReadingDecoder:
+    return ReadingDecoder(FEATURES, max_bytes=512)
+
+
+def _msg(**fields) -> bytes:
+    base = {"schema_version": 1, "sensor": "m-1", "ts": 1_700_000_000_000,
+            "values": [1.0, 2.0, 3.0]}
+    base.update(fields)
+    return orjson.dumps({k: v for k, v in base.items() if v is not _DROP})
+
+
+_DROP = object()
+
+
+# ----------------------------------------------------------------------------- readings
+
+
+def test_decodes_list_values_in_manifest_order(decoder) -> None:
+    r = decoder.decode(_msg(values=[1, 2.5, -3e5]), ref=("t", 0, 7))
+    assert r.sensor == "m-1"
+    assert r.ts_ms == 1_700_000_000_000
+    assert r.values.dtype == np.float32
+    np.testing.assert_array_equal(r.values, np.array([1, 2.5, -3e5], np.float32))
+    assert r.ref == ("t", 0, 7)
+
+
+def test_object_values_in_any_order_give_manifest_order(decoder) -> None:
+    raw = (b'{"sensor":"m-1","ts":5,"values":'
+           b'{"vibration":3,"temperature":1,"pressure":2}}')  # schema_version defaults to 1
+    r = decoder.decode(raw)
+    np.testing.assert_array_equal(r.values, [1.0, 2.0, 3.0])
+    assert r.ts_ms == 5
+
+
+def test_encode_reading_round_trip(decoder) -> None:
+    values = np.array([0.1, -2.0, 3.5e10], np.float32)
+    raw = encode_reading("pump-7", 42, values)
+    obj = orjson.loads(raw)
+    assert obj == {"schema_version": SCHEMA_VERSION, "sensor": "pump-7", "ts": 42,
+                   "values": values.tolist()}
+    r = decoder.decode(raw)
+    assert (r.sensor, r.ts_ms) == ("pump-7", 42)
+    np.testing.assert_array_equal(r.values, values)  # float32 survives the JSON round trip
+    assert decoder.decode(encode_reading("s", np.int64(3), [1, 2, 3])).ts_ms == 3
+
+
+# Each REASON the decoder can produce, with a crafted payload. late_or_duplicate and
+# internal_error come from the window store / the consumer, not from the decoder.
+BAD = [
+    ("oversized", _msg(sensor="x" * 600)),
+    ("malformed_json", b'{"sensor": "m-1", "ts": 1, "values": [1,2,3]'),
+    ("malformed_json", b"\xff\xfe not utf-8"),
+    ("malformed_json", b""),
+    ("malformed_json", None),  # tombstone
+    # orjson rejects the non-standard NaN / Infinity tokens and numbers that overflow double,
+    # so such readings are malformed_json rather than non_finite
+    ("malformed_json", b'{"sensor":"m-1","ts":1,"values":[NaN,1,2]}'),
+    ("malformed_json", b'{"sensor":"m-1","ts":1,"values":[Infinity,1,2]}'),
+    ("malformed_json", b'{"sensor":"m-1","ts":1,"values":[1e400,1,2]}'),
+    ("not_an_object", b"[1, 2, 3]"),
+    ("not_an_object", b'"a string"'),
+    ("not_an_object", b"null"),
+    ("unknown_schema_version", _msg(schema_version=2)),
+    ("unknown_schema_version", _msg(schema_version="1")),
+    ("missing_field", _msg(sensor=_DROP)),
+    ("missing_field", _msg(ts=_DROP)),
+    ("missing_field", _msg(values=_DROP)),
+    ("bad_sensor", _msg(sensor="")),
+    ("bad_sensor", _msg(sensor=17)),
+    ("bad_sensor", _msg(sensor=None)),
+    ("bad_sensor", _msg(sensor="s" * 257)),
+    ("bad_timestamp", _msg(ts=-1)),
+    ("bad_timestamp", _msg(ts=1.5)),
+    ("bad_timestamp", _msg(ts="1700000000000")),
+    ("bad_timestamp", _msg(ts=True)),
+    ("bad_timestamp", _msg(ts=None)),
+    ("wrong_value_count", _msg(values=[1.0, 2.0])),
+    ("wrong_value_count", _msg(values=[1.0, 2.0, 3.0, 4.0])),
+    ("wrong_value_count", _msg(values=[])),
+    ("wrong_value_count", _msg(values={"temperature": 1, "pressure": 2})),
+    ("unknown_feature", _msg(values={"temperature": 1, "pressure": 2, "vibraton": 3})),
+    ("non_numeric", _msg(values=[1.0, "2.0", 3.0])),
+    ("non_numeric", _msg(values=[1.0, True, 3.0])),
+    ("non_numeric", _msg(values=[1.0, None, 3.0])),
+    ("non_numeric", _msg(values=[1.0, [2.0], 3.0])),
+    ("non_numeric", _msg(values={"temperature": 1, "pressure": False, "vibration": 3})),
+    ("non_numeric", _msg(values="1,2,3")),
+    ("non_numeric", _msg(values=3.0)),
+    ("non_finite", _msg(values=[1.0, 1e39, 3.0])),  # finite double, overflows float32
+    ("non_finite", _msg(values=[1.0, -1e39, 3.0])),
+    # a big JSON integer: orjson turns it into a double, 1e40 overflows float32
+    ("non_finite", b'{"sensor":"m-1","ts":1,"values":[1,2,1' + b"0" * 40 + b"]}"),
+]
+
+
+@pytest.mark.parametrize(("reason", "raw"), BAD, ids=[f"{r}-{i}" for i, (r, _) in enumerate(BAD)])
+def test_bad_readings_raise_bad_record_with_reason(decoder, reason, raw) -> None:
+    assert reason in REASONS
+    with pytest.raises(BadRecord) as info:
+        decoder.decode(raw)
+    assert info.value.reason == reason, info.value.detail
+    assert str(info.value).startswith(f"{reason}: ")
+    assert info.value.detail
+
+
+def test_every_decoder_reason_is_covered() -> None:
+    covered = {r for r, _ in BAD}
+    assert covered == set(REASONS) - {"late_or_duplicate", "internal_error"}
+
+
+def test_limits_are_inclusive(decoder) -> None:
+    f32_max = float(np.finfo(np.float32).max)
+    r = decoder.decode(_msg(values=[f32_max, -f32_max, 0], sensor="s" * 256))
+    assert np.isfinite(r.values).all()
+    raw = _msg(values=[1, 2, 3])
+    assert decoder.decode(raw + b" " * (512 - len(raw))).sensor == "m-1"  # exactly max_bytes
+    assert decoder.decode(_msg(ts=0)).ts_ms == 0
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def test_alert_id_is_deterministic_and_distinguishes_episodes() -> None:
+    a = alert_id("m-1", 1000, "smd-abc")
+    assert a == alert_id("m-1", 1000, "smd-abc")
+    assert re.fullmatch(r"[0-9a-f]{24}", a)
+    others = {alert_id("m-2", 1000, "smd-abc"), alert_id("m-1", 1001, "smd-abc"),
+              alert_id("m-1", 1000, "smd-abd")}
+    assert a not in others and len(others) == 3
+    # the separator keeps field boundaries: ("m-1", 11) is not ("m-11", 1)
+    assert alert_id("m-1", 11, "v") != alert_id("m-11", 1, "v")
+
+
+def _alert(**changes) -> Alert:
+    fields = dict(
+        alert_id=alert_id("m-1", 1000, "v1"), event="open", sensor="m-1", level="critical",
+        score=4.5, peak_score=4.5, threshold=1.5, reconstruction_error=3.0, forecast_error=6.0,
+        top_features=(("pressure", 2.5), ("temperature", 1.0)), episode_start_ms=1000,
+        window_start_ms=1000 - 7000, window_end_ms=1000, model_version="v1",
+        detected_at_ms=1234,
+    )
+    fields.update(changes)
+    return Alert(**fields)
+
+
+def test_alert_json() -> None:
+    a = _alert()
+    obj = orjson.loads(a.to_json())
+    assert obj["schema_version"] == SCHEMA_VERSION
+    assert obj["type"] == "alert"
+    assert obj["alert_id"] == a.alert_id
+    assert obj["event_id"] == f"{a.alert_id}:open:1000" == a.event_id
+    assert obj["top_features"] == [{"feature": "pressure", "contribution": 2.5},
+                                   {"feature": "temperature", "contribution": 1.0}]
+    assert {"event", "sensor", "level", "score", "peak_score", "threshold",
+            "reconstruction_error", "forecast_error", "episode_start", "window_start",
+            "window_end", "model_version", "detected_at"} <= set(obj)
+    assert obj["episode_start"] == 1000 and obj["detected_at"] == 1234
+    # events of one episode share alert_id, but differ in event_id
+    resolve = _alert(event="resolve", window_end_ms=9000)
+    assert resolve.alert_id == a.alert_id and resolve.event_id != a.event_id
+
+
+def test_score_record_json() -> None:
+    rec = ScoreRecord("m-1", 1000, 8000, 0.5, 0.25, 0.75, 1.5, "normal", "v1")
+    obj = orjson.loads(rec.to_json())
+    assert obj == {
+        "schema_version": SCHEMA_VERSION, "type": "score", "sensor": "m-1",
+        "window_start": 1000, "window_end": 8000, "score": 0.5,
+        "reconstruction_error": 0.25, "forecast_error": 0.75, "threshold": 1.5,
+        "level": "normal", "model_version": "v1",
+    }
+
+
+def test_dead_letter_keeps_original_bytes() -> None:
+    raw = b"\x00\xffnot json at all\n"
+    obj = orjson.loads(dead_letter("malformed_json", "detail", raw, "readings", 3, 12345))
+    assert obj["schema_version"] == SCHEMA_VERSION
+    assert obj["type"] == "dead_letter"
+    assert obj["reason"] == "malformed_json" and obj["detail"] == "detail"
+    assert (obj["topic"], obj["partition"], obj["offset"]) == ("readings", 3, 12345)
+    assert base64.b64decode(obj["original_b64"]) == raw
+    tomb = orjson.loads(dead_letter("malformed_json", "tombstone", None, "readings", 0, 1))
+    assert tomb["original_b64"] == ""
+
+
+def test_message_examples_in_docs_parse() -> None:
+    doc = REPO / "docs" / "messages.md"
+    if not doc.is_file():
+        pytest.skip("docs/messages.md not written yet")
+    blocks = re.findall(r"```json[^\n]*\n(.*?)```", doc.read_text(encoding="utf-8"), re.S)
+    assert blocks, "docs/messages.md has no ```json blocks"
+    for block in blocks:
+        try:
+            json.loads(block)
+        except json.JSONDecodeError as exc:  # pragma: no cover - the failure message
+            pytest.fail(f"bad JSON example in docs/messages.md: {exc}\n{block}")
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No SD_* variables from the outside and no repository .env (cwd is a temp dir)."""
+    import os
+
+    for key in list(os.environ):
+        if key.upper().startswith("SD_"):
+            monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_defaults_without_env(clean_env) -> None:
+    s = load_settings()
+    assert s.kafka.bootstrap_servers == "127.0.0.1:9092"
+    assert s.detector.max_batch == 256
+    assert s.service.http_port == 8000
+    assert s.artifact_dir == Path("artifacts/model")
+
+
+def test_env_vars_with_prefix_and_nested_delimiter(clean_env, monkeypatch) -> None:
+    monkeypatch.setenv("SD_ARTIFACT_DIR", "/models/x")
+    monkeypatch.setenv("SD_KAFKA__BOOTSTRAP_SERVERS", "b1:9092,b2:9092")
+    monkeypatch.setenv("SD_KAFKA__INPUT_TOPIC", "in")
+    monkeypatch.setenv("SD_DETECTOR__MAX_BATCH", "512")
+    monkeypatch.setenv("SD_DETECTOR__LATE_POLICY", "drop")
+    monkeypatch.setenv("SD_SERVICE__HTTP_PORT", "9100")
+    monkeypatch.setenv("SD_SERVICE__REBUILD_WINDOWS", "false")
+    monkeypatch.setenv("MAX_BATCH", "1")  # no prefix: ignored
+    s = load_settings()
+    assert s.artifact_dir == Path("/models/x")
+    assert s.kafka.bootstrap_servers == "b1:9092,b2:9092"
+    assert s.kafka.input_topic == "in"
+    assert s.kafka.alert_topic == "sensor-alerts"  # untouched fields keep their defaults
+    assert s.detector.max_batch == 512
+    assert s.detector.late_policy == "drop"
+    assert s.service.http_port == 9100
+    assert s.service.rebuild_windows is False
+    assert s.kafka.consumer_config()["bootstrap.servers"] == "b1:9092,b2:9092"
+
+
+def test_dotenv_in_cwd_is_read_and_env_wins(clean_env, monkeypatch) -> None:
+    (clean_env / ".env").write_text(
+        "SD_DETECTOR__MAX_BATCH=64\nSD_KAFKA__GROUP_ID=from-dotenv\n", encoding="utf-8"
+    )
+    monkeypatch.setenv("SD_DETECTOR__MAX_BATCH", "32")
+    s = load_settings()
+    assert s.kafka.group_id == "from-dotenv"
+    assert s.detector.max_batch == 32
+    assert load_settings(detector={"max_batch": 8}).detector.max_batch == 8  # overrides win
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "names"),
+    [
+        ("SD_DETECTOR__MAX_BATCH", "0", ["detector.max_batch", "SD_DETECTOR__MAX_BATCH"]),
+        ("SD_DETECTOR__MAX_BATCH", "many", ["detector.max_batch", "integer"]),
+        ("SD_KAFKA__SECURITY_PROTOCOL", "BOGUS",
+         ["kafka.security_protocol", "SD_KAFKA__SECURITY_PROTOCOL", "SASL_SSL"]),
+        ("SD_SERVICE__HTTP_PORT", "70000", ["service.http_port", "SD_SERVICE__HTTP_PORT"]),
+        ("SD_SERVICE__LOG_FORMAT", "xml", ["service.log_format"]),
+        ("SD_DETECTOR__LATE_POLICY", "keep", ["detector.late_policy"]),
+        # a JSON value that does not parse fails before validation (pydantic-settings
+        # SettingsError); load_settings turns that into a ConfigError too
+        ("SD_KAFKA__EXTRA", "not json", ["kafka", "SD_KAFKA__", "not valid JSON"]),
+        ("SD_KAFKA__EXTRA", '["a"]', ["kafka.extra", "SD_KAFKA__EXTRA"]),
+        ("SD_KAFKA__TYPO_FIELD", "1", ["kafka.typo_field", "Extra inputs are not permitted"]),
+    ],
+)
+def test_invalid_value_names_the_field(clean_env, monkeypatch, env, value, names) -> None:
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    msg = str(info.value)
+    assert msg.startswith("invalid settings:")
+    for name in names:
+        assert name in msg, msg
+
+
+def test_ratio_ordering_is_validated(clean_env, monkeypatch) -> None:
+    monkeypatch.setenv("SD_DETECTOR__CLEAR_RATIO", "1.2")
+    with pytest.raises(ConfigError, match=r"detector.*clear_ratio < warning_ratio") as info:
+        load_settings()
+    assert "1.2 / 1.0 / 2.0" in str(info.value)
+    monkeypatch.setenv("SD_DETECTOR__CLEAR_RATIO", "0.5")
+    monkeypatch.setenv("SD_DETECTOR__WARNING_RATIO", "3")
+    with pytest.raises(ConfigError, match="warning_ratio <= critical_ratio"):
+        load_settings()
+    monkeypatch.setenv("SD_DETECTOR__CRITICAL_RATIO", "3")  # equal is allowed
+    assert load_settings().detector.critical_ratio == 3.0
+
+
+def test_kafka_consistency_checks(clean_env) -> None:
+    with pytest.raises(ConfigError, match="heartbeat_interval_ms must be below"):
+        load_settings(kafka={"session_timeout_ms": 6000, "heartbeat_interval_ms": 6000})
+    with pytest.raises(ConfigError, match="topics must differ"):
+        load_settings(kafka={"alert_topic": "sensor-readings"})
+    with pytest.raises(ConfigError, match="topics must differ"):
+        load_settings(kafka={"score_topic": "sensor-alerts"})
+    with pytest.raises(ConfigError, match="sasl_mechanism is required"):
+        load_settings(kafka={"security_protocol": "SASL_SSL"})
+
+
+SECRET = "hunter2-Secret-Value"
+KEY_SECRET = "key-pass-Value-9"
+
+
+def _sasl_settings(monkeypatch) -> Settings:
+    monkeypatch.setenv("SD_KAFKA__SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("SD_KAFKA__SASL_MECHANISM", "SCRAM-SHA-512")
+    monkeypatch.setenv("SD_KAFKA__SASL_USERNAME", "detector")
+    monkeypatch.setenv("SD_KAFKA__SASL_PASSWORD", SECRET)
+    monkeypatch.setenv("SD_KAFKA__SSL_CA_LOCATION", "/etc/ca.pem")
+    monkeypatch.setenv("SD_KAFKA__SSL_KEY_PASSWORD", KEY_SECRET)
+    monkeypatch.setenv(
+        "SD_KAFKA__EXTRA",
+        '{"fetch.max.bytes": 52428800, "socket.keepalive.enable": true, "debug": "broker"}',
+    )
+    return load_settings()
+
+
+def test_secrets_are_hidden_everywhere_but_the_client_config(clean_env, monkeypatch) -> None:
+    s = _sasl_settings(monkeypatch)
+    assert isinstance(s.kafka.sasl_password, SecretStr)
+    rendered = [
+        repr(s), str(s), repr(s.kafka), str(s.kafka), s.model_dump_json(),
+        str(s.model_dump()), json.dumps(s.model_dump(mode="json")),
+        structlog.processors.JSONRenderer()(None, "info", {"event": "settings", "settings": s}),
+        structlog.processors.JSONRenderer(serializer=orjson.dumps)(
+            None, "info", {"event": "settings", "settings": s.model_dump(mode="json")}
+        ).decode(),
+        structlog.dev.ConsoleRenderer(colors=False)(
+            None, "info", {"event": "settings", "settings": s, "kafka": s.kafka}
+        ),
+    ]
+    for text in rendered:
+        assert SECRET not in text and KEY_SECRET not in text, text
+    assert "**********" in repr(s)
+    for conf in (s.kafka.consumer_config(), s.kafka.producer_config()):
+        assert conf["sasl.password"] == SECRET
+        assert conf["ssl.key.password"] == KEY_SECRET
+        assert conf["sasl.username"] == "detector"
+        assert conf["sasl.mechanism"] == "SCRAM-SHA-512"
+        assert conf["security.protocol"] == "SASL_SSL"
+        assert conf["ssl.ca.location"] == "/etc/ca.pem"
+
+
+def test_extra_librdkafka_properties_pass_through(clean_env, monkeypatch) -> None:
+    s = _sasl_settings(monkeypatch)
+    for conf in (s.kafka.consumer_config(), s.kafka.producer_config()):
+        assert conf["fetch.max.bytes"] == 52428800
+        assert conf["socket.keepalive.enable"] is True
+        assert conf["debug"] == "broker"
+
+
+def test_client_configs_without_security(clean_env) -> None:
+    k = KafkaSettings()
+    c, p = k.consumer_config(), k.producer_config()
+    assert not any(key.startswith(("sasl.", "ssl.")) for key in {**c, **p})
+    assert c["enable.auto.offset.store"] is False  # offsets are stored by hand
+    assert c["group.id"] == "stream-detector"
+    assert c["client.id"] == "stream-detector-consumer"
+    assert p["enable.idempotence"] is True and p["acks"] == "all"
+    assert p["client.id"] == "stream-detector-producer"
+    assert "group.id" not in p
+
+
+def test_settings_are_frozen(clean_env) -> None:
+    from pydantic import ValidationError
+
+    s = load_settings()
+    with pytest.raises(ValidationError):
+        s.detector.max_batch = 3  # type: ignore[misc]
