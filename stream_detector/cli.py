@@ -158,15 +158,21 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
-    from stream_detector.datasets import DATASETS, get_loader
+    from stream_detector.datasets import DATASETS, default_data_dir, get_loader
+    from stream_detector.errors import DatasetError
 
     if args.action == "list":
         for name, loader in DATASETS.items():
-            needs = "needs --data-dir" if loader.needs_data_dir else "built in"
-            line = f"{name:10s} {needs}"
-            if args.data_dir or not loader.needs_data_dir:
-                line += f"  entities: {len(loader.list_entities(args.data_dir))}"
-            print(line)
+            if not loader.needs_data_dir:
+                print(f"{name:10s} built in            entities: {len(loader.list_entities(None))}")
+                continue
+            path = args.data_dir if args.data_dir and args.name == name else default_data_dir(name)
+            try:
+                n = len(loader.list_entities(path)) if path else 0
+                where = f"{path}  entities: {n}" if path else "not found; pass --data-dir"
+            except DatasetError as exc:
+                where = f"{path}: {exc}"
+            print(f"{name:10s} {where}")
         return 0
     if args.name != "smd":
         raise SystemExit("only 'smd' can be downloaded; see docs/backtesting.md for the others")

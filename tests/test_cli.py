@@ -1,0 +1,101 @@
+"""The command line as users run it: exit codes, messages, files written."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from stream_detector.cli import main
+
+
+def _cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None):
+    return subprocess.run([sys.executable, "-m", "stream_detector.cli", *args],
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def test_config_lists_every_setting(capsys: pytest.CaptureFixture[str]) -> None:
+    from stream_detector.config import settings_reference
+
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    for env, *_ in settings_reference():
+        assert f"`{env}`" in out
+
+
+def test_unknown_dataset_and_missing_artifact_exit_2(tmp_path: Path) -> None:
+    r = _cli("train", "--dataset", "nope", "--out", str(tmp_path / "a"))
+    assert r.returncode == 2 and "unknown dataset" in r.stderr.lower()
+    assert "smd" in r.stderr and "synthetic" in r.stderr
+    r = _cli("check", "--artifact", str(tmp_path / "missing"))
+    assert r.returncode == 2 and "missing" in r.stderr
+
+
+def test_bad_setting_names_the_variable(tmp_path: Path) -> None:
+    r = _cli("serve", "--artifact", str(tmp_path), env={"SD_DETECTOR__MAX_BATCH": "0"})
+    assert r.returncode == 2
+    assert "max_batch" in r.stderr.lower()
+
+
+@pytest.fixture(scope="module")
+def quick_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "art"
+    r = _cli("train", "--dataset", "synthetic", "--entities", "sensor-000,sensor-001",
+             "--out", str(out), "--quick")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "model_version" in r.stdout
+    return out
+
+
+def test_train_check_evaluate(quick_artifact: Path, tmp_path: Path) -> None:
+    r = _cli("check", "--artifact", str(quick_artifact))
+    assert r.returncode == 0 and "artifact ok" in r.stdout
+    out = tmp_path / "eval"
+    r = _cli("evaluate", "--dataset", "synthetic", "--entities", "sensor-000,sensor-001",
+             "--artifact", str(quick_artifact), "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((out / "evaluation.json").read_text())
+    assert set(report["summary"]) == {"model", "random", "pca", "iforest", "ridge"}
+    for method in report["summary"].values():
+        assert 0.0 <= method["best_f1"] <= 1.0 and 0.0 <= method["auc_pr"] <= 1.0
+    md = (out / "evaluation.md").read_text()
+    assert "PA best-F1" in md and "random" in md
+    assert list(out.glob("*.png"))
+
+
+def test_evaluate_refuses_artifact_of_other_features(tmp_path: Path) -> None:
+    from tests.kafka_helpers import train_tiny
+
+    art = train_tiny(tmp_path / "tiny")
+    r = _cli("evaluate", "--dataset", "synthetic", "--entities", "sensor-000",
+             "--artifact", str(art), "--out", str(tmp_path / "e"))
+    assert r.returncode == 2 and "features" in r.stderr
+
+
+@pytest.mark.integration
+def test_dev_broker_runs_until_sigterm(tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
+    with subprocess.Popen([sys.executable, "-m", "stream_detector.cli", "dev-broker",
+                           "--ready-file", str(ready)], stdout=subprocess.PIPE,
+                          text=True) as proc:
+        try:
+            t0 = time.monotonic()
+            while not ready.exists() and time.monotonic() - t0 < 30:
+                time.sleep(0.1)
+            bootstrap = ready.read_text().strip()
+            from confluent_kafka.admin import AdminClient
+
+            AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=20)
+        assert proc.returncode == 0
+    assert not ready.exists()
+    assert bootstrap in out
