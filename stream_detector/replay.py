@@ -482,13 +482,15 @@ def _markdown(opts: ReplayOptions, rows: list[dict[str, Any]], s: dict[str, Any]
     from stream_detector.metrics import markdown_table
 
     lat = s["latency_ms"]
+    where = ("embedded broker, production consumer in this process" if s["embedded_broker"]
+             else f"running consumer group via {opts.bootstrap_servers}")
     lines = [
         f"# Replay report: {opts.dataset}",
         "",
         f"- model version: `{manifest.model_version}`, window {manifest.window}, "
         f"{manifest.n_features} features",
         f"- {s['entities']} entities, {s['readings']:,} readings, {s['windows_scored']:,} "
-        f"windows scored through Kafka ({'embedded broker' if s['embedded_broker'] else 'deployment'})",
+        f"windows scored through Kafka ({where})",
         f"- throughput {s['throughput_readings_per_s']:,.0f} readings/s over "
         f"{s['stream_seconds']:.1f} s; "
         f"reading-to-score latency p50 {lat['p50']:.1f} ms, "
