@@ -265,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     b.add_argument("--out", type=Path, default=Path("reports/bench"))
     b.add_argument("--data-dir", type=Path, default=None, help="SMD dir for the quality table")
+    b.add_argument("--quality", action="store_true",
+                   help="also train 4 model configurations on SMD (slow) for the quality table")
+    b.add_argument("--artifact", type=Path, default=None,
+                   help="benchmark this artifact instead of training a small synthetic one")
     b.set_defaults(func=cmd_bench)
     return p
 

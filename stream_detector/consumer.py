@@ -32,7 +32,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -75,8 +74,12 @@ class OffsetTracker:
         self._dirty: set[TP] = set()
 
     def begin(self, tp: TP, offset: int) -> None:
-        self._order.setdefault(tp, deque()).append(offset)
-        self._pending.setdefault(tp, {})[offset] = 1
+        order = self._order.get(tp)
+        if order is None:  # first offset of this partition (both maps gain and lose tp together)
+            order = self._order[tp] = deque()
+            self._pending[tp] = {}
+        order.append(offset)
+        self._pending[tp][offset] = 1
 
     def hold(self, tp: TP, offset: int) -> None:
         pend = self._pending.get(tp)
@@ -119,12 +122,19 @@ class OffsetTracker:
         self._dirty.discard(tp)
 
 
-@dataclass(frozen=True, slots=True)
 class _Ref:
-    tp: TP
-    offset: int
-    silent: bool
-    kafka_ts_ms: int
+    """Where a reading came from. A plain slots class: one is built per consumed message."""
+
+    __slots__ = ("tp", "offset", "silent", "kafka_ts_ms")
+
+    def __init__(self, tp: TP, offset: int, silent: bool, kafka_ts_ms: int) -> None:
+        self.tp = tp
+        self.offset = offset
+        self.silent = silent
+        self.kafka_ts_ms = kafka_ts_ms
+
+
+_READY, _WARMING, _LATE = Status.READY, Status.WARMING, Status.LATE
 
 
 class FatalError(StreamDetectorError):
@@ -243,59 +253,85 @@ class DetectorService:
             deadline = detector.next_deadline()
             if deadline is not None:
                 timeout = max(0.0, min(timeout, deadline - time.monotonic()))
-            messages = consumer.consume(k.consume_batch, timeout)
-            for msg in messages:
-                self._ingest(msg, decoder, detector)
+            # What is already buffered, without waiting for a full batch; only when nothing is
+            # there, block until the first message arrives (or the timeout). A single
+            # consume(consume_batch, timeout) would hold buffered readings back until the batch
+            # is full or the timeout expires, adding up to consume_timeout_s of latency.
+            messages = consumer.consume(k.consume_batch, 0)
+            if not messages and timeout > 0:
+                messages = consumer.consume(1, timeout)
+                if messages and k.consume_batch > 1:
+                    messages.extend(consumer.consume(k.consume_batch - 1, 0))
+            if messages:
+                self._ingest(messages, decoder, detector)
             self._publish(detector.poll())
             producer.poll(0)
             self._store_offsets()
 
-    def _ingest(self, msg: Message, decoder: ReadingDecoder, detector: Detector) -> None:
-        err = msg.error()
-        if err is not None:
-            if err.fatal():
-                raise FatalError(f"consumer error: {err}")
-            log.warning("consumer error", error=str(err))
-            return
-        tp = (msg.topic(), msg.partition())
-        offset = msg.offset()
-        silent = offset < self._silent_until.get(tp, -1)
-        ref = _Ref(tp, offset, silent, msg.timestamp()[1])
-        if not silent:
-            self.tracker.begin(tp, offset)
-            self.metrics.readings.inc()
-        else:
-            self.metrics.rebuilt.inc()
+    def _ingest(self, messages: list[Message], decoder: ReadingDecoder,
+                detector: Detector) -> None:
+        """Decode and submit one ``consume()`` batch, in order (locals and batched metric
+        increments: this runs once per reading)."""
+        tracker = self.tracker
+        silent_until = self._silent_until
+        sensor_tp = self._sensor_tp
+        dead_letter_late = self.settings.detector.late_policy == "dead_letter"
+        n_readings = n_rebuilt = n_warming = 0
         try:
-            reading = decoder.decode(msg.value(), ref)
-        except BadRecord as bad:
-            if not silent:
-                self._dead_letter(bad.reason, bad.detail, msg, ref)
-            return
-        except Exception as exc:  # noqa: BLE001 - a record must never stop the partition
-            log.exception("unexpected decode failure", topic=tp[0], partition=tp[1], offset=offset)
-            if not silent:
-                self._dead_letter("internal_error", f"{type(exc).__name__}: {exc}"[:300], msg, ref)
-            return
-        status = detector.submit(reading)
-        if status is Status.READY or status is Status.WARMING:
-            self._sensor_tp.setdefault(reading.sensor, tp)
-        if status is Status.READY:
-            return
-        if silent:
-            return
-        if status is Status.WARMING:
-            self.metrics.warming.inc()
-            self.tracker.release(tp, offset)
-        elif status is Status.LATE:
-            if self.settings.detector.late_policy == "dead_letter":
-                self._dead_letter("late_or_duplicate",
-                                  f"ts {reading.ts_ms} not after the sensor's last reading",
-                                  msg, ref)
-            else:
-                self.tracker.release(tp, offset)
-        else:  # FULL
-            self._dead_letter("bad_sensor", "sensor limit reached (max_sensors)", msg, ref)
+            for msg in messages:
+                err = msg.error()
+                if err is not None:
+                    if err.fatal():
+                        raise FatalError(f"consumer error: {err}")
+                    log.warning("consumer error", error=str(err))
+                    continue
+                tp = (msg.topic(), msg.partition())
+                offset = msg.offset()
+                silent = offset < silent_until.get(tp, -1)
+                ref = _Ref(tp, offset, silent, msg.timestamp()[1])
+                if not silent:
+                    tracker.begin(tp, offset)
+                    n_readings += 1
+                else:
+                    n_rebuilt += 1
+                try:
+                    reading = decoder.decode(msg.value(), ref)
+                except BadRecord as bad:
+                    if not silent:
+                        self._dead_letter(bad.reason, bad.detail, msg, ref)
+                    continue
+                except Exception as exc:  # noqa: BLE001 - a record must never stop the partition
+                    log.exception("unexpected decode failure", topic=tp[0], partition=tp[1],
+                                  offset=offset)
+                    if not silent:
+                        self._dead_letter("internal_error", f"{type(exc).__name__}: {exc}"[:300],
+                                          msg, ref)
+                    continue
+                status = detector.submit(reading)
+                if status is _READY or status is _WARMING:
+                    sensor_tp.setdefault(reading.sensor, tp)
+                if status is _READY or silent:
+                    continue
+                if status is _WARMING:
+                    n_warming += 1
+                    tracker.release(tp, offset)
+                elif status is _LATE:
+                    if dead_letter_late:
+                        self._dead_letter("late_or_duplicate",
+                                          f"ts {reading.ts_ms} not after the sensor's last reading",
+                                          msg, ref)
+                    else:
+                        tracker.release(tp, offset)
+                else:  # FULL
+                    self._dead_letter("bad_sensor", "sensor limit reached (max_sensors)", msg, ref)
+        finally:
+            m = self.metrics
+            if n_readings:
+                m.readings.inc(n_readings)
+            if n_rebuilt:
+                m.rebuilt.inc(n_rebuilt)
+            if n_warming:
+                m.warming.inc(n_warming)
 
     def _dead_letter(self, reason: str, detail: str, msg: Message, ref: _Ref) -> None:
         assert self._producer is not None
@@ -306,20 +342,29 @@ class DetectorService:
 
     def _publish(self, results: list[Result]) -> None:
         k = self.settings.kafka
-        for r in results:
-            ref: _Ref = r.ref
-            if ref.silent:
-                continue
-            self.metrics.windows.inc()
-            key = r.score.sensor.encode()
-            if k.score_topic:
-                self.tracker.hold(ref.tp, ref.offset)
-                self._produce(k.score_topic, key, r.score.to_json(), ref, None)
-            if r.alert is not None:
-                self.tracker.hold(ref.tp, ref.offset)
-                self.metrics.alerts.labels(r.alert.event, r.alert.level).inc()
-                self._produce(k.alert_topic, key, r.alert.to_json(), ref, ref.kafka_ts_ms)
-            self.tracker.release(ref.tp, ref.offset)  # the hold taken by begin()
+        score_topic = k.score_topic
+        tracker = self.tracker
+        n = 0
+        try:
+            for r in results:
+                ref: _Ref = r.ref
+                if ref.silent:
+                    continue
+                n += 1
+                alert = r.alert
+                if score_topic or alert is not None:
+                    key = r.score.sensor.encode()
+                    if score_topic:
+                        tracker.hold(ref.tp, ref.offset)
+                        self._produce(score_topic, key, r.score.to_json(), ref, None)
+                    if alert is not None:
+                        tracker.hold(ref.tp, ref.offset)
+                        self.metrics.alerts.labels(alert.event, alert.level).inc()
+                        self._produce(k.alert_topic, key, alert.to_json(), ref, ref.kafka_ts_ms)
+                tracker.release(ref.tp, ref.offset)  # the hold taken by begin()
+        finally:
+            if n:
+                self.metrics.windows.inc(n)
 
     def _produce(self, topic: str, key: bytes | None, value: bytes, ref: _Ref,
                  latency_from_ms: int | None) -> None:

@@ -51,12 +51,20 @@ class Result:
     reading_ts_ms: int
 
 
-@dataclass(frozen=True, slots=True)
 class _Pending:
-    sensor: str
-    start_ms: int
-    end_ms: int
-    ref: Any
+    """A queued window's metadata (a plain slots class: built once per window, on the hot path)."""
+
+    __slots__ = ("sensor", "start_ms", "end_ms", "ref")
+
+    def __init__(self, sensor: str, start_ms: int, end_ms: int, ref: Any) -> None:
+        self.sensor = sensor
+        self.start_ms = start_ms
+        self.end_ms = end_ms
+        self.ref = ref
+
+
+_READY = Status.READY
+_LABELS = {level: level.label for level in Level}
 
 
 class _SensorState:
@@ -111,17 +119,16 @@ class Detector:
 
     # -- input -------------------------------------------------------------------------
     def submit(self, reading: Reading) -> Status:
-        self.counters["readings"] += 1
-        status, window, start_ms = self._store.append(
-            reading.sensor, reading.ts_ms, reading.values
-        )
-        if status is Status.READY:
-            item = _Pending(reading.sensor, start_ms, reading.ts_ms, reading.ref)
-            full = self._batcher.add(window, item)
+        counters = self.counters
+        counters["readings"] += 1
+        sensor, ts_ms = reading.sensor, reading.ts_ms
+        status, window, start_ms = self._store.append(sensor, ts_ms, reading.values)
+        if status is _READY:
+            full = self._batcher.add(window, _Pending(sensor, start_ms, ts_ms, reading.ref))
             if full is not None:
                 self._ready.append(full)
         else:
-            self.counters[status.value] += 1
+            counters[status.value] += 1
         return status
 
     # -- output ------------------------------------------------------------------------
@@ -190,16 +197,22 @@ class Detector:
         raw = scored.score.tolist()
         recs = scored.reconstruction.tolist()
         fcs = scored.forecast.tolist()
+        states = self._state
+        hyst = self._hyst
         for j, item in enumerate(batch.items):
-            st = self._sensor(item.sensor)
+            st = states.get(item.sensor)
+            if st is None:
+                st = self._sensor(item.sensor)
             score = st.smoother.push(raw[j])
-            event = st.tracker.step(item.end_ms, score, st.threshold, self._hyst)
-            level = st.tracker.level if event is None or event.kind != EventKind.RESOLVE else (
-                Level.NORMAL
-            )
+            tracker = st.tracker
+            event = tracker.step(item.end_ms, score, st.threshold, hyst)
+            if event is None:
+                label = _LABELS[tracker.level]
+            else:
+                label = _LABELS[tracker.level if event.kind != EventKind.RESOLVE else Level.NORMAL]
             record = ScoreRecord(
                 item.sensor, item.start_ms, item.end_ms, score, recs[j], fcs[j],
-                st.threshold, level.label, version,
+                st.threshold, label, version,
             )
             alert = None
             if event is not None:

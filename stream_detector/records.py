@@ -62,6 +62,7 @@ class Reading:
 
 
 _F32_MAX = float(np.finfo(np.float32).max)
+_NUMBER_TYPES = frozenset((int, float))
 
 
 class ReadingDecoder:
@@ -111,12 +112,16 @@ class ReadingDecoder:
             raise BadRecord("non_numeric", "values must be a list or an object")
         if len(values) != self.n:
             raise BadRecord("wrong_value_count", f"got {len(values)} values, expected {self.n}")
-        for v in values:
-            if isinstance(v, bool) or not isinstance(v, int | float):
-                raise BadRecord("non_numeric", f"value {v!r} is not a number")
+        # fast path: JSON numbers decode to exactly int or float (bool is its own type); only
+        # when another type shows up, walk the values to name the first offender
+        if not _NUMBER_TYPES.issuperset(map(type, values)):
+            for v in values:
+                if isinstance(v, bool) or not isinstance(v, int | float):
+                    raise BadRecord("non_numeric", f"value {v!r} is not a number")
         wide = np.asarray(values, dtype=np.float64)
-        # check before the float32 cast: 1e39 is finite in JSON but overflows float32
-        if not (np.isfinite(wide).all() and (np.abs(wide) <= _F32_MAX).all()):
+        # check before the float32 cast: 1e39 is finite in JSON but overflows float32. One
+        # reduction covers NaN (max is NaN, the comparison is False) and infinity.
+        if wide.size and not np.abs(wide).max() <= _F32_MAX:
             raise BadRecord("non_finite", "values hold NaN, infinity or exceed float32 range")
         return wide.astype(np.float32)
 

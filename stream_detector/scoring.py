@@ -65,25 +65,34 @@ def smooth(raw: np.ndarray, k: int) -> np.ndarray:
 
 
 class Smoother:
-    """Online trailing mean of the last ``k`` window scores of one sensor (k floats of state)."""
+    """Online trailing mean of the last ``k`` window scores of one sensor (k floats of state).
 
-    __slots__ = ("_buf", "_n", "_i")
+    The ring is a Python list (one push is on the consumer's per-window hot path). For
+    ``k < 8`` the plain left-to-right sum is bit-identical to numpy's sum of the same buffer;
+    from 8 on numpy switches to pairwise summation, so the sum is taken with numpy there.
+    """
+
+    __slots__ = ("_buf", "_n", "_i", "_k")
 
     def __init__(self, k: int) -> None:
-        self._buf = np.zeros(max(k, 1), dtype=np.float64)
+        self._k = max(k, 1)
+        self._buf = [0.0] * self._k
         self._n = 0
         self._i = 0
 
     def push(self, value: float) -> float:
-        k = self._buf.size
+        k = self._k
         if k == 1:
             return value
-        self._buf[self._i] = value
+        buf = self._buf
+        buf[self._i] = float(value)
         self._i = (self._i + 1) % k
-        self._n = min(self._n + 1, k)
-        if self._n < k:
-            return float(self._buf[: self._n].sum() / self._n)
-        return float(self._buf.sum() / k)
+        n = self._n
+        if n < k:
+            n = self._n = n + 1
+        part = buf if n == k else buf[:n]
+        total = sum(part) if k < 8 else float(np.asarray(part, dtype=np.float64).sum())
+        return total / n
 
 
 def fit_threshold(
@@ -138,6 +147,10 @@ class EventKind(enum.StrEnum):
     RESOLVE = "resolve"
 
 
+_NORMAL, _WARNING, _CRITICAL = Level.NORMAL, Level.WARNING, Level.CRITICAL
+_OPEN, _UPDATE, _RESOLVE = EventKind.OPEN, EventKind.UPDATE, EventKind.RESOLVE
+
+
 @dataclass(frozen=True)
 class Event:
     kind: EventKind
@@ -180,31 +193,31 @@ class EpisodeTracker:
     def step(self, ts_ms: int, score: float, threshold: float, h: Hysteresis) -> Event | None:
         ratio = score / threshold if threshold > 0 else float("inf")
         if ratio >= h.critical_ratio:
-            level = Level.CRITICAL
+            level = _CRITICAL
         elif ratio >= h.warning_ratio:
-            level = Level.WARNING
+            level = _WARNING
         else:
-            level = Level.NORMAL
+            level = _NORMAL
         if not self.open:
-            if level == Level.NORMAL:
+            if level == _NORMAL:
                 return None
             self.open, self.level, self.start_ms = True, level, ts_ms
             self.below, self.last_event_ms = 0, ts_ms
             self.peak = self.peak_sent = score
-            return Event(EventKind.OPEN, level, ts_ms, score)
+            return Event(_OPEN, level, ts_ms, score)
         self.peak = max(self.peak, score)
         if ratio < h.clear_ratio:
             self.below += 1
             if self.below >= h.clear_after:
-                event = Event(EventKind.RESOLVE, Level.NORMAL, self.start_ms, self.peak)
-                self.open, self.level, self.below = False, Level.NORMAL, 0
+                event = Event(_RESOLVE, _NORMAL, self.start_ms, self.peak)
+                self.open, self.level, self.below = False, _NORMAL, 0
                 return event
             return None
         self.below = 0
         if level > self.level:
             self.level, self.last_event_ms, self.peak_sent = level, ts_ms, self.peak
-            return Event(EventKind.UPDATE, level, self.start_ms, self.peak)
+            return Event(_UPDATE, level, self.start_ms, self.peak)
         if self.peak > self.peak_sent and ts_ms - self.last_event_ms >= h.update_interval_ms:
             self.last_event_ms, self.peak_sent = ts_ms, self.peak
-            return Event(EventKind.UPDATE, self.level, self.start_ms, self.peak)
+            return Event(_UPDATE, self.level, self.start_ms, self.peak)
         return None

@@ -17,6 +17,7 @@ Policies (documented in docs/messages.md):
 from __future__ import annotations
 
 import enum
+from array import array
 
 import numpy as np
 
@@ -26,6 +27,9 @@ class Status(enum.Enum):
     READY = "ready"
     LATE = "late"
     FULL = "full"
+
+
+_WARMING, _READY, _LATE, _FULL = Status.WARMING, Status.READY, Status.LATE, Status.FULL
 
 
 class WindowStore:
@@ -39,9 +43,11 @@ class WindowStore:
         self.max_sensors = max_sensors
         cap = max(1, min(initial, max_sensors))
         self._pool = np.zeros((cap, 2 * window, n_features), dtype=np.float32)
-        self._count = np.zeros(cap, dtype=np.int64)
-        self._last_ts = np.full(cap, -1, dtype=np.int64)
-        self._first_ts = np.zeros((cap, window), dtype=np.int64)  # ts ring, for window start
+        # per-slot integers live in flat int64 arrays of the ``array`` module: same 8 bytes
+        # per value as numpy, but indexing them gives plain ints (this is the per-reading path)
+        self._count = array("q", bytes(8 * cap))
+        self._last_ts = array("q", [-1]) * cap
+        self._first_ts = array("q", bytes(8 * cap * window))  # ts ring per slot, window start
         self._slots: dict[str, int] = {}
         self._free: list[int] = []
 
@@ -53,9 +59,8 @@ class WindowStore:
 
     @property
     def nbytes(self) -> int:
-        return int(
-            self._pool.nbytes + self._count.nbytes + self._last_ts.nbytes + self._first_ts.nbytes
-        )
+        ints = len(self._count) + len(self._last_ts) + len(self._first_ts)
+        return int(self._pool.nbytes) + ints * self._count.itemsize
 
     def sensors(self) -> list[str]:
         return list(self._slots)
@@ -83,11 +88,9 @@ class WindowStore:
         self._pool = np.concatenate(
             [self._pool, np.zeros((extra, *self._pool.shape[1:]), np.float32)]
         )
-        self._count = np.concatenate([self._count, np.zeros(extra, np.int64)])
-        self._last_ts = np.concatenate([self._last_ts, np.full(extra, -1, np.int64)])
-        self._first_ts = np.concatenate(
-            [self._first_ts, np.zeros((extra, self.window), np.int64)]
-        )
+        self._count.frombytes(bytes(8 * extra))
+        self._last_ts.extend(array("q", [-1]) * extra)
+        self._first_ts.frombytes(bytes(8 * extra * self.window))
 
     def append(
         self, sensor: str, ts_ms: int, values: np.ndarray
@@ -97,24 +100,31 @@ class WindowStore:
         The returned window is a *view* into the pool, valid until the sensor's next append:
         copy it (the micro-batcher does) before appending again.
         """
-        slot = self._slot(sensor)
+        slot = self._slots.get(sensor)
         if slot is None:
-            return Status.FULL, None, 0
-        if ts_ms <= self._last_ts[slot]:
-            return Status.LATE, None, 0
+            slot = self._slot(sensor)
+            if slot is None:
+                return _FULL, None, 0
+        if type(ts_ms) is not int:  # numpy integers etc.; the int64 arrays take plain ints
+            ts_ms = int(ts_ms)
+        last_ts = self._last_ts
+        if ts_ms <= last_ts[slot]:
+            return _LATE, None, 0
         w = self.window
-        c = int(self._count[slot])
+        count = self._count
+        c = count[slot]
         i = c % w
         buf = self._pool[slot]
         buf[i] = values
         buf[i + w] = values
-        self._first_ts[slot, i] = ts_ms
-        self._last_ts[slot] = ts_ms
-        self._count[slot] = c + 1
+        base = slot * w
+        self._first_ts[base + i] = ts_ms
+        last_ts[slot] = ts_ms
+        count[slot] = c + 1
         if c + 1 < w:
-            return Status.WARMING, None, 0
+            return _WARMING, None, 0
         start = i + 1
-        return Status.READY, buf[start : start + w], int(self._first_ts[slot, (i + 1) % w])
+        return _READY, buf[start : start + w], self._first_ts[base + start % w]
 
     def remove(self, sensor: str) -> None:
         slot = self._slots.pop(sensor, None)
@@ -123,4 +133,4 @@ class WindowStore:
 
     def count(self, sensor: str) -> int:
         slot = self._slots.get(sensor)
-        return 0 if slot is None else int(self._count[slot])
+        return 0 if slot is None else self._count[slot]
