@@ -1,12 +1,45 @@
-"""structlog setup: JSON lines (orjson) in production, a readable console locally."""
+"""structlog setup: JSON lines (orjson) in production, a readable console locally.
+
+Logs go to the process's *current* ``sys.stderr``, looked up at every call rather than bound
+when logging is configured, so redirecting or replacing stderr later (test runners, embedding
+the service) never leaves a logger writing to a closed stream.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import orjson
 import structlog
+
+
+class _StderrLogger:
+    """Minimal structlog logger: one line per event on the current ``sys.stderr``."""
+
+    def __init__(self, binary: bool) -> None:
+        self.binary = binary
+
+    def msg(self, message: str | bytes) -> None:
+        stream = sys.stderr
+        if self.binary and isinstance(message, bytes):
+            buffer = getattr(stream, "buffer", None)
+            if buffer is not None:
+                buffer.write(message + b"\n")
+                buffer.flush()
+                return
+            message = message.decode()
+        print(message, file=stream, flush=True)
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = msg
+
+
+def _factory(binary: bool) -> Any:
+    def make(*_args: Any) -> _StderrLogger:
+        return _StderrLogger(binary)
+
+    return make
 
 
 def configure_logging(fmt: str = "console", level: str = "INFO") -> None:
@@ -21,10 +54,10 @@ def configure_logging(fmt: str = "console", level: str = "INFO") -> None:
             structlog.processors.format_exc_info,
             structlog.processors.JSONRenderer(serializer=orjson.dumps),
         ]
-        factory: structlog.typing.WrappedLogger = structlog.BytesLoggerFactory(sys.stderr.buffer)
+        factory = _factory(binary=True)
     else:
         processors.append(structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
-        factory = structlog.PrintLoggerFactory(sys.stderr)
+        factory = _factory(binary=False)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
