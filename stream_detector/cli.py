@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(t)
     t.add_argument("--out", type=Path, default=Path("artifacts/model"))
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="training option, e.g. --set window=32 --set hidden=64 (repeatable)")
+                   help="training option, e.g. --set window=16 --set hidden=32 (repeatable)")
     t.add_argument("--quick", action="store_true", help="few epochs, for smoke tests")
     t.set_defaults(func=cmd_train)
 
