@@ -289,9 +289,9 @@ def _add_replay_args(r: argparse.ArgumentParser) -> None:
     r.set_defaults(func=cmd_replay)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command not in ("serve",):
+def _run(args: argparse.Namespace) -> int:
+    """Run a parsed command; our own errors become a message and exit code 2."""
+    if args.command != "serve":  # serve configures logging from its settings
         from stream_detector.logs import configure_logging
 
         configure_logging("console", "INFO")
@@ -304,19 +304,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def main(argv: list[str] | None = None) -> int:
+    return _run(build_parser().parse_args(argv))
+
+
 def replay_main(argv: list[str] | None = None) -> int:
     """The ``replay`` console script: same as ``stream-detector replay``."""
     p = argparse.ArgumentParser(prog="replay", description="backtest through Kafka")
     _add_replay_args(p)
-    args = p.parse_args(argv)
-    from stream_detector.logs import configure_logging
-
-    configure_logging("console", "INFO")
-    try:
-        return int(args.func(args) or 0)
-    except StreamDetectorError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    p.set_defaults(command="replay")
+    return _run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

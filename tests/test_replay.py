@@ -66,35 +66,23 @@ def test_replay_synthetic_from_scratch(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.data
-def test_replay_smd_two_real_machines(tmp_path: Path) -> None:
-    data = shared_dataset("smd")
-    machines = "machine-1-1,machine-2-1"
+@pytest.mark.parametrize(("dataset", "folder", "entities"), [
+    ("smd", "smd", "machine-1-1,machine-2-1"),       # 2 real SMD machines
+    ("smap", "smap_msl", "P-1,S-1,E-1,E-2,A-1"),     # 5 real SMAP channels
+])
+def test_replay_real_data(dataset: str, folder: str, entities: str, tmp_path: Path) -> None:
+    data = shared_dataset(folder)
     art, out = tmp_path / "art", tmp_path / "report"
-    t = _cli("train", "--dataset", "smd", "--data-dir", str(data), "--entities", machines,
+    t = _cli("train", "--dataset", dataset, "--data-dir", str(data), "--entities", entities,
              "--out", str(art), "--quick")
     assert t.returncode == 0, t.stderr[-3000:]
-    r = _cli("replay", "--dataset", "smd", "--data-dir", str(data), "--entities", machines,
+    r = _cli("replay", "--dataset", dataset, "--data-dir", str(data), "--entities", entities,
              "--artifact", str(art), "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
-    report = _check_report(out, machines.split(","))
-    # SMD's interpretation_label gives the responsible metrics: HitRate is reported
-    assert all(np.isfinite(row["hitrate_100"]) for row in report["entities"]
-               if row["rc_alerts"] > 0)
-
-
-@pytest.mark.slow
-@pytest.mark.data
-def test_replay_smap_five_real_channels(tmp_path: Path) -> None:
-    data = shared_dataset("smap_msl")
-    channels = "P-1,S-1,E-1,E-2,A-1"
-    art, out = tmp_path / "art", tmp_path / "report"
-    t = _cli("train", "--dataset", "smap", "--data-dir", str(data), "--entities", channels,
-             "--out", str(art), "--quick")
-    assert t.returncode == 0, t.stderr[-3000:]
-    r = _cli("replay", "--dataset", "smap", "--data-dir", str(data), "--entities", channels,
-             "--artifact", str(art), "--out", str(out))
-    assert r.returncode == 0, r.stderr[-3000:]
-    _check_report(out, channels.split(","))
+    report = _check_report(out, entities.split(","))
+    if dataset == "smd":  # interpretation_label gives the responsible metrics: HitRate reported
+        assert all(np.isfinite(row["hitrate_100"]) for row in report["entities"]
+                   if row["rc_alerts"] > 0)
 
 
 def test_replay_refuses_artifact_of_other_dataset(tmp_path: Path) -> None:
