@@ -36,9 +36,23 @@ from stream_detector.windows import Status, WindowStore
 
 
 class Scorer(Protocol):
-    """Anything that maps raw windows ``(B, W, F)`` to per-feature errors ``(B, F)`` x 2."""
+    """Anything that maps raw windows ``(B, W, F)`` to per-feature errors ``(B, F)`` x 2.
+
+    A scorer may also offer ``errors_async(windows)`` returning a handle with ``done()`` and
+    ``result()`` (the same pair ``errors`` returns); the detector then keeps one batch in
+    inference while it takes in the next readings (see :class:`Detector`).
+    """
 
     def errors(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class _InFlight:
+    __slots__ = ("batch", "handle", "t0")
+
+    def __init__(self, batch: Batch, handle: Any, t0: float) -> None:
+        self.batch = batch
+        self.handle = handle
+        self.t0 = t0
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +96,13 @@ class Detector:
     ``submit`` returns the reading's :class:`~stream_detector.windows.Status`: ``READY`` means a
     window is queued and its result will come out of a later ``poll``/``flush`` call; ``WARMING``
     means the reading was absorbed (no window yet); ``LATE``/``FULL`` mean it was rejected.
+
+    When the scorer has ``errors_async`` (the TorchScript scorer runs the model on torch's own
+    thread pool, without the GIL), a full batch starts scoring at once and ``submit``/``poll``
+    keep the model busy with the next one while the caller decodes more readings; at most one
+    batch is in inference and ``poll`` waits for the model when more than one full batch is
+    queued behind it (back-pressure). Results, their order and their values are the same as
+    with ``errors``; only the call that hands them out may be a later one.
     """
 
     def __init__(
@@ -111,7 +132,11 @@ class Detector:
         )
         self._state: dict[str, _SensorState] = {}
         self._ready: list[Batch] = []
+        self._start = getattr(scorer, "errors_async", None)
+        self._inflight: _InFlight | None = None
+        self._out: list[Result] = []  # finished asynchronously, handed out by poll/flush
         self._wall_ms = wall_clock_ms
+        self._clock = clock
         self._top = min(s.top_features, manifest.n_features)
         self.counters = {"readings": 0, "warming": 0, "late": 0, "full": 0, "windows": 0}
         self.batch_sizes: list[int] = []
@@ -129,29 +154,51 @@ class Detector:
                 self._ready.append(full)
         else:
             counters[status.value] += 1
+        if self._start is not None and self._ready and (
+            self._inflight is None or self._inflight.handle.done()
+        ):
+            self._advance()  # the model is free: give it the next batch now
         return status
 
     # -- output ------------------------------------------------------------------------
     def poll(self) -> list[Result]:
-        """Score full batches and the pending batch if its deadline passed; never blocks."""
+        """Score full batches and the pending batch if its deadline passed; never waits for a
+        deadline. With an async scorer: hand out what finished, and wait for the model only
+        while more than one full batch is queued behind the one in inference."""
         due = self._batcher.poll()
         if due is not None:
             self._ready.append(due)
-        return self._drain()
+        if self._start is None:
+            return self._drain()
+        self._advance()
+        while len(self._ready) > 1:
+            self._advance(wait=True)
+        return self._take()
 
     def flush(self) -> list[Result]:
         """Score everything pending now (shutdown, revocation, end of replay)."""
         rest = self._batcher.flush()
         if rest is not None:
             self._ready.append(rest)
-        return self._drain()
+        if self._start is None:
+            return self._drain()
+        while self._inflight is not None or self._ready:
+            self._advance(wait=True)
+        return self._take()
 
     def next_deadline(self) -> float | None:
-        return self._batcher.deadline()
+        """Clock time by which ``poll`` should be called: the pending batch's deadline, or
+        soon while a batch is in inference (its result is handed out by ``poll``)."""
+        deadline = self._batcher.deadline()
+        if self._inflight is not None:
+            soon = self._clock() + 0.001
+            return soon if deadline is None else min(deadline, soon)
+        return deadline
 
     @property
     def pending(self) -> int:
-        return len(self._batcher) + sum(len(b) for b in self._ready)
+        inflight = len(self._inflight.batch) if self._inflight is not None else 0
+        return len(self._batcher) + sum(len(b) for b in self._ready) + inflight + len(self._out)
 
     # -- state -------------------------------------------------------------------------
     def forget(self, sensors: Iterable[str]) -> None:
@@ -173,6 +220,26 @@ class Detector:
             out.extend(self._score(self._ready.pop(0)))
         return out
 
+    def _advance(self, wait: bool = False) -> None:
+        """Async scorer: collect the batch in inference if done (or ``wait``), start the next."""
+        fl = self._inflight
+        if fl is not None:
+            if not (wait or fl.handle.done()):
+                return
+            self._inflight = None
+            rec_err, fc_err = fl.handle.result()
+            seconds = time.perf_counter() - fl.t0
+        if self._ready:  # start the next batch first: the model works while we finish this one
+            batch = self._ready.pop(0)
+            assert self._start is not None
+            self._inflight = _InFlight(batch, self._start(batch.windows), time.perf_counter())
+        if fl is not None:
+            self._out.extend(self._finish(fl.batch, rec_err, fc_err, seconds))
+
+    def _take(self) -> list[Result]:
+        out, self._out = self._out, []
+        return out
+
     def _sensor(self, sensor: str) -> _SensorState:
         st = self._state.get(sensor)
         if st is None:
@@ -185,8 +252,12 @@ class Detector:
     def _score(self, batch: Batch) -> list[Result]:
         t0 = time.perf_counter()
         rec_err, fc_err = self._scorer.errors(batch.windows)
+        return self._finish(batch, rec_err, fc_err, time.perf_counter() - t0)
+
+    def _finish(self, batch: Batch, rec_err: np.ndarray, fc_err: np.ndarray,
+                seconds: float) -> list[Result]:
         if self.on_batch is not None:
-            self.on_batch(len(batch), time.perf_counter() - t0)
+            self.on_batch(len(batch), seconds)
         self.batch_sizes.append(len(batch))
         if len(self.batch_sizes) > 10_000:
             del self.batch_sizes[:5_000]

@@ -15,6 +15,41 @@ from stream_detector.errors import ArtifactError
 from stream_detector.manifest import MODEL_FILE, Manifest, read_manifest
 
 
+class _AsyncModel(torch.nn.Module):
+    """``forward`` starts the model on torch's inter-op thread pool and returns its future at
+    once. The task runs the TorchScript graph in C++ without the GIL, so Python work of the
+    caller (decoding the next readings) overlaps with inference."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.jit.Future[tuple[torch.Tensor, torch.Tensor]]:
+        return torch.jit.fork(self.model, x)
+
+
+class PendingErrors:
+    """Handle of :meth:`TorchScorer.errors_async`: ``done()`` and ``result()``."""
+
+    __slots__ = ("_future", "_value")
+
+    def __init__(self, future: torch.Future | None,
+                 value: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        self._future = future
+        self._value = value
+
+    def done(self) -> bool:
+        return self._future is None or self._future.done()
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """The errors, as :meth:`TorchScorer.errors` returns them (waits if not done)."""
+        if self._value is None:
+            assert self._future is not None
+            rec, fc = self._future.wait()
+            self._value = (rec.numpy().astype(np.float64), fc.numpy().astype(np.float64))
+        return self._value
+
+
 class TorchScorer:
     """Implements the :class:`stream_detector.detector.Scorer` protocol with a TorchScript model.
 
@@ -33,6 +68,10 @@ class TorchScorer:
         self._clip = np.float32(manifest.clip)
         if threads > 0:
             torch.set_num_threads(threads)
+        try:
+            self._async: torch.jit.ScriptModule | None = torch.jit.script(_AsyncModel(module))
+        except Exception:  # noqa: BLE001 - a module that cannot be wrapped is scored in line
+            self._async = None
 
     @classmethod
     def load(
@@ -82,6 +121,17 @@ class TorchScorer:
         with torch.inference_mode():
             rec, fc = self._module(x)
         return rec.numpy().astype(np.float64), fc.numpy().astype(np.float64)
+
+    def errors_async(self, windows: np.ndarray) -> PendingErrors:
+        """Start :meth:`errors` on torch's inter-op thread pool; same numbers, returns at once.
+
+        Falls back to scoring in line (a finished handle) when the module cannot be wrapped.
+        """
+        if self._async is None:
+            return PendingErrors(None, self.errors(windows))
+        x = torch.from_numpy(np.ascontiguousarray(self.scale(windows)))
+        with torch.inference_mode():
+            return PendingErrors(self._async(x))
 
     def errors_batched(
         self, windows: np.ndarray, batch: int = 4096

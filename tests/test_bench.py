@@ -1,0 +1,142 @@
+"""Smoke test of ``stream-detector bench``: quick sizes finish, print every section and write
+both reports. Timings are not asserted (the machine is shared; see docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from stream_detector.bench import run_bench
+from stream_detector.cli import build_parser
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SECTIONS = (
+    "## 1. Model-only limit",
+    "## 2. Ingest limit",
+    "## 3. End to end",
+    "## 4. Latency",
+    "## 5. Memory and scale",
+    "## 6. River HalfSpaceTrees",
+    "## 7. Quality / speed trade-off",
+    "## Targets",
+)
+
+
+def test_cli_parses_bench_flags(tmp_path: Path) -> None:
+    args = build_parser().parse_args(
+        ["bench", "--quick", "--quality", "--out", str(tmp_path), "--artifact", "a",
+         "--data-dir", "d"])
+    assert args.quick and args.quality and args.out == tmp_path
+    assert args.artifact == Path("a") and args.data_dir == Path("d")
+
+
+@pytest.mark.timeout(900)
+def test_quick_bench_prints_every_section_and_writes_reports(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = argparse.Namespace(quick=True, quality=False, out=tmp_path / "bench", artifact=None,
+                              data_dir=tmp_path / "no-smd-here")
+    assert run_bench(args) == 0
+    printed = capsys.readouterr().out
+    for section in SECTIONS:
+        assert section in printed, section
+    assert "skipped (pass --quality)" in printed
+    report = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    for key in ("machine", "model", "ingest", "e2e", "latency", "memory", "river", "targets"):
+        assert key in report, key
+    assert report["e2e"]["model"]["windows"] > 0
+    assert report["model"]["headline"]["windows_per_s"] > 0
+    assert len(report["latency"]) >= 2
+    assert report["river"]["speed"]["readings_per_s"] > 0
+    md = (tmp_path / "bench" / "bench.md").read_text()
+    for section in SECTIONS[:6]:
+        assert section.split(" (")[0] in md
+
+
+# The benchmarks drive the Detector with TorchScorer.errors_async (model overlapped with
+# decoding); results must not depend on it.
+
+
+class _Handle:
+    def __init__(self, future) -> None:
+        self._future = future
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self):
+        return self._future.result()
+
+
+class _AsyncNumpyScorer:
+    """NumpyScorer whose ``errors_async`` finishes a little later on another thread."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from stream_detector.testing import NumpyScorer
+
+        self.inner = NumpyScorer()
+        self.pool = ThreadPoolExecutor(1)
+        self.started = 0
+
+    def errors(self, windows):
+        return self.inner.errors(windows)
+
+    def errors_async(self, windows):
+        import time
+
+        self.started += 1
+
+        def run():
+            time.sleep(0.001)
+            return self.inner.errors(windows)
+
+        return _Handle(self.pool.submit(run))
+
+
+def _run_detector(scorer) -> tuple[list[tuple], int]:
+    import numpy as np
+
+    from stream_detector.config import DetectorSettings
+    from stream_detector.detector import Detector
+    from stream_detector.records import Reading
+    from stream_detector.testing import FakeClock, make_manifest
+
+    clock = FakeClock()
+    det = Detector(make_manifest(window=4, smoothing=3, threshold=0.5), scorer,
+                   DetectorSettings(max_batch=3, max_wait_ms=5, clear_after=2), clock=clock,
+                   wall_clock_ms=lambda: 0)
+    rng = np.random.default_rng(0)
+    out = []
+    max_pending = 0
+    for t in range(40):
+        for s in ("a", "b", "c", "d", "e"):
+            v = rng.normal(0, 0.1, 3).astype(np.float32)
+            if s == "b" and 20 <= t < 23:
+                v[2] += 5.0
+            det.submit(Reading(s, t, v, ref=(s, t)))
+        clock.advance(0.002)
+        max_pending = max(max_pending, det.pending)
+        out += det.poll()
+    out += det.flush()
+    assert det.pending == 0 and det.next_deadline() is None
+    rows = [(r.ref, r.score.score, r.score.level, r.alert.event if r.alert else None)
+            for r in out]
+    return rows, max_pending
+
+
+def test_async_scorer_gives_the_same_results_in_the_same_order() -> None:
+    from stream_detector.testing import NumpyScorer
+
+    sync_rows, _ = _run_detector(NumpyScorer())
+    scorer = _AsyncNumpyScorer()
+    async_rows, _ = _run_detector(scorer)
+    assert scorer.started > 10
+    assert async_rows == sync_rows
+    assert len(sync_rows) == 5 * (40 - 3)
+    assert any(row[3] == "open" for row in sync_rows)
