@@ -95,7 +95,7 @@ class ReadingDecoder:
         if not isinstance(sensor, str) or not sensor or len(sensor) > 256:
             raise BadRecord("bad_sensor", "sensor must be a non-empty string of <= 256 chars")
         ts = obj["ts"]
-        if isinstance(ts, bool) or not isinstance(ts, int) or ts < 0:
+        if isinstance(ts, bool) or not isinstance(ts, int) or not 0 <= ts < 2**63:
             raise BadRecord("bad_timestamp", f"ts must be a non-negative integer (ms), got {ts!r}")
         return Reading(sensor, ts, self._values(obj["values"]), ref)
 

@@ -407,3 +407,12 @@ def test_settings_are_frozen(clean_env) -> None:
     s = load_settings()
     with pytest.raises(ValidationError):
         s.detector.max_batch = 3  # type: ignore[misc]
+
+
+def test_timestamp_beyond_int64_is_a_bad_timestamp() -> None:
+    from stream_detector.records import BadRecord, ReadingDecoder
+
+    dec = ReadingDecoder(("a",))
+    with pytest.raises(BadRecord) as info:
+        dec.decode(b'{"sensor": "s", "ts": 18446744073709551615, "values": [1.0]}')
+    assert info.value.reason == "bad_timestamp"
