@@ -67,8 +67,9 @@ def run_evaluation(
     seed: int = 0,
     progress: bool = True,
 ) -> EvaluationResult:
-    from stream_detector.baselines import run_baselines
+    from stream_detector.baselines import BASELINES, run_baselines
     from stream_detector.datasets import load_dataset
+    from stream_detector.errors import ConfigError
     from stream_detector.metrics import entity_metrics, summarize
     from stream_detector.model.runtime import TorchScorer
     from stream_detector.offline import batch_score
@@ -80,6 +81,9 @@ def run_evaluation(
     manifest = scorer.manifest
     data = load_dataset(dataset, data_dir, entities)
     baselines = list(baselines or [])
+    unknown = sorted(set(baselines) - set(BASELINES))
+    if unknown:
+        raise ConfigError(f"unknown baseline(s) {unknown}; known: {', '.join(BASELINES)}")
     q = float(manifest.training.get("config", {}).get("threshold_q", 0.995))
     val_fraction = float(manifest.training.get("config", {}).get("val_fraction", 0.2))
 
@@ -98,8 +102,8 @@ def run_evaluation(
         if baselines:
             bs = run_baselines(e, baselines, seed)
             for b in baselines:
-                thr = (1.0 - (1.0 - q)) if b == "random" else baseline_threshold(
-                    e, b, q, val_fraction, seed)
+                # uniform random scores: quantile q of their distribution is q itself
+                thr = q if b == "random" else baseline_threshold(e, b, q, val_fraction, seed)
                 bm = entity_metrics(bs[b], e.labels, thr)
                 per_method[b].append({"entity": e.name, **bm})
                 for k in METRICS:

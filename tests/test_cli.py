@@ -99,3 +99,11 @@ def test_dev_broker_runs_until_sigterm(tmp_path: Path) -> None:
         assert proc.returncode == 0
     assert not ready.exists()
     assert bootstrap in out
+
+
+def test_unknown_baseline_is_a_clear_error(quick_artifact: Path, tmp_path: Path) -> None:
+    r = _cli("evaluate", "--dataset", "synthetic", "--entities", "sensor-000",
+             "--artifact", str(quick_artifact), "--out", str(tmp_path / "e"),
+             "--baselines", "random,lstm")
+    assert r.returncode == 2
+    assert "unknown baseline" in r.stderr and "'lstm'" in r.stderr and "ridge" in r.stderr
