@@ -676,7 +676,15 @@ LATENCY_FETCH_WAIT_MS = 10
 
 def bench_latency(scorer: Any, manifest: Any, fleet: Fleet, rate: float, sizes: Sizes,
                   sensors: int, fetch_wait_ms: int | None = LATENCY_FETCH_WAIT_MS,
-                  max_wait_ms: float | None = None) -> dict[str, Any]:
+                  max_wait_ms: float | None = None, via: str = "scores") -> dict[str, Any]:
+    """Reading produced -> score/alert record, at ``rate`` readings/s.
+
+    ``via="scores"``: the score topic is on and every scored window is timed (the score topic
+    costs the service 10-25 us per reading). ``via="alerts"``: the default deployment (score
+    topic off); only the windows that raise an alert event are timed, through the alert topic.
+    """
+    if via not in ("scores", "alerts"):
+        raise ValueError(f"via must be 'scores' or 'alerts', got {via!r}")
     from stream_detector.config import DetectorSettings
     from stream_detector.consumer import DetectorService
     from stream_detector.devbroker import EmbeddedBroker
@@ -685,7 +693,7 @@ def bench_latency(scorer: Any, manifest: Any, fleet: Fleet, rate: float, sizes: 
     w = manifest.window
     with EmbeddedBroker() as broker:
         bs = broker.bootstrap_servers
-        topics = _topics(broker, 4, True)
+        topics = _topics(broker, 4, via == "scores")
         broker.create_topics([topics["input"] + "-warm"], 1)
         # warm every sensor's window with W-1 readings in the past, so the paced part scores
         # every reading
@@ -705,7 +713,9 @@ def bench_latency(scorer: Any, manifest: Any, fleet: Fleet, rate: float, sizes: 
             with ProcessPoolExecutor(2, mp_context=ctx) as pool:
                 mgr = ctx.Manager()
                 go, r_ready, p_ready = mgr.Event(), mgr.Event(), mgr.Event()
-                reader = pool.submit(_latency_reader, bs, topics["scores"], total, r_ready, 10.0)
+                # alerts: their number is not known in advance, the reader stops when idle
+                expect = total if via == "scores" else 1 << 62
+                reader = pool.submit(_latency_reader, bs, topics[via], expect, r_ready, 10.0)
                 producer = pool.submit(_latency_producer, bs, topics["input"], fleet, sensors,
                                        w - 1, rate, sizes.latency_seconds, p_ready, go)
                 if not (r_ready.wait(120) and p_ready.wait(120)):
@@ -727,6 +737,7 @@ def bench_latency(scorer: Any, manifest: Any, fleet: Fleet, rate: float, sizes: 
     created = (np.asarray(read["created"], dtype=np.int64) - ends)[keep]
     arrived = (np.asarray(read["arrived"], dtype=np.int64) - ends)[keep]
     return {
+        "via": via,
         "target_rate": rate,
         "produced_rate": prod["rate"],
         "produced": prod["produced"],

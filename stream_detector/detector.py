@@ -82,12 +82,13 @@ _LABELS = {level: level.label for level in Level}
 
 
 class _SensorState:
-    __slots__ = ("smoother", "tracker", "threshold")
+    __slots__ = ("smoother", "tracker", "threshold", "row")
 
-    def __init__(self, k: int, threshold: float) -> None:
+    def __init__(self, k: int, threshold: float, row: int) -> None:
         self.smoother = Smoother(k)
         self.tracker = EpisodeTracker()
         self.threshold = threshold
+        self.row = row  # the sensor's error scales in the ScoreFunction (0 = global)
 
 
 class Detector:
@@ -244,7 +245,8 @@ class Detector:
         st = self._state.get(sensor)
         if st is None:
             st = _SensorState(
-                self.manifest.score.smoothing, self.manifest.thresholds.for_sensor(sensor)
+                self.manifest.score.smoothing, self.manifest.thresholds.for_sensor(sensor),
+                self._score_fn.row(sensor),
             )
             self._state[sensor] = st
         return st
@@ -261,19 +263,19 @@ class Detector:
         self.batch_sizes.append(len(batch))
         if len(self.batch_sizes) > 10_000:
             del self.batch_sizes[:5_000]
-        scored = self._score_fn(rec_err, fc_err)
+        states = self._state
+        sensor_state = self._sensor
+        sts = [states.get(item.sensor) or sensor_state(item.sensor) for item in batch.items]
+        scored = self._score_fn(rec_err, fc_err, [st.row for st in sts])
         now_ms = self._wall_ms()
         version = self.manifest.model_version
         results = []
         raw = scored.score.tolist()
         recs = scored.reconstruction.tolist()
         fcs = scored.forecast.tolist()
-        states = self._state
         hyst = self._hyst
         for j, item in enumerate(batch.items):
-            st = states.get(item.sensor)
-            if st is None:
-                st = self._sensor(item.sensor)
+            st = sts[j]
             score = st.smoother.push(raw[j])
             tracker = st.tracker
             event = tracker.step(item.end_ms, score, st.threshold, hyst)

@@ -21,7 +21,10 @@ import orjson
 
 from stream_detector.errors import ArtifactError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Schema versions this build reads. Version 1 had no per-sensor error scales and no feature
+#: weights; it is read with both absent (global scales, every feature weighted equally).
+READABLE_SCHEMA_VERSIONS = (1, 2)
 MODEL_FILE = "model.pt"
 MANIFEST_FILE = "manifest.json"
 
@@ -31,8 +34,17 @@ class ScoreSpec:
     """How per-feature errors become one score. Higher score = more anomalous.
 
     ``score = w_rec * reconstruction_error + w_fc * forecast_error`` where each error term is the
-    mean over features of the squared error divided by that feature's typical error on
-    validation data (``rec_scale`` / ``fc_scale``), so that no single noisy feature dominates.
+    (weighted) mean over features of the squared error divided by that feature's typical error
+    on validation data, so that no single noisy feature dominates.
+
+    * ``rec_scale`` / ``fc_scale``: typical errors over all training sensors (the default, and
+      what a sensor unseen in training gets).
+    * ``per_sensor``: ``{sensor: {"rec": [...], "fc": [...]}}``, typical errors of that sensor
+      on its own validation rows (empty = global scales for every sensor).
+    * ``feature_weights``: one non-negative weight per feature for the mean over features
+      (empty = equal weights). A zero weight keeps a feature as model input but out of the
+      score, e.g. the command flags of the SMAP/MSL channels.
+
     The reported score is the mean of the last ``smoothing`` window scores of the sensor.
     """
 
@@ -41,6 +53,8 @@ class ScoreSpec:
     rec_scale: tuple[float, ...]
     fc_scale: tuple[float, ...]
     smoothing: int = 1
+    per_sensor: dict[str, dict[str, tuple[float, ...]]] = field(default_factory=dict)
+    feature_weights: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,6 +105,12 @@ class Manifest:
             s = dict(data["score"])
             s["rec_scale"] = tuple(float(v) for v in s["rec_scale"])
             s["fc_scale"] = tuple(float(v) for v in s["fc_scale"])
+            s["per_sensor"] = {
+                str(name): {"rec": tuple(float(v) for v in sc["rec"]),
+                            "fc": tuple(float(v) for v in sc["fc"])}
+                for name, sc in dict(s.get("per_sensor") or {}).items()
+            }
+            s["feature_weights"] = tuple(float(v) for v in s.get("feature_weights") or ())
             data["score"] = ScoreSpec(**s)
             data["thresholds"] = ThresholdSpec(**data["thresholds"])
             return cls(**data)
@@ -106,9 +126,19 @@ class Manifest:
             "score.rec_scale": len(self.score.rec_scale),
             "score.fc_scale": len(self.score.fc_scale),
         }
+        for sensor, sc in self.score.per_sensor.items():
+            checks[f"score.per_sensor[{sensor!r}].rec"] = len(sc["rec"])
+            checks[f"score.per_sensor[{sensor!r}].fc"] = len(sc["fc"])
+        if self.score.feature_weights:
+            checks["score.feature_weights"] = len(self.score.feature_weights)
         for name, n in checks.items():
             if n != f:
                 raise ArtifactError(f"manifest {name} has {n} values but there are {f} features")
+        weights = self.score.feature_weights
+        if weights and (min(weights) < 0 or sum(weights) <= 0 or not np.all(np.isfinite(weights))):
+            raise ArtifactError(
+                "manifest score.feature_weights must be finite, non-negative and not all zero"
+            )
         if self.window < 3:
             raise ArtifactError(f"manifest window must be >= 3, got {self.window}")
         if min(self.scaler_std) <= 0:
@@ -150,9 +180,10 @@ def read_manifest(
     if not isinstance(raw, dict):
         raise ArtifactError(f"{mpath} must hold a JSON object")
     version = raw.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_SCHEMA_VERSIONS:
+        readable = ", ".join(str(v) for v in READABLE_SCHEMA_VERSIONS)
         raise ArtifactError(
-            f"{mpath} has schema_version {version!r}; this build reads {SCHEMA_VERSION}"
+            f"{mpath} has schema_version {version!r}; this build reads {readable}"
         )
     manifest = Manifest.from_dict(raw)
     manifest.validate()

@@ -44,7 +44,9 @@ def batch_score(scorer: Scorer, manifest: Manifest, entity: Entity) -> EntitySco
         r, f = scorer.errors(np.ascontiguousarray(windows[i : i + 4096]))
         recs.append(r)
         fcs.append(f)
-    scored = ScoreFunction(manifest.score)(np.concatenate(recs), np.concatenate(fcs))
+    score_fn = ScoreFunction(manifest.score)
+    rows = np.full(len(windows), score_fn.row(entity.name), dtype=np.intp)
+    scored = score_fn(np.concatenate(recs), np.concatenate(fcs), rows)
     # windows[0] ends at row W-1 = the first test row when the full context is there
     skip = len(windows) - len(entity.test)
     score = smooth(scored.score, manifest.score.smoothing)[skip:]

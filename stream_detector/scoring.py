@@ -14,6 +14,7 @@ Direction, stated once for the whole package: **a higher score means more anomal
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,22 +35,51 @@ class ScoredWindows:
 
 
 class ScoreFunction:
-    """``score = w_rec * mean_f(rec_err_f / rec_scale_f)``
-    ``+ w_fc * mean_f(fc_err_f / fc_scale_f)``."""
+    """``score = w_rec * mean_f(rec_err_f / rec_scale_f) + w_fc * mean_f(fc_err_f / fc_scale_f)``
+
+    The scales are the sensor's own (``ScoreSpec.per_sensor``) or the global ones; the mean over
+    features is weighted by ``ScoreSpec.feature_weights`` when the artifact has them. Call with
+    ``rows`` (one :meth:`row` per window) to use per-sensor scales; without it every window
+    gets the global scales.
+    """
 
     def __init__(self, spec: ScoreSpec) -> None:
         self.spec = spec
-        self._rec_inv = 1.0 / np.maximum(np.asarray(spec.rec_scale, dtype=np.float64), EPS)
-        self._fc_inv = 1.0 / np.maximum(np.asarray(spec.fc_scale, dtype=np.float64), EPS)
+        names = list(spec.per_sensor)
+        self._rows = {name: i + 1 for i, name in enumerate(names)}  # row 0: global scales
+        rec = [spec.rec_scale] + [spec.per_sensor[n]["rec"] for n in names]
+        fc = [spec.fc_scale] + [spec.per_sensor[n]["fc"] for n in names]
+        self._rec_inv = 1.0 / np.maximum(np.asarray(rec, dtype=np.float64), EPS)
+        self._fc_inv = 1.0 / np.maximum(np.asarray(fc, dtype=np.float64), EPS)
+        w = np.asarray(spec.feature_weights, dtype=np.float64)
+        self._weights = w / w.sum() if w.size else None
 
-    def __call__(self, rec_err: np.ndarray, fc_err: np.ndarray) -> ScoredWindows:
-        rec_n = np.asarray(rec_err, dtype=np.float64) * self._rec_inv
-        fc_n = np.asarray(fc_err, dtype=np.float64) * self._fc_inv
-        n_features = rec_n.shape[1]
-        contrib = (self.spec.w_rec * rec_n + self.spec.w_fc * fc_n) / n_features
-        rec_term = rec_n.mean(axis=1)
-        fc_term = fc_n.mean(axis=1)
-        score = self.spec.w_rec * rec_term + self.spec.w_fc * fc_term
+    def row(self, sensor: str) -> int:
+        """Index of ``sensor``'s scales (0 = the global ones, for sensors unseen in training)."""
+        return self._rows.get(sensor, 0)
+
+    def __call__(
+        self, rec_err: np.ndarray, fc_err: np.ndarray, rows: Sequence[int] | np.ndarray | None = None
+    ) -> ScoredWindows:
+        if rows is None or len(self._rows) == 0:
+            rec_inv, fc_inv = self._rec_inv[0], self._fc_inv[0]
+        else:
+            idx = np.asarray(rows, dtype=np.intp)
+            rec_inv, fc_inv = self._rec_inv[idx], self._fc_inv[idx]
+        rec_n = np.asarray(rec_err, dtype=np.float64) * rec_inv
+        fc_n = np.asarray(fc_err, dtype=np.float64) * fc_inv
+        w_rec, w_fc = self.spec.w_rec, self.spec.w_fc
+        if self._weights is None:
+            n_features = rec_n.shape[1]
+            contrib = (w_rec * rec_n + w_fc * fc_n) / n_features
+            rec_term = rec_n.mean(axis=1)
+            fc_term = fc_n.mean(axis=1)
+        else:
+            wts = self._weights
+            contrib = (w_rec * rec_n + w_fc * fc_n) * wts
+            rec_term = rec_n @ wts
+            fc_term = fc_n @ wts
+        score = w_rec * rec_term + w_fc * fc_term
         return ScoredWindows(rec_term, fc_term, score, contrib)
 
 

@@ -54,6 +54,13 @@ class TrainConfig:
     w_rec: float = 0.5
     w_fc: float = 0.5
     scale_floor_ratio: float = 0.5
+    # error scales per sensor from its own validation rows (sensors with fewer validation
+    # windows than min_sensor_windows, and sensors unseen in training, use the global scales)
+    per_sensor_scales: bool = True
+    min_sensor_windows: int = 100
+    # features that enter the score ("" = the dataset's choice: all, or for SMAP/MSL only the
+    # telemetry value; "all" = every feature); a comma-separated string or a tuple of names
+    score_features: tuple[str, ...] | str = ""
     smoothing: int = 4
     threshold_method: str = "quantile"
     threshold_q: float = 0.995
@@ -70,6 +77,9 @@ class TrainConfig:
             raise ValueError(f"window must be >= 3, got {self.window}")
         if self.w_rec < 0 or self.w_fc < 0 or self.w_rec + self.w_fc <= 0:
             raise ValueError("score weights must be non-negative and not both zero")
+        if isinstance(self.score_features, str):
+            names = tuple(f.strip() for f in self.score_features.split(",") if f.strip())
+            object.__setattr__(self, "score_features", names)
 
 
 @dataclass
@@ -91,6 +101,27 @@ def _check_features(entities: list[Entity]) -> tuple[str, ...]:
                 f"{len(features)}: one model needs one feature set; train them separately"
             )
     return features
+
+
+def _feature_weights(cfg: TrainConfig, entities: list[Entity],
+                     features: tuple[str, ...]) -> tuple[float, ...]:
+    """Weights of the score's mean over features: () = all equal (every feature scored)."""
+    chosen = cfg.score_features or entities[0].scored_features or ()
+    if not chosen or tuple(chosen) == ("all",):
+        return ()
+    unknown = [f for f in chosen if f not in features]
+    if unknown:
+        raise ValueError(
+            f"score_features {unknown} are not features of this dataset; known: "
+            f"{list(features)[:12]}{' ...' if len(features) > 12 else ''}"
+        )
+    return tuple(1.0 if f in chosen else 0.0 for f in features)
+
+
+def _floored(scale: np.ndarray, ratio: float) -> np.ndarray:
+    """Raise each feature's typical error to at least ``ratio`` x the mean over features, so a
+    feature that hardly varied in validation cannot blow the score up on its first change."""
+    return np.maximum(scale, ratio * scale.mean() + 1e-12)
 
 
 def _split_rows(e: Entity, val_fraction: float, window: int) -> tuple[np.ndarray, np.ndarray]:
@@ -207,15 +238,24 @@ def train(
 
     # Error scales and thresholds come from validation windows only.
     rec, fc = _errors(model, val, cfg.window)
-    rec_scale = rec.mean(axis=0)
-    fc_scale = fc.mean(axis=0)
-    rec_scale = np.maximum(rec_scale, cfg.scale_floor_ratio * rec_scale.mean() + 1e-12)
-    fc_scale = np.maximum(fc_scale, cfg.scale_floor_ratio * fc_scale.mean() + 1e-12)
+    rec_scale = _floored(rec.mean(axis=0), cfg.scale_floor_ratio)
+    fc_scale = _floored(fc.mean(axis=0), cfg.scale_floor_ratio)
+    per_sensor_scale: dict[str, dict[str, tuple[float, ...]]] = {}
+    if cfg.per_sensor_scales:
+        for i, name in enumerate(names):
+            mine = val.owner == i
+            if mine.sum() >= cfg.min_sensor_windows:
+                per_sensor_scale[name] = {
+                    "rec": tuple(_floored(rec[mine].mean(axis=0), cfg.scale_floor_ratio).tolist()),
+                    "fc": tuple(_floored(fc[mine].mean(axis=0), cfg.scale_floor_ratio).tolist()),
+                }
     score_spec = ScoreSpec(
         w_rec=cfg.w_rec, w_fc=cfg.w_fc, rec_scale=tuple(rec_scale.tolist()),
-        fc_scale=tuple(fc_scale.tolist()), smoothing=cfg.smoothing,
+        fc_scale=tuple(fc_scale.tolist()), smoothing=cfg.smoothing, per_sensor=per_sensor_scale,
+        feature_weights=_feature_weights(cfg, list(entities), features),
     )
-    raw = ScoreFunction(score_spec)(rec, fc).score
+    score_fn = ScoreFunction(score_spec)
+    raw = score_fn(rec, fc, [score_fn.row(names[i]) for i in val.owner]).score
     per_sensor: dict[str, float] = {}
     smoothed_all = []
     for i, name in enumerate(names):
@@ -247,7 +287,8 @@ def train(
         thresholds=thresholds,
         sha256="",
         training={
-            "config": {k: v for k, v in asdict(cfg).items() if k != "progress"},
+            "config": {k: list(v) if isinstance(v, tuple) else v
+                       for k, v in asdict(cfg).items() if k != "progress"},
             "entities": names,
             "fit_windows": int(len(fit.starts)),
             "val_windows": int(len(val.starts)),

@@ -104,6 +104,38 @@ def test_score_function_weighted_sum_and_contributions() -> None:
     assert out.contributions.sum() == pytest.approx(out.score[0])
 
 
+def test_score_function_per_sensor_scales_and_feature_weights() -> None:
+    spec = ScoreSpec(
+        0.5, 0.5, (1.0, 1.0), (1.0, 1.0),
+        per_sensor={"a": {"rec": (2.0, 4.0), "fc": (1.0, 0.5)}},
+        feature_weights=(3.0, 1.0),
+    )
+    fn = ScoreFunction(spec)
+    assert fn.row("a") == 1 and fn.row("never-trained") == 0
+    rec, fc = np.array([[2.0, 4.0], [2.0, 4.0]]), np.array([[1.0, 1.0], [1.0, 1.0]])
+    out = fn(rec, fc, [fn.row("a"), fn.row("never-trained")])
+    # sensor a: its own scales; weights 3:1 -> 0.75 / 0.25
+    rec_a = 0.75 * (2.0 / 2.0) + 0.25 * (4.0 / 4.0)
+    fc_a = 0.75 * (1.0 / 1.0) + 0.25 * (1.0 / 0.5)
+    assert out.reconstruction[0] == pytest.approx(rec_a)
+    assert out.forecast[0] == pytest.approx(fc_a)
+    assert out.score[0] == pytest.approx(0.5 * rec_a + 0.5 * fc_a)
+    # an unseen sensor: the global scales
+    assert out.reconstruction[1] == pytest.approx(0.75 * 2.0 + 0.25 * 4.0)
+    np.testing.assert_allclose(out.contributions.sum(axis=1), out.score)
+    # without rows every window gets the global scales
+    np.testing.assert_allclose(fn(rec, fc).score, out.score[[1, 1]])
+
+
+def test_zero_weight_feature_never_moves_the_score() -> None:
+    spec = ScoreSpec(0.5, 0.5, (1.0, 1.0), (1.0, 1.0), feature_weights=(1.0, 0.0))
+    fn = ScoreFunction(spec)
+    quiet = fn(np.array([[1.0, 0.0]]), np.array([[1.0, 0.0]]))
+    loud = fn(np.array([[1.0, 1e6]]), np.array([[1.0, 1e6]]))
+    assert loud.score[0] == quiet.score[0] == pytest.approx(1.0)
+    assert loud.contributions[0, 1] == 0.0
+
+
 def test_offline_smooth_equals_online_smoother() -> None:
     raw = np.random.default_rng(0).random(50)
     sm = Smoother(4)

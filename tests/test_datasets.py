@@ -262,6 +262,7 @@ def test_smap_msl_loaders(tmp_path: Path) -> None:
     assert p1.train.dtype == np.float32 and p1.test.shape == (20, 3)
     np.testing.assert_allclose(p1.test, arrays["test/P-1"].astype(np.float32))
     assert p1.features == ("value", "cmd01", "cmd02")
+    assert p1.scored_features == ("value",)  # the command flags are inputs, not scored
     assert np.flatnonzero(p1.labels).tolist() == [2, 3, 4, 10, 11]  # inclusive ends
 
     p2 = smap.load_entity(tmp_path, "P-2")  # duplicated row: sequences merged

@@ -300,7 +300,7 @@ def test_tampered_model_file_is_refused(artifact, tmp_path) -> None:
 def test_changed_schema_version_is_refused(artifact, tmp_path) -> None:
     root = _copy(artifact[0], tmp_path)
     _edit_manifest(root, schema_version=SCHEMA_VERSION + 1)
-    with pytest.raises(ArtifactError, match=r"schema_version 2; this build reads 1"):
+    with pytest.raises(ArtifactError, match=r"schema_version 3; this build reads 1, 2"):
         TorchScorer.load(root)
     _edit_manifest(root, schema_version=None)
     with pytest.raises(ArtifactError, match="schema_version None"):
@@ -363,6 +363,60 @@ def test_corrupted_manifest_is_refused_clearly(artifact, tmp_path) -> None:
         TorchScorer.load(root)
 
 
+def test_per_sensor_scales_and_feature_weights_are_checked(artifact, tmp_path) -> None:
+    root = _copy(artifact[0], tmp_path)
+    path = root / MANIFEST_FILE
+    good = orjson.loads(path.read_bytes())
+    sensor = next(iter(good["score"]["per_sensor"]))
+    raw = orjson.loads(path.read_bytes())
+    raw["score"]["per_sensor"][sensor]["fc"] = [1.0]
+    path.write_bytes(orjson.dumps(raw))
+    with pytest.raises(ArtifactError, match=rf"per_sensor\['{sensor}'\].fc has 1 values"):
+        TorchScorer.load(root)
+    raw = dict(good, score=dict(good["score"], feature_weights=[1.0, -1.0, 0.0, 0.0]))
+    path.write_bytes(orjson.dumps(raw))
+    with pytest.raises(ArtifactError, match="feature_weights must be finite, non-negative"):
+        TorchScorer.load(root)
+
+
+def test_schema_version_1_manifest_still_loads_with_global_scales(artifact, tmp_path) -> None:
+    """Artifacts written before per-sensor scales: read as global scales, equal weights."""
+    root = _copy(artifact[0], tmp_path)
+    raw = orjson.loads((root / MANIFEST_FILE).read_bytes())
+    raw["schema_version"] = 1
+    del raw["score"]["per_sensor"], raw["score"]["feature_weights"]
+    (root / MANIFEST_FILE).write_bytes(orjson.dumps(raw))
+    scorer = TorchScorer.load(root)
+    assert scorer.manifest.score.per_sensor == {} and scorer.manifest.score.feature_weights == ()
+    entity = artifact[2][0]
+    old = batch_score(scorer, scorer.manifest, entity)
+    new = batch_score(TorchScorer.load(artifact[0]), artifact[1], entity)
+    # same errors, other scales: the scores differ, the model outputs do not
+    assert not np.allclose(old.score, new.score)
+
+
+def test_trainer_writes_per_sensor_scales_from_validation_rows(artifact) -> None:
+    _, manifest, entities = artifact
+    spec = manifest.score
+    assert set(spec.per_sensor) == {e.name for e in entities}
+    a, b = (np.asarray(spec.per_sensor[e.name]["rec"]) for e in entities)
+    assert not np.allclose(a, b)  # two sensors, two noise levels
+    assert spec.feature_weights == ()  # synthetic: every feature is scored
+
+
+def test_score_features_select_what_is_scored(tmp_path) -> None:
+    entities = [dataclasses.replace(e, scored_features=(e.features[0],)) for e in _entities()]
+    cfg = dataclasses.replace(CFG, epochs=1)
+    m = train(entities, cfg, tmp_path / "a", dataset="synthetic")
+    assert m.score.feature_weights == (1.0, 0.0, 0.0, 0.0)
+    every = train(entities, dataclasses.replace(cfg, score_features="all"), tmp_path / "b")
+    assert every.score.feature_weights == ()
+    two = TrainConfig(score_features="f2, f1")
+    assert two.score_features == ("f2", "f1")
+    with pytest.raises(ValueError, match=r"score_features \['nope'\] are not features"):
+        train(entities, dataclasses.replace(cfg, score_features="nope"), tmp_path / "c")
+
+
 def test_checksum_valid_but_unloadable_or_mismatched_model_is_refused(artifact, tmp_path):
     from stream_detector.manifest import sha256_file
 
@@ -384,6 +438,8 @@ def test_checksum_valid_but_unloadable_or_mismatched_model_is_refused(artifact, 
     )
     raw["score"].update(rec_scale=raw["score"]["rec_scale"][:n],
                         fc_scale=raw["score"]["fc_scale"][:n])
+    for sc in raw["score"]["per_sensor"].values():
+        sc.update(rec=sc["rec"][:n], fc=sc["fc"][:n])
     (root / MANIFEST_FILE).write_bytes(orjson.dumps(raw))
     with pytest.raises(ArtifactError, match=r"does not accept windows of shape \(B, 8, 3\)"):
         TorchScorer.load(root)

@@ -42,6 +42,9 @@ class Entity:
     #: Optional epoch-millisecond timestamps of the test rows (NAB); None means one row per step.
     test_timestamps: np.ndarray | None = None
     meta: dict[str, str] = field(default_factory=dict)
+    #: Features that are measurements to score; None = all. The others are model inputs only
+    #: (SMAP/MSL: the command flags beside the telemetry value).
+    scored_features: tuple[str, ...] | None = None
 
 
 class DatasetLoader(Protocol):

@@ -199,6 +199,9 @@ class TelemanomLoader:
             labels=labels,
             features=feature_names(train.shape[1]),
             interpretation=None,
+            # the command flags are inputs (what the spacecraft was told to do); the anomaly
+            # is in the telemetry value, which is what telemanom and the reference scores use
+            scored_features=("value",),
             meta={
                 "dataset": self.name,
                 "spacecraft": self.spacecraft,
