@@ -66,31 +66,42 @@ class OffsetTracker:
     ``begin`` registers an offset with one pending hold; ``hold`` adds one, ``release`` removes
     one. ``advance`` returns, per partition, the next offset to store: one past the longest
     prefix of finished offsets.
+
+    ``begin`` returns the partition's current *generation* (an opaque token). A partition
+    dropped (revoked or lost) and assigned again gets a new generation, so a hold or release
+    that carries an old token (a scored window or a delivery report of a reading read before
+    the partition was lost) is ignored instead of touching the new assignment's offsets,
+    even when the same offset is read again.
     """
 
     def __init__(self) -> None:
         self._order: dict[TP, deque[int]] = {}
-        self._pending: dict[TP, dict[int, int]] = {}
+        self._pending: dict[TP, dict[int, int]] = {}  # the dict object is the generation token
         self._dirty: set[TP] = set()
 
-    def begin(self, tp: TP, offset: int) -> None:
-        order = self._order.get(tp)
-        if order is None:  # first offset of this partition (both maps gain and lose tp together)
-            order = self._order[tp] = deque()
-            self._pending[tp] = {}
-        order.append(offset)
-        self._pending[tp][offset] = 1
-
-    def hold(self, tp: TP, offset: int) -> None:
+    def begin(self, tp: TP, offset: int) -> object:
         pend = self._pending.get(tp)
-        if pend is None or offset not in pend:
+        if pend is None:  # first offset of this partition (both maps gain and lose tp together)
+            self._order[tp] = deque()
+            pend = self._pending[tp] = {}
+        self._order[tp].append(offset)
+        pend[offset] = 1
+        return pend
+
+    def generation(self, tp: TP) -> object | None:
+        """The partition's current token (None when not tracked)."""
+        return self._pending.get(tp)
+
+    def hold(self, tp: TP, offset: int, token: object | None = None) -> None:
+        pend = self._pending.get(tp)
+        if pend is None or offset not in pend or (token is not None and token is not pend):
             return  # partition was revoked or lost meanwhile (like release)
         pend[offset] += 1
 
-    def release(self, tp: TP, offset: int) -> None:
+    def release(self, tp: TP, offset: int, token: object | None = None) -> None:
         pend = self._pending.get(tp)
-        if pend is None or offset not in pend:
-            return  # partition was revoked meanwhile
+        if pend is None or offset not in pend or (token is not None and token is not pend):
+            return  # partition was revoked or lost meanwhile
         n = pend[offset] - 1
         if n > 0:
             pend[offset] = n
@@ -123,15 +134,17 @@ class OffsetTracker:
 
 
 class _Ref:
-    """Where a reading came from. A plain slots class: one is built per consumed message."""
+    """Where a reading came from. A plain slots class: one is built per consumed message.
+    ``gen`` is the partition's :class:`OffsetTracker` generation when the reading was read."""
 
-    __slots__ = ("tp", "offset", "silent", "kafka_ts_ms")
+    __slots__ = ("tp", "offset", "silent", "kafka_ts_ms", "gen")
 
     def __init__(self, tp: TP, offset: int, silent: bool, kafka_ts_ms: int) -> None:
         self.tp = tp
         self.offset = offset
         self.silent = silent
         self.kafka_ts_ms = kafka_ts_ms
+        self.gen: object | None = None
 
 
 _READY, _WARMING, _LATE = Status.READY, Status.WARMING, Status.LATE
@@ -290,7 +303,7 @@ class DetectorService:
                 silent = offset < silent_until.get(tp, -1)
                 ref = _Ref(tp, offset, silent, msg.timestamp()[1])
                 if not silent:
-                    tracker.begin(tp, offset)
+                    ref.gen = tracker.begin(tp, offset)
                     n_readings += 1
                 else:
                     n_rebuilt += 1
@@ -314,14 +327,14 @@ class DetectorService:
                     continue
                 if status is _WARMING:
                     n_warming += 1
-                    tracker.release(tp, offset)
+                    tracker.release(tp, offset, ref.gen)
                 elif status is _LATE:
                     if dead_letter_late:
                         self._dead_letter("late_or_duplicate",
                                           f"ts {reading.ts_ms} not after the sensor's last reading",
                                           msg, ref)
                     else:
-                        tracker.release(tp, offset)
+                        tracker.release(tp, offset, ref.gen)
                 else:  # FULL
                     self._dead_letter("bad_sensor", "sensor limit reached (max_sensors)", msg, ref)
         finally:
@@ -344,24 +357,29 @@ class DetectorService:
         k = self.settings.kafka
         score_topic = k.score_topic
         tracker = self.tracker
+        current = tracker.generation
         n = 0
         try:
             for r in results:
                 ref: _Ref = r.ref
                 if ref.silent:
                     continue
+                if ref.gen is not current(ref.tp):
+                    # read before its partition was lost: the partition's new owner scores the
+                    # reading again from the committed offset, so nothing is published here
+                    continue
                 n += 1
                 alert = r.alert
                 if score_topic or alert is not None:
                     key = r.score.sensor.encode()
                     if score_topic:
-                        tracker.hold(ref.tp, ref.offset)
+                        tracker.hold(ref.tp, ref.offset, ref.gen)
                         self._produce(score_topic, key, r.score.to_json(), ref, None)
                     if alert is not None:
-                        tracker.hold(ref.tp, ref.offset)
+                        tracker.hold(ref.tp, ref.offset, ref.gen)
                         self.metrics.alerts.labels(alert.event, alert.level).inc()
                         self._produce(k.alert_topic, key, alert.to_json(), ref, ref.kafka_ts_ms)
-                tracker.release(ref.tp, ref.offset)  # the hold taken by begin()
+                tracker.release(ref.tp, ref.offset, ref.gen)  # the hold taken by begin()
         finally:
             if n:
                 self.metrics.windows.inc(n)
@@ -377,7 +395,7 @@ class DetectorService:
             if latency_from_ms is not None and latency_from_ms > 0:
                 self.metrics.reading_to_alert.observe(
                     max(0.0, time.time() - latency_from_ms / 1000.0))
-            self.tracker.release(ref.tp, ref.offset)
+            self.tracker.release(ref.tp, ref.offset, ref.gen)
 
         while True:
             try:

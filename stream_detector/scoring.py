@@ -59,7 +59,10 @@ class ScoreFunction:
         return self._rows.get(sensor, 0)
 
     def __call__(
-        self, rec_err: np.ndarray, fc_err: np.ndarray, rows: Sequence[int] | np.ndarray | None = None
+        self,
+        rec_err: np.ndarray,
+        fc_err: np.ndarray,
+        rows: Sequence[int] | np.ndarray | None = None,
     ) -> ScoredWindows:
         if rows is None or len(self._rows) == 0:
             rec_inv, fc_inv = self._rec_inv[0], self._fc_inv[0]

@@ -187,6 +187,7 @@ def train(
 
     model = HybridModel(len(features), cfg.window, cfg.hidden, cfg.encoder, cfg.layers,
                         cfg.latent)
+    weights = _feature_weights(cfg, list(entities), features)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=1)
     val_idx = np.arange(len(val.starts))
@@ -252,7 +253,7 @@ def train(
     score_spec = ScoreSpec(
         w_rec=cfg.w_rec, w_fc=cfg.w_fc, rec_scale=tuple(rec_scale.tolist()),
         fc_scale=tuple(fc_scale.tolist()), smoothing=cfg.smoothing, per_sensor=per_sensor_scale,
-        feature_weights=_feature_weights(cfg, list(entities), features),
+        feature_weights=weights,
     )
     score_fn = ScoreFunction(score_spec)
     raw = score_fn(rec, fc, [score_fn.row(names[i]) for i in val.owner]).score

@@ -101,6 +101,57 @@ def test_drop_forgets_a_partition_and_late_callbacks_are_harmless() -> None:
     t.drop(("never", 0))  # unknown partition: no error
 
 
+def test_a_lost_and_reassigned_partition_ignores_its_old_generation() -> None:
+    """Lost, assigned again and the same offset read again: a stale release (a window scored
+    or a delivery report from before the loss) must not free the new reading's hold."""
+    t = OffsetTracker()
+    old = t.begin(A, 7)
+    t.hold(A, 7, old)  # e.g. its alert is in flight
+    t.drop(A)  # partitions lost
+    new = t.begin(A, 7)  # re-assigned, the same offset is read again
+    assert new is not old and t.generation(A) is new
+    t.release(A, 7, old)
+    t.release(A, 7, old)
+    t.hold(A, 7, old)
+    assert t.advance() == {}  # the new reading is still unfinished
+    t.release(A, 7, new)
+    assert t.advance() == {A: 8}
+
+
+def test_publish_skips_results_read_before_their_partition_was_lost() -> None:
+    from types import SimpleNamespace
+
+    from stream_detector.consumer import DetectorService, _Ref
+
+    class FakeProducer:
+        def __init__(self) -> None:
+            self.sent: list[tuple[str, bytes]] = []
+            self.callbacks: list = []
+
+        def produce(self, topic, value, key, on_delivery) -> None:
+            self.sent.append((topic, value))
+            self.callbacks.append(on_delivery)
+
+    settings = Settings(kafka={"score_topic": "scores"})
+    service = DetectorService(settings, None, None, serve_http=False)  # type: ignore[arg-type]
+    service._producer = FakeProducer()  # type: ignore[assignment]
+
+    def result(ref: _Ref, value: bytes):
+        score = SimpleNamespace(sensor="s1", to_json=lambda: value)
+        return SimpleNamespace(score=score, alert=None, ref=ref)
+
+    stale = _Ref(A, 7, False, 0)
+    stale.gen = service.tracker.begin(A, 7)
+    service.tracker.drop(A)  # what _on_lost does
+    fresh = _Ref(A, 7, False, 0)
+    fresh.gen = service.tracker.begin(A, 7)
+    service._publish([result(stale, b"stale"), result(fresh, b"fresh")])
+    assert service._producer.sent == [("scores", b"fresh")]
+    assert service.tracker.advance() == {}  # the score record is not delivered yet
+    service._producer.callbacks[0](None, None)
+    assert service.tracker.advance() == {A: 8}
+
+
 def test_release_after_advance_is_ignored() -> None:
     t = OffsetTracker()
     t.begin(A, 1)
