@@ -220,6 +220,12 @@ class DetectorService:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
 
+    @property
+    def failure(self) -> str | None:
+        """Why the service is stopping with an error (a failed delivery, a fatal consumer
+        error), or None while it is healthy; set from librdkafka's callbacks."""
+        return self._fatal
+
     def run(self) -> int:
         """Run until stopped. Returns the process exit code (0 = clean drain)."""
         s = self.settings

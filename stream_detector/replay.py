@@ -363,8 +363,8 @@ def _stream(opts: ReplayOptions, manifest: Any, scorer: Any, names: list[str],
                     last_progress = time.monotonic()
                 if errors:
                     raise ReplayError(errors[0])
-                if service is not None and service._fatal:  # noqa: SLF001
-                    raise ReplayError(f"consumer failed: {service._fatal}")  # noqa: SLF001
+                if service is not None and service.failure:
+                    raise ReplayError(f"consumer failed: {service.failure}")
                 if time.monotonic() - last_progress > opts.idle_timeout_s:
                     raise ReplayError(
                         f"no scores for {opts.idle_timeout_s:.0f} s with {expected - got} of "
