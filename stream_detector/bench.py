@@ -1128,7 +1128,8 @@ def render_markdown(r: dict[str, Any]) -> str:
             "",
             f"Rates relative to the best end-to-end rate of section 3 "
             f"({e2e_rate(r['e2e'][r['e2e']['best']]):,.0f}/s, "
-            f"{r['e2e']['best_threads']} torch thread(s)); "
+            f"{r['e2e']['best_threads']} torch thread(s)); the service runs with "
+            f"{r['latency'][0]['threads']} torch thread(s) (its default); "
             f"{r['latency'][0]['sensors']:,} sensors; producer linger.ms 5, consumers' "
             f"fetch.wait.max.ms {r['latency'][0]['fetch_wait_max_ms']}; the first "
             f"{r['latency'][0]['skip_first_s']:.0f} s are discarded.",
@@ -1324,13 +1325,18 @@ def run_bench(args: argparse.Namespace) -> int:
         points = [(0.5, "alerts"), (0.9, "alerts"), (0.5, "broker"), (0.5, "scores")]
         if sizes.name == "full":  # a light load, for the floor with headroom
             points += [(0.2, "alerts"), (0.2, "broker")]
+        # latency as deployed: the service's default torch threads (SD_SERVICE__TORCH_THREADS)
+        from stream_detector.config import ServiceSettings
+
+        lat_threads = ServiceSettings().torch_threads or default_threads
+        r["latency_threads"] = lat_threads
         for frac, via in points:
             rate = frac * e2e_rate(best)
-            with torch_threads(best_threads):
+            with torch_threads(lat_threads):
                 x = bench_latency(scorer, manifest, fleet, rate, sizes,
                                   min(sizes.latency_sensors, fleet.n_sensors), via=via)
             x["fraction"] = frac
-            x["threads"] = best_threads
+            x["threads"] = lat_threads
             r["latency"].append(x)
             a, b = x["produced_ms"], x["received_ms"]
             _say(f"  {frac:.0%} via {via} ({rate:,.0f}/s target, "

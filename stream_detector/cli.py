@@ -89,7 +89,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         overrides["artifact_dir"] = args.artifact
     settings = load_settings(**overrides)
     configure_logging(settings.service.log_format, settings.service.log_level)
-    scorer = TorchScorer.load(settings.artifact_dir, threads=args.threads)
+    threads = settings.service.torch_threads if args.threads is None else args.threads
+    scorer = TorchScorer.load(settings.artifact_dir, threads=threads)
     service = DetectorService(settings, scorer.manifest, scorer,
                               rebuild_lookback=args.rebuild_lookback)
     service.install_signal_handlers()
@@ -221,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the Kafka consumer (settings from SD_* env / .env)")
     s.add_argument("--artifact", type=Path, default=None, help="overrides SD_ARTIFACT_DIR")
-    s.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    s.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default SD_SERVICE__TORCH_THREADS, 1; "
+                        "0 = torch's default, one per core)")
     s.add_argument("--rebuild-lookback", type=int, default=10_000,
                    help="records re-read per assigned partition to rebuild windows")
     s.set_defaults(func=cmd_serve)

@@ -181,6 +181,12 @@ class ServiceSettings(_Group):
         True,
         description="On partition assignment, re-read recent records to rebuild windows.",
     )
+    torch_threads: int = Field(
+        1, ge=0, le=256,
+        description="Torch intra-op threads of the model (0 = torch's default, one per core). "
+        "The model runs beside the consumer loop (one core of Python) and librdkafka's "
+        "threads; 1 keeps them from competing for cores (docs/benchmarks.md).",
+    )
 
 
 class Settings(BaseSettings):
