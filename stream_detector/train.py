@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from stream_detector.datasets.base import Entity
-from stream_detector.errors import DatasetError
+from stream_detector.errors import ConfigError, DatasetError
 from stream_detector.manifest import SCHEMA_VERSION, Manifest, ScoreSpec, ThresholdSpec
 from stream_detector.model.artifact import write_artifact
 from stream_detector.model.network import HybridModel
@@ -111,7 +111,7 @@ def _feature_weights(cfg: TrainConfig, entities: list[Entity],
         return ()
     unknown = [f for f in chosen if f not in features]
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"score_features {unknown} are not features of this dataset; known: "
             f"{list(features)[:12]}{' ...' if len(features) > 12 else ''}"
         )
@@ -305,8 +305,12 @@ def train(
 
 
 def config_from_overrides(overrides: dict[str, Any]) -> TrainConfig:
+    """A :class:`TrainConfig` from ``--set`` options; a ConfigError names what is wrong."""
     fields = TrainConfig.__dataclass_fields__
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
-        raise ValueError(f"unknown training options {unknown}; known: {sorted(fields)}")
-    return TrainConfig(**overrides)
+        raise ConfigError(f"unknown training options {unknown}; known: {sorted(fields)}")
+    try:
+        return TrainConfig(**overrides)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid training options: {exc}") from None

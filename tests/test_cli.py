@@ -107,3 +107,17 @@ def test_unknown_baseline_is_a_clear_error(quick_artifact: Path, tmp_path: Path)
              "--baselines", "random,lstm")
     assert r.returncode == 2
     assert "unknown baseline" in r.stderr and "'lstm'" in r.stderr and "ridge" in r.stderr
+
+
+def test_bad_training_options_are_clear_errors(tmp_path: Path) -> None:
+    """Each is refused before training starts, with exit code 2 and no traceback."""
+    cases = [
+        (["--set", "window=1"], "invalid training options: window must be >= 3"),
+        (["--set", "windw=16"], "unknown training options ['windw']"),
+        (["--set", "score_features=nope"], "score_features ['nope'] are not features"),
+    ]
+    for extra, message in cases:
+        r = _cli("train", "--dataset", "synthetic", "--quick", "--out", str(tmp_path / "a"),
+                 *extra)
+        assert r.returncode == 2, (extra, r.stderr[-500:])
+        assert message in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr[-500:])

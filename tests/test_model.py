@@ -22,7 +22,7 @@ import torch
 
 from stream_detector.datasets.base import Entity
 from stream_detector.datasets.synthetic import generate
-from stream_detector.errors import ArtifactError, StreamDetectorError
+from stream_detector.errors import ArtifactError, ConfigError, StreamDetectorError
 from stream_detector.manifest import MANIFEST_FILE, MODEL_FILE, SCHEMA_VERSION, read_manifest
 from stream_detector.model.network import ENCODERS, HybridModel, default_latent
 from stream_detector.model.runtime import TorchScorer
@@ -413,7 +413,7 @@ def test_score_features_select_what_is_scored(tmp_path) -> None:
     assert every.score.feature_weights == ()
     two = TrainConfig(score_features="f2, f1")
     assert two.score_features == ("f2", "f1")
-    with pytest.raises(ValueError, match=r"score_features \['nope'\] are not features"):
+    with pytest.raises(ConfigError, match=r"score_features \['nope'\] are not features"):
         train(entities, dataclasses.replace(cfg, score_features="nope"), tmp_path / "c")
 
 
