@@ -418,6 +418,41 @@ def _wait(pred: Callable[[], bool], timeout: float, what: str, step: float = 0.0
         time.sleep(step)
 
 
+@contextlib.contextmanager
+def _service_thread(settings: Any, manifest: Any, scorer: Any,
+                    profile: str | None = None) -> Iterator[Any]:
+    """A :class:`DetectorService` running in a thread for the block; stopped and joined on
+    exit (the caller drops its reference and collects before the broker stops: the service's
+    Kafka clients must go first, else they keep retrying). ``profile``: cProfile stats file."""
+    from stream_detector.consumer import DetectorService
+
+    service = DetectorService(settings, manifest, scorer, serve_http=False)
+    prof = None
+    if profile:
+        import cProfile
+
+        prof = cProfile.Profile()
+
+    def target() -> None:
+        if prof is not None:
+            prof.enable()
+        try:
+            service.run()
+        finally:
+            if prof is not None:
+                prof.disable()
+
+    th = threading.Thread(target=target, daemon=True, name="bench-service")
+    th.start()
+    try:
+        yield service
+    finally:
+        service.stop()
+        th.join(60)
+        if prof is not None:
+            prof.dump_stats(profile)
+
+
 def run_service(
     scorer: Any,
     manifest: Any,
@@ -435,7 +470,6 @@ def run_service(
     The clock starts when the service has ingested its first reading (group join excluded) and
     stops when it has ingested every reading and scored every window.
     """
-    from stream_detector.consumer import DetectorService
     from stream_detector.devbroker import EmbeddedBroker
 
     n_sensors = sensors or fleet.n_sensors
@@ -446,25 +480,7 @@ def run_service(
         produced = produce_all(broker.bootstrap_servers, topics["input"],
                                fleet.messages(rounds, sensors=n_sensors))
         settings = bench_settings(broker.bootstrap_servers, topics)
-        service = DetectorService(settings, manifest, scorer, serve_http=False)
-        prof = None
-        if profile:
-            import cProfile
-
-            prof = cProfile.Profile()
-
-        def target() -> None:
-            if prof is not None:
-                prof.enable()
-            try:
-                service.run()
-            finally:
-                if prof is not None:
-                    prof.disable()
-
-        th = threading.Thread(target=target, daemon=True, name="bench-service")
-        th.start()
-        try:
+        with _service_thread(settings, manifest, scorer, profile) as service:
             _wait(lambda: service.detector is not None
                   and service.detector.counters["readings"] > 0, 120, "the first reading")
             t0 = time.perf_counter()
@@ -484,11 +500,6 @@ def run_service(
                 time.sleep(0.002)
             t1 = time.perf_counter()
             cpu = meter.stop()
-        finally:
-            service.stop()
-            th.join(60)
-        if prof is not None:
-            prof.dump_stats(profile)
         secs = t1 - t0
         steady = (windows - wa) / (t1 - ta) if ta is not None and t1 > ta else float("nan")
         sizes = det.batch_sizes
@@ -694,18 +705,16 @@ def bench_latency(scorer: Any, manifest: Any, fleet: Fleet, rate: float, sizes: 
     if via not in LATENCY_VIA:
         raise ValueError(f"via must be one of {LATENCY_VIA}, got {via!r}")
     from stream_detector.config import DetectorSettings
-    from stream_detector.consumer import DetectorService
     from stream_detector.devbroker import EmbeddedBroker
 
     ctx = mp.get_context("spawn")
     w = manifest.window
     partitions = 4
-    service = None
-    th = None
     with EmbeddedBroker() as broker:
         bs = broker.bootstrap_servers
         topics = _topics(broker, partitions, via == "scores")
         broker.create_topics([topics["input"] + "-warm"], 1)
+        running: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         if via != "broker":
             # warm every sensor's window with W-1 readings in the past, so the paced part
             # scores every reading
@@ -713,15 +722,12 @@ def bench_latency(scorer: Any, manifest: Any, fleet: Fleet, rate: float, sizes: 
             produce_all(bs, topics["input"], fleet.messages(w - 1, ts0_ms=past, sensors=sensors))
             extra = {"fetch.wait.max.ms": fetch_wait_ms} if fetch_wait_ms is not None else {}
             det_settings = {"max_wait_ms": max_wait_ms} if max_wait_ms is not None else {}
-            service = DetectorService(bench_settings(bs, topics, extra, **det_settings),
-                                      manifest, scorer, serve_http=False)
-            th = threading.Thread(target=service.run, daemon=True, name="bench-service")
-            th.start()
-        try:
+            running = _service_thread(bench_settings(bs, topics, extra, **det_settings),
+                                      manifest, scorer)
+        with running as service:
             if service is not None:
-                svc = service
-                _wait(lambda: svc.detector is not None
-                      and svc.detector.counters["readings"] >= sensors * (w - 1), 120,
+                _wait(lambda: service.detector is not None
+                      and service.detector.counters["readings"] >= sensors * (w - 1), 120,
                       "the warm-up readings", step=0.05)
             total = int(rate * sizes.latency_seconds)
             with ProcessPoolExecutor(2, mp_context=ctx) as pool:
@@ -745,13 +751,8 @@ def bench_latency(scorer: Any, manifest: Any, fleet: Fleet, rate: float, sizes: 
                 read = reader.result(timeout=600)
                 cpu = meter.stop()
                 mgr.shutdown()
-        finally:
-            if service is not None:
-                service.stop()
-            if th is not None:
-                th.join(60)
-            service = None
-            gc.collect()
+        service = running = None
+        gc.collect()
     ends = np.asarray(read["ends"], dtype=np.int64)
     keep = ends >= skip_until
     created = (np.asarray(read["created"], dtype=np.int64) - ends)[keep]

@@ -45,8 +45,7 @@ def batch_score(scorer: Scorer, manifest: Manifest, entity: Entity) -> EntitySco
         recs.append(r)
         fcs.append(f)
     score_fn = ScoreFunction(manifest.score)
-    rows = np.full(len(windows), score_fn.row(entity.name), dtype=np.intp)
-    scored = score_fn(np.concatenate(recs), np.concatenate(fcs), rows)
+    scored = score_fn(np.concatenate(recs), np.concatenate(fcs), score_fn.row(entity.name))
     # windows[0] ends at row W-1 = the first test row when the full context is there
     skip = len(windows) - len(entity.test)
     score = smooth(scored.score, manifest.score.smoothing)[skip:]

@@ -39,8 +39,8 @@ class ScoreFunction:
 
     The scales are the sensor's own (``ScoreSpec.per_sensor``) or the global ones; the mean over
     features is weighted by ``ScoreSpec.feature_weights`` when the artifact has them. Call with
-    ``rows`` (one :meth:`row` per window) to use per-sensor scales; without it every window
-    gets the global scales.
+    ``rows`` (one :meth:`row` per window, or a single row for all of them) to use per-sensor
+    scales; without it every window gets the global scales.
     """
 
     def __init__(self, spec: ScoreSpec) -> None:
@@ -62,7 +62,7 @@ class ScoreFunction:
         self,
         rec_err: np.ndarray,
         fc_err: np.ndarray,
-        rows: Sequence[int] | np.ndarray | None = None,
+        rows: int | Sequence[int] | np.ndarray | None = None,
     ) -> ScoredWindows:
         if rows is None or len(self._rows) == 0:
             rec_inv, fc_inv = self._rec_inv[0], self._fc_inv[0]

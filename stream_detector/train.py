@@ -256,7 +256,8 @@ def train(
         feature_weights=weights,
     )
     score_fn = ScoreFunction(score_spec)
-    raw = score_fn(rec, fc, [score_fn.row(names[i]) for i in val.owner]).score
+    sensor_rows = np.array([score_fn.row(name) for name in names], dtype=np.intp)
+    raw = score_fn(rec, fc, sensor_rows[val.owner]).score
     per_sensor: dict[str, float] = {}
     smoothed_all = []
     for i, name in enumerate(names):

@@ -125,6 +125,8 @@ def test_score_function_per_sensor_scales_and_feature_weights() -> None:
     np.testing.assert_allclose(out.contributions.sum(axis=1), out.score)
     # without rows every window gets the global scales
     np.testing.assert_allclose(fn(rec, fc).score, out.score[[1, 1]])
+    # one row for the whole batch (offline scoring of one sensor) = that row per window
+    np.testing.assert_array_equal(fn(rec, fc, fn.row("a")).score, fn(rec, fc, [1, 1]).score)
 
 
 def test_zero_weight_feature_never_moves_the_score() -> None:
