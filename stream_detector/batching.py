@@ -6,7 +6,7 @@ once emitted: the windows array is owned by the batch and the batcher starts a f
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +55,24 @@ class MicroBatcher:
         if n + 1 >= self.max_batch:
             return self._emit()
         return None
+
+    def add_many(self, windows: np.ndarray, items: Sequence[Any]) -> list[Batch]:
+        """Copy ``windows`` in (``items[j]`` belongs to ``windows[j]``); return the batches they
+        filled, in order (the same batches as ``add`` called once per window)."""
+        out: list[Batch] = []
+        m = len(items)
+        i = 0
+        while i < m:
+            n = len(self._items)
+            if n == 0:
+                self._opened_at = self._clock()
+            take = min(self.max_batch - n, m - i)
+            self._buf[n : n + take] = windows[i : i + take]
+            self._items.extend(items[i : i + take])
+            i += take
+            if n + take >= self.max_batch:
+                out.append(self._emit())
+        return out
 
     def deadline(self) -> float | None:
         """Clock time at which the pending batch is due, or None when empty."""

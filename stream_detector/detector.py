@@ -3,10 +3,12 @@
 Both drivers use it unchanged: the Kafka consumer (:mod:`stream_detector.consumer`) and the
 backtest replay (:mod:`stream_detector.replay`), so a backtest runs the production code path.
 
-Flow per reading: ring buffer (:class:`~stream_detector.windows.WindowStore`) -> when a window is
-complete, micro-batcher -> one model call per batch through a :class:`Scorer` -> score terms
-(:class:`~stream_detector.scoring.ScoreFunction`) -> per-sensor smoothing -> threshold and
-hysteresis (:class:`~stream_detector.scoring.EpisodeTracker`) -> :class:`Result`.
+Flow, a batch of readings at a time: ring buffers (:class:`~stream_detector.windows.WindowStore`)
+-> the windows completed -> micro-batcher -> one model call per batch through a :class:`Scorer`
+-> score terms (:class:`~stream_detector.scoring.ScoreFunction`) -> per-sensor smoothing ->
+threshold and hysteresis (:class:`~stream_detector.scoring.EpisodeTracker`, only for windows
+that can change an alert state) -> :class:`ScoredBatch` / :class:`Result`. The per-reading work
+is numpy over the whole batch; Python runs per *alerting* window, not per reading.
 
 Results come out in the order the windows went in, so per sensor they are in time order.
 """
@@ -14,7 +16,7 @@ Results come out in the order the windows went in, so per sensor they are in tim
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -30,29 +32,42 @@ from stream_detector.scoring import (
     Hysteresis,
     Level,
     ScoreFunction,
-    Smoother,
 )
-from stream_detector.windows import Status, WindowStore
+from stream_detector.windows import (
+    FULL,
+    LATE,
+    STATUSES,
+    WARMING,
+    Status,
+    WindowStore,
+    group_ranks,
+)
 
 
 class Scorer(Protocol):
     """Anything that maps raw windows ``(B, W, F)`` to per-feature errors ``(B, F)`` x 2.
 
-    A scorer may also offer ``errors_async(windows)`` returning a handle with ``done()`` and
-    ``result()`` (the same pair ``errors`` returns); the detector then keeps one batch in
-    inference while it takes in the next readings (see :class:`Detector`).
+    A scorer may also offer ``errors_async(windows, chunk)`` returning a handle with ``done()``
+    and ``result()`` (the same pair ``errors`` returns, computed ``chunk`` windows per model
+    call); the detector then keeps the model busy while it takes in the next readings (see
+    :class:`Detector`).
     """
 
     def errors(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 class _InFlight:
-    __slots__ = ("batch", "handle", "t0")
+    __slots__ = ("batches", "handle", "t0")
 
-    def __init__(self, batch: Batch, handle: Any, t0: float) -> None:
-        self.batch = batch
+    def __init__(self, batches: list[Batch], handle: Any, t0: float) -> None:
+        self.batches = batches
         self.handle = handle
         self.t0 = t0
+
+
+# an async scorer gets every queued batch in one call (scored a batch at a time, in order);
+# ``poll`` waits for the model while more than this many batches are queued (back-pressure)
+MAX_QUEUED_BATCHES = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,45 +80,72 @@ class Result:
     reading_ts_ms: int
 
 
-class _Pending:
-    """A queued window's metadata (a plain slots class: built once per window, on the hot path)."""
+class ScoredBatch:
+    """The results of one model batch, by column (the consumer reads these directly: building
+    a :class:`Result` per window costs more than the rest of the window's Python).
 
-    __slots__ = ("sensor", "start_ms", "end_ms", "ref")
+    Window ``j``: ``sensors[j]``, ``refs[j]`` (the driver's token of the reading that completed
+    it), ``start_ms[j]``/``end_ms[j]``, the smoothed ``score[j]`` and its two terms, the sensor's
+    ``threshold[j]``, the alert ``levels[j]`` label, and ``alerts.get(j)``.
+    """
 
-    def __init__(self, sensor: str, start_ms: int, end_ms: int, ref: Any) -> None:
-        self.sensor = sensor
+    __slots__ = ("sensors", "refs", "start_ms", "end_ms", "score", "reconstruction", "forecast",
+                 "threshold", "levels", "alerts", "model_version")
+
+    def __init__(self, sensors: tuple[str, ...], refs: tuple[Any, ...], start_ms: list[int],
+                 end_ms: list[int], score: list[float], reconstruction: list[float],
+                 forecast: list[float], threshold: list[float], levels: list[str],
+                 alerts: dict[int, Alert], model_version: str) -> None:
+        self.sensors = sensors
+        self.refs = refs
         self.start_ms = start_ms
         self.end_ms = end_ms
-        self.ref = ref
+        self.score = score
+        self.reconstruction = reconstruction
+        self.forecast = forecast
+        self.threshold = threshold
+        self.levels = levels
+        self.alerts = alerts
+        self.model_version = model_version
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def record(self, j: int) -> ScoreRecord:
+        return ScoreRecord(self.sensors[j], self.start_ms[j], self.end_ms[j], self.score[j],
+                           self.reconstruction[j], self.forecast[j], self.threshold[j],
+                           self.levels[j], self.model_version)
+
+    def results(self) -> list[Result]:
+        alerts = self.alerts
+        return [Result(self.record(j), alerts.get(j), self.refs[j], self.end_ms[j])
+                for j in range(len(self.refs))]
 
 
-_READY = Status.READY
+_NORMAL_LABEL = Level.NORMAL.label
 _LABELS = {level: level.label for level in Level}
 
 
-class _SensorState:
-    __slots__ = ("smoother", "tracker", "threshold", "row")
-
-    def __init__(self, k: int, threshold: float, row: int) -> None:
-        self.smoother = Smoother(k)
-        self.tracker = EpisodeTracker()
-        self.threshold = threshold
-        self.row = row  # the sensor's error scales in the ScoreFunction (0 = global)
-
-
 class Detector:
-    """Readings in, :class:`Result` objects out.
+    """Readings in, scored windows and alerts out.
 
-    ``submit`` returns the reading's :class:`~stream_detector.windows.Status`: ``READY`` means a
-    window is queued and its result will come out of a later ``poll``/``flush`` call; ``WARMING``
-    means the reading was absorbed (no window yet); ``LATE``/``FULL`` mean it was rejected.
+    ``submit_many`` takes a batch of readings (what one ``consume()`` call gave) and returns one
+    status code per reading (:data:`~stream_detector.windows.READY` means a window is queued
+    and its result comes out of a later ``poll``/``flush`` call; ``WARMING``: absorbed, no
+    window yet; ``LATE``/``FULL``: rejected). ``submit`` is the same for one reading. The
+    results do not depend on how readings are split into batches: a reading's window, score and
+    alert are those of submitting the stream one reading at a time.
 
     When the scorer has ``errors_async`` (the TorchScript scorer runs the model on torch's own
-    thread pool, without the GIL), a full batch starts scoring at once and ``submit``/``poll``
-    keep the model busy with the next one while the caller decodes more readings; at most one
-    batch is in inference and ``poll`` waits for the model when more than one full batch is
-    queued behind it (back-pressure). Results, their order and their values are the same as
-    with ``errors``; only the call that hands them out may be a later one.
+    thread pool, without the GIL), full batches start scoring at once, all queued batches in one
+    task that runs them one after the other at the micro-batch size, while the caller decodes
+    more readings. One such task is in inference at a time; ``poll`` waits for the model while
+    more than :data:`MAX_QUEUED_BATCHES` full batches are queued behind it (back-pressure).
+    Results, their order and their values are the same as with ``errors``; only the call that
+    hands them out may be a later one.
+
+    ``poll``/``flush`` hand out :class:`Result` objects; ``poll_batches``/``flush_batches``
+    the same results by column (:class:`ScoredBatch`), which is what the consumer uses.
     """
 
     def __init__(
@@ -131,11 +173,20 @@ class Detector:
         self._batcher = MicroBatcher(
             s.max_batch, s.max_wait_ms / 1000.0, manifest.window, manifest.n_features, clock
         )
-        self._state: dict[str, _SensorState] = {}
+        # per-slot state (slots of the window store): threshold, row of error scales, the
+        # ring of the last k raw scores for smoothing, and whether an episode is open
+        self._k = max(1, manifest.score.smoothing)
+        cap = self._store.capacity
+        self._thr = np.zeros(cap)
+        self._row = np.zeros(cap, dtype=np.intp)
+        self._sm_ring = np.zeros((cap, self._k))
+        self._sm_n = np.zeros(cap, dtype=np.int64)
+        self._open = np.zeros(cap, dtype=bool)
+        self._trackers: dict[str, EpisodeTracker] = {}
         self._ready: list[Batch] = []
         self._start = getattr(scorer, "errors_async", None)
         self._inflight: _InFlight | None = None
-        self._out: list[Result] = []  # finished asynchronously, handed out by poll/flush
+        self._out: list[ScoredBatch] = []  # finished, handed out by poll/flush
         self._wall_ms = wall_clock_ms
         self._clock = clock
         self._top = min(s.top_features, manifest.n_features)
@@ -145,24 +196,55 @@ class Detector:
 
     # -- input -------------------------------------------------------------------------
     def submit(self, reading: Reading) -> Status:
-        counters = self.counters
-        counters["readings"] += 1
-        sensor, ts_ms = reading.sensor, reading.ts_ms
-        status, window, start_ms = self._store.append(sensor, ts_ms, reading.values)
-        if status is _READY:
-            full = self._batcher.add(window, _Pending(sensor, start_ms, ts_ms, reading.ref))
-            if full is not None:
-                self._ready.append(full)
-        else:
-            counters[status.value] += 1
+        values = np.asarray(reading.values).reshape(1, -1)
+        codes = self.submit_many([reading.sensor], [reading.ts_ms], values, [reading.ref])
+        return STATUSES[int(codes[0])]
+
+    def submit_many(
+        self,
+        sensors: Sequence[str],
+        ts_ms: Sequence[int] | np.ndarray,
+        values: np.ndarray,
+        refs: Sequence[Any] | None = None,
+    ) -> np.ndarray:
+        """Readings ``(sensors[i], ts_ms[i], values[i])`` in stream order; ``refs[i]`` comes back
+        with reading ``i``'s result. Returns the status codes (uint8, one per reading)."""
+        n = len(sensors)
+        if n == 0:
+            return np.zeros(0, dtype=np.uint8)
+        if refs is None:
+            refs = [None] * n
+        out = self._store.append_many(sensors, ts_ms, values)
+        if out.new:
+            self._init_slots(out.new)
+        counts = np.bincount(out.status, minlength=4).tolist()
+        c = self.counters
+        c["readings"] += n
+        c["warming"] += counts[WARMING]
+        c["late"] += counts[LATE]
+        c["full"] += counts[FULL]
+        if len(out.ready):
+            ready = out.ready.tolist()
+            ts = np.asarray(ts_ms, dtype=np.int64)[out.ready].tolist()
+            items = list(zip([sensors[i] for i in ready], out.slots.tolist(),
+                             out.start_ms.tolist(), ts, [refs[i] for i in ready], strict=True))
+            self._ready.extend(self._batcher.add_many(out.windows, items))
         if self._start is not None and self._ready and (
             self._inflight is None or self._inflight.handle.done()
         ):
             self._advance()  # the model is free: give it the next batch now
-        return status
+        return out.status
 
     # -- output ------------------------------------------------------------------------
     def poll(self) -> list[Result]:
+        """:meth:`poll_batches`, one :class:`Result` per window."""
+        return [r for b in self.poll_batches() for r in b.results()]
+
+    def flush(self) -> list[Result]:
+        """:meth:`flush_batches`, one :class:`Result` per window."""
+        return [r for b in self.flush_batches() for r in b.results()]
+
+    def poll_batches(self) -> list[ScoredBatch]:
         """Score full batches and the pending batch if its deadline passed; never waits for a
         deadline. With an async scorer: hand out what finished, and wait for the model only
         while more than one full batch is queued behind the one in inference."""
@@ -170,21 +252,16 @@ class Detector:
         if due is not None:
             self._ready.append(due)
         if self._start is None:
-            return self._drain()
+            self._drain()
+            return self._take()
         self._advance()
-        while len(self._ready) > 1:
+        while len(self._ready) > MAX_QUEUED_BATCHES:
             self._advance(wait=True)
         return self._take()
 
-    def flush(self) -> list[Result]:
+    def flush_batches(self) -> list[ScoredBatch]:
         """Score everything pending now (shutdown, revocation, end of replay)."""
-        rest = self._batcher.flush()
-        if rest is not None:
-            self._ready.append(rest)
-        if self._start is None:
-            return self._drain()
-        while self._inflight is not None or self._ready:
-            self._advance(wait=True)
+        self._complete()
         return self._take()
 
     def next_deadline(self) -> float | None:
@@ -198,31 +275,69 @@ class Detector:
 
     @property
     def pending(self) -> int:
-        inflight = len(self._inflight.batch) if self._inflight is not None else 0
-        return len(self._batcher) + sum(len(b) for b in self._ready) + inflight + len(self._out)
+        fl = self._inflight
+        inflight = sum(len(b) for b in fl.batches) if fl is not None else 0
+        return (len(self._batcher) + sum(len(b) for b in self._ready) + inflight
+                + sum(len(b) for b in self._out))
 
     # -- state -------------------------------------------------------------------------
     def forget(self, sensors: Iterable[str]) -> None:
-        """Drop the state of ``sensors`` (their partition was revoked)."""
+        """Drop the state of ``sensors`` (their partition was revoked or lost). Windows still
+        queued are scored first (their results come out of the next ``poll``), so no result
+        is computed against a slot that a new sensor took over meanwhile."""
+        if self._batcher or self._ready or self._inflight is not None:
+            self._complete()
         for s in sensors:
             self._store.remove(s)
-            self._state.pop(s, None)
+            self._trackers.pop(s, None)
 
     def sensors(self) -> list[str]:
         return self._store.sensors()
 
     def state_bytes(self) -> int:
-        return self._store.nbytes
+        per_slot = (self._thr.nbytes + self._row.nbytes + self._sm_ring.nbytes
+                    + self._sm_n.nbytes + self._open.nbytes)
+        return self._store.nbytes + per_slot
 
     # -- internals ---------------------------------------------------------------------
-    def _drain(self) -> list[Result]:
-        out: list[Result] = []
+    def _init_slots(self, new: list[tuple[str, int]]) -> None:
+        cap = self._store.capacity
+        if cap > len(self._thr):
+            extra = cap - len(self._thr)
+            self._thr = np.concatenate([self._thr, np.zeros(extra)])
+            self._row = np.concatenate([self._row, np.zeros(extra, dtype=np.intp)])
+            self._sm_ring = np.concatenate([self._sm_ring, np.zeros((extra, self._k))])
+            self._sm_n = np.concatenate([self._sm_n, np.zeros(extra, dtype=np.int64)])
+            self._open = np.concatenate([self._open, np.zeros(extra, dtype=bool)])
+        thresholds, row = self.manifest.thresholds, self._score_fn.row
+        for sensor, slot in new:
+            self._thr[slot] = thresholds.for_sensor(sensor)
+            self._row[slot] = row(sensor)
+            self._sm_ring[slot] = 0.0
+            self._sm_n[slot] = 0
+            self._open[slot] = False
+            self._trackers.pop(sensor, None)
+
+    def _complete(self) -> None:
+        rest = self._batcher.flush()
+        if rest is not None:
+            self._ready.append(rest)
+        if self._start is None:
+            self._drain()
+            return
+        while self._inflight is not None or self._ready:
+            self._advance(wait=True)
+
+    def _drain(self) -> None:
         while self._ready:
-            out.extend(self._score(self._ready.pop(0)))
-        return out
+            batch = self._ready.pop(0)
+            t0 = time.perf_counter()
+            rec_err, fc_err = self._scorer.errors(batch.windows)
+            self._out.append(self._finish(batch, rec_err, fc_err, time.perf_counter() - t0))
 
     def _advance(self, wait: bool = False) -> None:
-        """Async scorer: collect the batch in inference if done (or ``wait``), start the next."""
+        """Async scorer: collect the task in inference if done (or ``wait``); start the next one
+        with every queued batch."""
         fl = self._inflight
         if fl is not None:
             if not (wait or fl.handle.done()):
@@ -230,90 +345,132 @@ class Detector:
             self._inflight = None
             rec_err, fc_err = fl.handle.result()
             seconds = time.perf_counter() - fl.t0
-        if self._ready:  # start the next batch first: the model works while we finish this one
-            batch = self._ready.pop(0)
+        if self._ready:  # start the next task first: the model works while we finish this one
+            batches, self._ready = self._ready, []
+            windows = (batches[0].windows if len(batches) == 1
+                       else np.concatenate([b.windows for b in batches]))
             assert self._start is not None
-            self._inflight = _InFlight(batch, self._start(batch.windows), time.perf_counter())
+            handle = self._start(windows, self.settings.max_batch)
+            self._inflight = _InFlight(batches, handle, time.perf_counter())
         if fl is not None:
-            self._out.extend(self._finish(fl.batch, rec_err, fc_err, seconds))
+            per_batch = seconds / len(fl.batches)
+            at = 0
+            for b in fl.batches:
+                n = len(b)
+                self._out.append(self._finish(b, rec_err[at : at + n], fc_err[at : at + n],
+                                              per_batch))
+                at += n
 
-    def _take(self) -> list[Result]:
+    def _take(self) -> list[ScoredBatch]:
         out, self._out = self._out, []
         return out
 
-    def _sensor(self, sensor: str) -> _SensorState:
-        st = self._state.get(sensor)
-        if st is None:
-            st = _SensorState(
-                self.manifest.score.smoothing, self.manifest.thresholds.for_sensor(sensor),
-                self._score_fn.row(sensor),
-            )
-            self._state[sensor] = st
-        return st
+    def _smooth(self, raw: np.ndarray, sl: np.ndarray) -> np.ndarray:
+        """Per sensor, the mean of its last ``k`` raw scores (this one included), in window
+        order, as :func:`~stream_detector.scoring.smooth` computes offline.
 
-    def _score(self, batch: Batch) -> list[Result]:
-        t0 = time.perf_counter()
-        rec_err, fc_err = self._scorer.errors(batch.windows)
-        return self._finish(batch, rec_err, fc_err, time.perf_counter() - t0)
+        The sensor keeps its last ``k`` raw scores in a ring (slot row ``_sm_ring``). Each
+        window's row is that ring as it is after the window's own score went in (position
+        ``p`` holds the newest count ``= p mod k``; zeros before the ring is full), so the
+        sum is taken in the same order whatever the batch holds."""
+        k = self._k
+        if k == 1:
+            return raw
+        order, starts, rank = group_ranks(sl)
+        sls, rs = sl[order], raw[order]
+        c0 = self._sm_n[sls]
+        c = c0 + rank  # pushes of the sensor before this one
+        q = c[:, None] - (c[:, None] - np.arange(k)) % k  # count held at ring position p
+        ring = self._sm_ring[sls]  # (m, k): the ring before this batch
+        fresh = q >= c0[:, None]
+        if fresh.any():
+            gstart = np.repeat(starts, np.diff(np.append(starts, len(sls))))
+            rows = gstart[:, None] + (q - c0[:, None])
+            ring[fresh] = rs[rows[fresh]]
+        ring[q < 0] = 0.0
+        smoothed = np.empty_like(raw)
+        smoothed[order] = ring.sum(axis=1) / np.minimum(c + 1, k)
+        sizes = np.diff(np.append(starts, len(sls)))
+        keep = (np.repeat(sizes, sizes) - rank) <= k
+        self._sm_ring[sls[keep], c[keep] % k] = rs[keep]
+        self._sm_n[sls[starts]] += sizes
+        return smoothed
 
     def _finish(self, batch: Batch, rec_err: np.ndarray, fc_err: np.ndarray,
-                seconds: float) -> list[Result]:
+                seconds: float) -> ScoredBatch:
         if self.on_batch is not None:
             self.on_batch(len(batch), seconds)
         self.batch_sizes.append(len(batch))
         if len(self.batch_sizes) > 10_000:
             del self.batch_sizes[:5_000]
-        states = self._state
-        sensor_state = self._sensor
-        sts = [states.get(item.sensor) or sensor_state(item.sensor) for item in batch.items]
-        scored = self._score_fn(rec_err, fc_err, [st.row for st in sts])
-        now_ms = self._wall_ms()
+        sensors, slot_list, starts, ends, refs = zip(*batch.items, strict=True)
+        sl = np.array(slot_list, dtype=np.intp)
+        scored = self._score_fn(rec_err, fc_err, self._row[sl])
+        smoothed = self._smooth(scored.score, sl)
+        thr = self._thr[sl]
+        m = len(sl)
+        levels = [_NORMAL_LABEL] * m
+        alerts: dict[int, Alert] = {}
+        # Only windows that can change an alert state go through the per-sensor state machine:
+        # from a sensor's first window that reaches the warning level (or from its first window
+        # when an episode is already open) on. The others are "normal" and leave it untouched.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cand = (thr <= 0) | (smoothed / thr >= self._hyst.warning_ratio) | self._open[sl]
+        if cand.any():
+            idx = np.flatnonzero(cand)
+            uniq, first = np.unique(sl[idx], return_index=True)
+            at = np.minimum(np.searchsorted(uniq, sl), len(uniq) - 1)
+            from_j = np.where(uniq[at] == sl, idx[first][at], m)
+            todo = np.flatnonzero(np.arange(m) >= from_j).tolist()
+            self._track(todo, sensors, sl, starts, ends, smoothed, thr, scored, levels, alerts)
+        self.counters["windows"] += m
+        return ScoredBatch(sensors, refs, list(starts), list(ends), smoothed.tolist(),
+                           scored.reconstruction.tolist(), scored.forecast.tolist(),
+                           thr.tolist(), levels, alerts, self.manifest.model_version)
+
+    def _track(self, todo: list[int], sensors: tuple[str, ...], sl: np.ndarray,
+               starts: tuple[int, ...], ends: tuple[int, ...], smoothed: np.ndarray,
+               thr: np.ndarray, scored: Any, levels: list[str], alerts: dict[int, Alert]) -> None:
+        hyst, trackers = self._hyst, self._trackers
         version = self.manifest.model_version
-        results = []
-        raw = scored.score.tolist()
-        recs = scored.reconstruction.tolist()
-        fcs = scored.forecast.tolist()
-        hyst = self._hyst
-        for j, item in enumerate(batch.items):
-            st = sts[j]
-            score = st.smoother.push(raw[j])
-            tracker = st.tracker
-            event = tracker.step(item.end_ms, score, st.threshold, hyst)
+        now_ms = self._wall_ms()
+        score_l, thr_l = smoothed.tolist(), thr.tolist()
+        resolve, normal = EventKind.RESOLVE, Level.NORMAL
+        touched = {}
+        for j in todo:
+            sensor = sensors[j]
+            tracker = trackers.get(sensor)
+            if tracker is None:
+                tracker = trackers[sensor] = EpisodeTracker()
+            touched[sl[j]] = tracker
+            score, threshold, end_ms = score_l[j], thr_l[j], ends[j]
+            event = tracker.step(end_ms, score, threshold, hyst)
             if event is None:
-                label = _LABELS[tracker.level]
-            else:
-                label = _LABELS[tracker.level if event.kind != EventKind.RESOLVE else Level.NORMAL]
-            record = ScoreRecord(
-                item.sensor, item.start_ms, item.end_ms, score, recs[j], fcs[j],
-                st.threshold, label, version,
+                levels[j] = _LABELS[tracker.level]
+                continue
+            levels[j] = _LABELS[tracker.level if event.kind != resolve else normal]
+            alerts[j] = Alert(
+                alert_id=alert_id(sensor, event.episode_start_ms, version),
+                event=event.kind.value,
+                sensor=sensor,
+                level=event.level.label,
+                score=score,
+                peak_score=event.peak_score,
+                threshold=threshold,
+                reconstruction_error=float(scored.reconstruction[j]),
+                forecast_error=float(scored.forecast[j]),
+                top_features=self._top_features(scored.contributions[j]),
+                episode_start_ms=event.episode_start_ms,
+                window_start_ms=starts[j],
+                window_end_ms=end_ms,
+                model_version=version,
+                detected_at_ms=now_ms,
             )
-            alert = None
-            if event is not None:
-                alert = Alert(
-                    alert_id=alert_id(item.sensor, event.episode_start_ms, version),
-                    event=event.kind.value,
-                    sensor=item.sensor,
-                    level=event.level.label,
-                    score=score,
-                    peak_score=event.peak_score,
-                    threshold=st.threshold,
-                    reconstruction_error=recs[j],
-                    forecast_error=fcs[j],
-                    top_features=self._top_features(scored.contributions[j]),
-                    episode_start_ms=event.episode_start_ms,
-                    window_start_ms=item.start_ms,
-                    window_end_ms=item.end_ms,
-                    model_version=version,
-                    detected_at_ms=now_ms,
-                )
-            results.append(Result(record, alert, item.ref, item.end_ms))
-        self.counters["windows"] += len(batch)
-        return results
+        for slot, tracker in touched.items():
+            self._open[slot] = tracker.open
 
     def _top_features(self, contrib: np.ndarray) -> tuple[tuple[str, float], ...]:
         k = self._top
         idx = np.argpartition(-contrib, k - 1)[:k] if k < len(contrib) else np.arange(len(contrib))
         idx = idx[np.argsort(-contrib[idx])]
         return tuple((self._features[i], round(float(contrib[i]), 6)) for i in idx)
-
-

@@ -4,8 +4,8 @@ Direction, stated once for the whole package: **a higher score means more anomal
 
 * :class:`ScoreFunction` turns the model's per-feature squared errors into the two error terms,
   the weighted score and per-feature contributions (which sum to the score).
-* :func:`smooth` / :class:`Smoother` average the last ``k`` window scores of a sensor (the offline
-  and the online form compute the same numbers).
+* :func:`smooth` averages the last ``k`` window scores of a sensor (offline; the detector computes
+  the same numbers online, a batch of windows of many sensors at a time).
 * Thresholds are fitted on validation scores only: :func:`fit_threshold`.
 * :class:`EpisodeTracker` turns a score stream into alert events with hysteresis, so one anomaly
   episode gives one ``open`` event, rate-limited ``update`` events and one ``resolve`` event.
@@ -87,7 +87,7 @@ class ScoreFunction:
 
 
 def smooth(raw: np.ndarray, k: int) -> np.ndarray:
-    """Trailing mean of the last ``k`` values (fewer at the start), as :class:`Smoother` does."""
+    """Trailing mean of the last ``k`` values (fewer at the start), as the detector smooths."""
     raw = np.asarray(raw, dtype=np.float64)
     if k <= 1 or raw.size == 0:
         return raw.copy()
@@ -95,37 +95,6 @@ def smooth(raw: np.ndarray, k: int) -> np.ndarray:
     idx = np.arange(1, raw.size + 1)
     lo = np.maximum(idx - k, 0)
     return (csum[idx] - csum[lo]) / (idx - lo)
-
-
-class Smoother:
-    """Online trailing mean of the last ``k`` window scores of one sensor (k floats of state).
-
-    The ring is a Python list (one push is on the consumer's per-window hot path). For
-    ``k < 8`` the plain left-to-right sum is bit-identical to numpy's sum of the same buffer;
-    from 8 on numpy switches to pairwise summation, so the sum is taken with numpy there.
-    """
-
-    __slots__ = ("_buf", "_n", "_i", "_k")
-
-    def __init__(self, k: int) -> None:
-        self._k = max(k, 1)
-        self._buf = [0.0] * self._k
-        self._n = 0
-        self._i = 0
-
-    def push(self, value: float) -> float:
-        k = self._k
-        if k == 1:
-            return value
-        buf = self._buf
-        buf[self._i] = float(value)
-        self._i = (self._i + 1) % k
-        n = self._n
-        if n < k:
-            n = self._n = n + 1
-        part = buf if n == k else buf[:n]
-        total = sum(part) if k < 8 else float(np.asarray(part, dtype=np.float64).sum())
-        return total / n
 
 
 def fit_threshold(

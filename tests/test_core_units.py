@@ -16,7 +16,6 @@ from stream_detector.scoring import (
     Hysteresis,
     Level,
     ScoreFunction,
-    Smoother,
     fit_threshold,
     smooth,
 )
@@ -56,6 +55,112 @@ def test_ring_buffer_rejects_late_and_duplicate_and_caps_sensors() -> None:
     assert store.append("c", 1, np.zeros(1))[0] is Status.FULL
     store.remove("a")
     assert store.append("c", 1, np.zeros(1))[0] is Status.WARMING
+
+
+def _messy_stream(seed: int, n: int = 3000, sensors: int = 9):
+    """Readings of several sensors, interleaved at random, with late and duplicate ones
+    (timestamps stay >= 0, as the decoder guarantees)."""
+    rng = np.random.default_rng(seed)
+    last = [5] * sensors
+    out = []
+    for _ in range(n):
+        s = int(rng.integers(sensors)) if rng.random() < 0.8 else 0  # runs of one sensor too
+        if rng.random() < 0.06:
+            ts = last[s] - int(rng.integers(0, 3))  # late or duplicate
+        else:
+            ts = last[s] = last[s] + int(rng.integers(1, 4))
+        v = rng.normal(0, 0.1, 3).astype(np.float32)
+        if rng.random() < 0.01:
+            v[int(rng.integers(3))] += float(rng.choice([5.0, 30.0]))
+        out.append((f"s{s}", ts, v))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ring_buffer_batches_match_a_plain_reference(seed) -> None:
+    """append_many over random batch splits against the documented policy written plainly:
+    per sensor a list of accepted readings; LATE unless ts is after the last accepted one;
+    FULL for a new sensor beyond max_sensors; a window once there are W readings."""
+    w, cap = 4, 7
+    stream = _messy_stream(seed)
+    store = WindowStore(window=w, n_features=3, max_sensors=cap, initial=2)
+    ref: dict[str, list] = {}
+    rng = np.random.default_rng(seed + 100)
+    i = 0
+    while i < len(stream):
+        part = stream[i : i + int(rng.integers(1, 80))]
+        i += len(part)
+        if rng.random() < 0.1 and ref:  # a revoked sensor frees its slot
+            gone = sorted(ref)[int(rng.integers(len(ref)))]
+            store.remove(gone)
+            del ref[gone]
+        out = store.append_many([p[0] for p in part], [p[1] for p in part],
+                                np.stack([p[2] for p in part]))
+        want_status, want_windows, want_start = [], [], []
+        for sensor, ts, v in part:
+            rows = ref.get(sensor)
+            if rows is None:
+                if len(ref) >= cap:
+                    want_status.append(3)
+                    continue
+                rows = ref[sensor] = []
+            if rows and ts <= rows[-1][0]:
+                want_status.append(2)
+                continue
+            rows.append((ts, v))
+            if len(rows) >= w:
+                want_status.append(1)
+                want_windows.append(np.stack([r[1] for r in rows[-w:]]))
+                want_start.append(rows[-w][0])
+            else:
+                want_status.append(0)
+        assert out.status.tolist() == want_status
+        assert out.ready.tolist() == [k for k, x in enumerate(want_status) if x == 1]
+        np.testing.assert_array_equal(out.windows, np.reshape(want_windows, (-1, w, 3)))
+        assert out.start_ms.tolist() == want_start
+    assert sorted(store.sensors()) == sorted(ref)
+    assert all(store.count(s) == len(rows) for s, rows in ref.items())
+
+
+@pytest.mark.parametrize("smoothing", [1, 4, 9])
+def test_detector_results_do_not_depend_on_how_readings_are_batched(smoothing) -> None:
+    """Submitting a messy stream one reading at a time or in batches of any size (what the
+    consumer does) gives the same statuses, scores, levels and alerts, in the same order."""
+
+    def run(chunk: int):
+        clock = FakeClock()
+        manifest = make_manifest(window=5, threshold=0.5, smoothing=smoothing,
+                                 per_sensor={"s3": 0.2})
+        det = Detector(manifest, NumpyScorer(),
+                       DetectorSettings(max_batch=16, max_wait_ms=50, clear_after=2,
+                                        max_sensors=7),
+                       clock=clock, wall_clock_ms=lambda: 7)
+        stream = _messy_stream(5)
+        statuses, results = [], []
+        cuts = [(a, min(a + chunk, seg + 600)) for seg in range(0, len(stream), 600)
+                for a in range(seg, seg + 600, chunk)]
+        for i, end in cuts:
+            part = stream[i:end]
+            if i and i % 600 == 0:  # a revocation: flush, then forget two sensors
+                results += det.flush()
+                det.forget(["s1", "s2"])
+            codes = det.submit_many([p[0] for p in part], [p[1] for p in part],
+                                    np.stack([p[2] for p in part]),
+                                    list(range(i, i + len(part))))
+            statuses += codes.tolist()
+            clock.advance(0.01)
+            results += det.poll()
+        results += det.flush()
+        rows = [(r.ref, r.reading_ts_ms, r.score, r.alert) for r in results]
+        return statuses, rows
+
+    one = run(1)
+    assert len(one[1]) > 1000 and sum(r[3] is not None for r in one[1]) > 10
+    assert set(one[0]) == {0, 1, 2, 3}  # warming, ready, late and full all happen
+    for chunk in (3, 50, 1000):
+        got = run(chunk)
+        assert got[0] == one[0]
+        assert got[1] == one[1]
 
 
 def test_batcher_flushes_on_size() -> None:
@@ -138,11 +243,23 @@ def test_zero_weight_feature_never_moves_the_score() -> None:
     assert loud.contributions[0, 1] == 0.0
 
 
-def test_offline_smooth_equals_online_smoother() -> None:
-    raw = np.random.default_rng(0).random(50)
-    sm = Smoother(4)
-    online = [sm.push(v) for v in raw]
-    np.testing.assert_allclose(online, smooth(raw, 4), rtol=1e-12)
+@pytest.mark.parametrize("k", [1, 4, 9])
+def test_online_smoothing_equals_offline_smooth_per_sensor(k) -> None:
+    """The detector smooths a batch of windows of many sensors at once (in batches of any
+    composition); per sensor that must be the offline trailing mean of its raw scores."""
+    rng = np.random.default_rng(k)
+    det = Detector(make_manifest(smoothing=k), NumpyScorer())
+    owners = rng.integers(0, 5, 400)
+    raw = rng.random(400)
+    names = [f"s{o}" for o in range(5)]
+    det._init_slots(det._store.append_many(names, [1] * 5, np.zeros((5, 3))).new)
+    slots = np.array([det._store.slot(names[o]) for o in owners])
+    online = np.concatenate([det._smooth(raw[a:b], slots[a:b])
+                             for a, b in zip([0, 1, 40, 41, 300], [1, 40, 41, 300, 400],
+                                             strict=True)])
+    for o in range(5):
+        mine = owners == o
+        np.testing.assert_allclose(online[mine], smooth(raw[mine], k), rtol=1e-12)
 
 
 def test_fit_threshold_quantile_and_pot_above_bulk() -> None:

@@ -137,6 +137,36 @@ def test_bad_readings_raise_bad_record_with_reason(decoder, reason, raw) -> None
     assert info.value.detail
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_decode_many_matches_decode_record_by_record(decoder, seed) -> None:
+    """The batch decoder (what the consumer uses) against the one-record decoder: the same
+    readings, the same reasons, at the same positions, for batches mixing good and bad."""
+    rng = np.random.default_rng(seed)
+    good = [_msg(sensor=f"m-{i}", ts=i, values=rng.normal(0, 1e3, 3).tolist()) for i in range(40)]
+    good += [_msg(values={"vibration": 3, "temperature": 1, "pressure": 2.5}),
+             _msg(values=[1, 2, 3]), _msg(schema_version=_DROP)]
+    pool = good + [raw for _, raw in BAD]
+    batches = [good[:20]]  # an all-good batch takes the column-wise path
+    batches += [[pool[i] for i in rng.integers(0, len(pool), int(rng.integers(1, 60)))]
+                for _ in range(30)]
+    for raws in batches:
+        got = decoder.decode_many(raws)
+        want_good, want_bad = [], []
+        for i, raw in enumerate(raws):
+            try:
+                want_good.append((i, decoder.decode(raw)))
+            except BadRecord as exc:
+                want_bad.append((i, exc.reason))
+        assert [(i, b.reason) for i, b in got.bad] == want_bad
+        assert got.index == [i for i, _ in want_good]
+        assert got.sensors == [r.sensor for _, r in want_good]
+        assert got.ts_ms == [r.ts_ms for _, r in want_good]
+        assert got.values.dtype == np.float32
+        want_values = [r.values for _, r in want_good]
+        np.testing.assert_array_equal(got.values, np.reshape(want_values, (-1, 3)))
+    assert decoder.decode_many([]).values.shape == (0, 3)
+
+
 def test_every_decoder_reason_is_covered() -> None:
     covered = {r for r, _ in BAD}
     assert covered == set(REASONS) - {"late_or_duplicate", "internal_error"}
