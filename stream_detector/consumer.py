@@ -28,12 +28,14 @@ committed synchronously, and the partition's sensors are forgotten.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import orjson
 import structlog
 from confluent_kafka import (
@@ -48,16 +50,18 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 
 from stream_detector.config import Settings
-from stream_detector.detector import Detector, Result, Scorer
+from stream_detector.detector import Detector, ScoredBatch, Scorer
 from stream_detector.errors import StreamDetectorError
 from stream_detector.manifest import Manifest
 from stream_detector.observability import HealthServer, HealthState, Metrics
-from stream_detector.records import BadRecord, ReadingDecoder, dead_letter
-from stream_detector.windows import Status
+from stream_detector.records import ReadingDecoder, dead_letter
+from stream_detector.windows import FULL, LATE, READY, WARMING
 
 log = structlog.get_logger(__name__)
 
 TP = tuple[str, int]
+
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 class OffsetTracker:
@@ -147,9 +151,6 @@ class _Ref:
         self.gen: object | None = None
 
 
-_READY, _WARMING, _LATE = Status.READY, Status.WARMING, Status.LATE
-
-
 class FatalError(StreamDetectorError):
     """The service cannot keep its delivery guarantee and must stop (and be restarted)."""
 
@@ -228,6 +229,18 @@ class DetectorService:
 
     def run(self) -> int:
         """Run until stopped. Returns the process exit code (0 = clean drain)."""
+        # The model runs on torch's own thread, without the GIL, but a finished inference task
+        # waits for the GIL before the loop can see it; with Python's default 5 ms switch
+        # interval the model idles up to 5 ms per task while this thread decodes. 0.5 ms keeps
+        # it busy (measured in docs/benchmarks.md); restored when the loop ends.
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch, GIL_SWITCH_INTERVAL_S))
+        try:
+            return self._run()
+        finally:
+            sys.setswitchinterval(switch)
+
+    def _run(self) -> int:
         s = self.settings
         if self.serve_http:
             self.http = HealthServer(s.service.http_host, s.service.http_port,
@@ -283,74 +296,83 @@ class DetectorService:
                     messages.extend(consumer.consume(k.consume_batch - 1, 0))
             if messages:
                 self._ingest(messages, decoder, detector)
-            self._publish(detector.poll())
+            self._publish(detector.poll_batches())
             producer.poll(0)
             self._store_offsets()
 
     def _ingest(self, messages: list[Message], decoder: ReadingDecoder,
                 detector: Detector) -> None:
-        """Decode and submit one ``consume()`` batch, in order (locals and batched metric
-        increments: this runs once per reading)."""
+        """Decode and submit one ``consume()`` batch, in order. Per message only the Kafka
+        bookkeeping is Python; decoding and the ring buffers work on the whole batch."""
         tracker = self.tracker
         silent_until = self._silent_until
+        n_readings = n_rebuilt = 0
+        kept: list[Message] = []
+        refs: list[_Ref] = []
+        for msg in messages:
+            err = msg.error()
+            if err is not None:
+                if err.fatal():
+                    raise FatalError(f"consumer error: {err}")
+                log.warning("consumer error", error=str(err))
+                continue
+            tp = (msg.topic(), msg.partition())
+            offset = msg.offset()
+            ref = _Ref(tp, offset, offset < silent_until.get(tp, -1), msg.timestamp()[1])
+            if ref.silent:
+                n_rebuilt += 1
+            else:
+                ref.gen = tracker.begin(tp, offset)
+                n_readings += 1
+            kept.append(msg)
+            refs.append(ref)
+        m = self.metrics
+        if n_readings:
+            m.readings.inc(n_readings)
+        if n_rebuilt:
+            m.rebuilt.inc(n_rebuilt)
+        if not kept:
+            return
+        batch = decoder.decode_many([msg.value() for msg in kept])
+        for i, bad in batch.bad:
+            if bad.reason == "internal_error":
+                log.error("unexpected decode failure", detail=bad.detail,
+                          topic=refs[i].tp[0], partition=refs[i].tp[1], offset=refs[i].offset)
+            if not refs[i].silent:
+                self._dead_letter(bad.reason, bad.detail, kept[i], refs[i])
+        if not batch.index:
+            return
+        index = batch.index
+        codes = detector.submit_many(batch.sensors, batch.ts_ms, batch.values,
+                                     [refs[i] for i in index])
         sensor_tp = self._sensor_tp
+        new = set(batch.sensors).difference(sensor_tp)
+        if new:  # remember each sensor's partition, to forget its state on revocation
+            for j, sensor in enumerate(batch.sensors):
+                if sensor in new and codes[j] != FULL:
+                    sensor_tp.setdefault(sensor, refs[index[j]].tp)
+        n_warming = 0
         dead_letter_late = self.settings.detector.late_policy == "dead_letter"
-        n_readings = n_rebuilt = n_warming = 0
-        try:
-            for msg in messages:
-                err = msg.error()
-                if err is not None:
-                    if err.fatal():
-                        raise FatalError(f"consumer error: {err}")
-                    log.warning("consumer error", error=str(err))
-                    continue
-                tp = (msg.topic(), msg.partition())
-                offset = msg.offset()
-                silent = offset < silent_until.get(tp, -1)
-                ref = _Ref(tp, offset, silent, msg.timestamp()[1])
-                if not silent:
-                    ref.gen = tracker.begin(tp, offset)
-                    n_readings += 1
+        for j in np.flatnonzero(codes != READY).tolist():
+            i = index[j]
+            ref = refs[i]
+            if ref.silent:
+                continue
+            code = codes[j]
+            if code == WARMING:
+                n_warming += 1
+                tracker.release(ref.tp, ref.offset, ref.gen)
+            elif code == LATE:
+                if dead_letter_late:
+                    self._dead_letter("late_or_duplicate",
+                                      f"ts {batch.ts_ms[j]} not after the sensor's last reading",
+                                      kept[i], ref)
                 else:
-                    n_rebuilt += 1
-                try:
-                    reading = decoder.decode(msg.value(), ref)
-                except BadRecord as bad:
-                    if not silent:
-                        self._dead_letter(bad.reason, bad.detail, msg, ref)
-                    continue
-                except Exception as exc:  # noqa: BLE001 - a record must never stop the partition
-                    log.exception("unexpected decode failure", topic=tp[0], partition=tp[1],
-                                  offset=offset)
-                    if not silent:
-                        self._dead_letter("internal_error", f"{type(exc).__name__}: {exc}"[:300],
-                                          msg, ref)
-                    continue
-                status = detector.submit(reading)
-                if status is _READY or status is _WARMING:
-                    sensor_tp.setdefault(reading.sensor, tp)
-                if status is _READY or silent:
-                    continue
-                if status is _WARMING:
-                    n_warming += 1
-                    tracker.release(tp, offset, ref.gen)
-                elif status is _LATE:
-                    if dead_letter_late:
-                        self._dead_letter("late_or_duplicate",
-                                          f"ts {reading.ts_ms} not after the sensor's last reading",
-                                          msg, ref)
-                    else:
-                        tracker.release(tp, offset, ref.gen)
-                else:  # FULL
-                    self._dead_letter("bad_sensor", "sensor limit reached (max_sensors)", msg, ref)
-        finally:
-            m = self.metrics
-            if n_readings:
-                m.readings.inc(n_readings)
-            if n_rebuilt:
-                m.rebuilt.inc(n_rebuilt)
-            if n_warming:
-                m.warming.inc(n_warming)
+                    tracker.release(ref.tp, ref.offset, ref.gen)
+            else:  # FULL
+                self._dead_letter("bad_sensor", "sensor limit reached (max_sensors)", kept[i], ref)
+        if n_warming:
+            m.warming.inc(n_warming)
 
     def _dead_letter(self, reason: str, detail: str, msg: Message, ref: _Ref) -> None:
         assert self._producer is not None
@@ -359,33 +381,38 @@ class DetectorService:
                               msg.offset())
         self._produce(self.settings.kafka.dead_letter_topic, msg.key(), payload, ref, None)
 
-    def _publish(self, results: list[Result]) -> None:
+    def _publish(self, batches: list[ScoredBatch]) -> None:
         k = self.settings.kafka
         score_topic = k.score_topic
         tracker = self.tracker
-        current = tracker.generation
+        current, release = tracker.generation, tracker.release
         n = 0
         try:
-            for r in results:
-                ref: _Ref = r.ref
-                if ref.silent:
+            for b in batches:
+                alerts = b.alerts
+                if not (score_topic or alerts):  # the common case: nothing to produce
+                    for ref in b.refs:
+                        # silent: a rebuild reading. A stale generation: read before its
+                        # partition was lost; the partition's new owner scores it again from
+                        # the committed offset, so nothing is published here
+                        if not ref.silent and ref.gen is current(ref.tp):
+                            n += 1
+                            release(ref.tp, ref.offset, ref.gen)  # the hold taken by begin()
                     continue
-                if ref.gen is not current(ref.tp):
-                    # read before its partition was lost: the partition's new owner scores the
-                    # reading again from the committed offset, so nothing is published here
-                    continue
-                n += 1
-                alert = r.alert
-                if score_topic or alert is not None:
-                    key = r.score.sensor.encode()
+                for j, ref in enumerate(b.refs):
+                    if ref.silent or ref.gen is not current(ref.tp):
+                        continue
+                    n += 1
+                    alert = alerts.get(j)
+                    key = b.sensors[j].encode()
                     if score_topic:
                         tracker.hold(ref.tp, ref.offset, ref.gen)
-                        self._produce(score_topic, key, r.score.to_json(), ref, None)
+                        self._produce(score_topic, key, b.record(j).to_json(), ref, None)
                     if alert is not None:
                         tracker.hold(ref.tp, ref.offset, ref.gen)
                         self.metrics.alerts.labels(alert.event, alert.level).inc()
                         self._produce(k.alert_topic, key, alert.to_json(), ref, ref.kafka_ts_ms)
-                tracker.release(ref.tp, ref.offset, ref.gen)  # the hold taken by begin()
+                    release(ref.tp, ref.offset, ref.gen)
         finally:
             if n:
                 self.metrics.windows.inc(n)
@@ -424,7 +451,7 @@ class DetectorService:
     def _drain_all(self, timeout_s: float) -> None:
         """Score what is pending, deliver everything, store offsets."""
         assert self._producer is not None and self.detector is not None
-        self._publish(self.detector.flush())
+        self._publish(self.detector.flush_batches())
         remaining = self._producer.flush(timeout_s)
         if remaining:
             log.error("producer could not deliver everything", remaining=remaining)

@@ -87,7 +87,7 @@ class _AsyncNumpyScorer:
     def errors(self, windows):
         return self.inner.errors(windows)
 
-    def errors_async(self, windows):
+    def errors_async(self, windows, chunk=0):
         import time
 
         self.started += 1

@@ -283,6 +283,28 @@ def test_scorer_scales_and_clips_like_training(artifact) -> None:
     np.testing.assert_allclose(fb, np.concatenate([fc] * 3), rtol=1e-4, atol=1e-6)
 
 
+def test_async_scoring_scales_in_the_task_and_scores_chunk_by_chunk(artifact) -> None:
+    """The consumer's path (errors_async: scaling and chunking inside the forked TorchScript
+    task) gives the numbers of errors() on the same chunks. Not bit for bit: the task runs on
+    another thread, whose kernels may round the last float32 bit differently."""
+    root, manifest, _ = artifact
+    scorer = TorchScorer.load(root)
+    rng = np.random.default_rng(3)
+    mean = np.asarray(manifest.scaler_mean, np.float32)
+    std = np.asarray(manifest.scaler_std, np.float32)
+    w = (mean + std * rng.normal(0, 3, (10, manifest.window, manifest.n_features))).astype(
+        np.float32)
+    w[4, -1, 1] = mean[1] + 1e6 * std[1]  # clipped
+    whole = scorer.errors_async(w).result()
+    for got, want in zip(whole, scorer.errors(w), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    chunked = scorer.errors_async(w, 4).result()
+    parts = [scorer.errors(w[i : i + 4]) for i in (0, 4, 8)]
+    for k in range(2):
+        np.testing.assert_allclose(chunked[k], np.concatenate([p[k] for p in parts]),
+                                   rtol=1e-6, atol=1e-7)
+
+
 # ----------------------------------------------------------------------------- refusals
 
 

@@ -119,9 +119,8 @@ def test_a_lost_and_reassigned_partition_ignores_its_old_generation() -> None:
 
 
 def test_publish_skips_results_read_before_their_partition_was_lost() -> None:
-    from types import SimpleNamespace
-
     from stream_detector.consumer import DetectorService, _Ref
+    from stream_detector.detector import ScoredBatch
 
     class FakeProducer:
         def __init__(self) -> None:
@@ -136,17 +135,18 @@ def test_publish_skips_results_read_before_their_partition_was_lost() -> None:
     service = DetectorService(settings, None, None, serve_http=False)  # type: ignore[arg-type]
     service._producer = FakeProducer()  # type: ignore[assignment]
 
-    def result(ref: _Ref, value: bytes):
-        score = SimpleNamespace(sensor="s1", to_json=lambda: value)
-        return SimpleNamespace(score=score, alert=None, ref=ref)
+    def batch(*refs: _Ref) -> ScoredBatch:
+        n = len(refs)
+        return ScoredBatch(("s1",) * n, refs, [0] * n, [1] * n, [0.5] * n, [0.1] * n,
+                           [0.2] * n, [1.0] * n, ["normal"] * n, {}, "m")
 
     stale = _Ref(A, 7, False, 0)
     stale.gen = service.tracker.begin(A, 7)
     service.tracker.drop(A)  # what _on_lost does
     fresh = _Ref(A, 7, False, 0)
     fresh.gen = service.tracker.begin(A, 7)
-    service._publish([result(stale, b"stale"), result(fresh, b"fresh")])
-    assert service._producer.sent == [("scores", b"fresh")]
+    service._publish([batch(stale, fresh)])
+    assert [topic for topic, _ in service._producer.sent] == ["scores"]  # only the fresh one
     assert service.tracker.advance() == {}  # the score record is not delivered yet
     service._producer.callbacks[0](None, None)
     assert service.tracker.advance() == {A: 8}

@@ -18,14 +18,38 @@ from stream_detector.manifest import MODEL_FILE, Manifest, read_manifest
 class _AsyncModel(torch.nn.Module):
     """``forward`` starts the model on torch's inter-op thread pool and returns its future at
     once. The task runs the TorchScript graph in C++ without the GIL, so Python work of the
-    caller (decoding the next readings) overlaps with inference."""
+    caller (decoding the next readings) overlaps with inference. The task also scales the raw
+    windows (the same float32 operations as :meth:`TorchScorer.scale`, bit for bit). Windows
+    beyond ``chunk`` are scored ``chunk`` at a time, one call after the other in the same task:
+    several queued micro-batches keep the model busy without the caller's help, each at its
+    own size."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, mean: np.ndarray, inv_std: np.ndarray,
+                 clip: float) -> None:
         super().__init__()
         self.model = model
+        self.register_buffer("mean", torch.from_numpy(mean.copy()))
+        self.register_buffer("inv_std", torch.from_numpy(inv_std.copy()))
+        self.clip = clip
 
-    def forward(self, x: torch.Tensor) -> torch.jit.Future[tuple[torch.Tensor, torch.Tensor]]:
-        return torch.jit.fork(self.model, x)
+    @torch.jit.export
+    def run(self, raw: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.clamp((raw - self.mean) * self.inv_std, -self.clip, self.clip)
+        n = x.size(0)
+        if chunk <= 0 or n <= chunk:
+            return self.model(x)
+        recs: list[torch.Tensor] = []
+        fcs: list[torch.Tensor] = []
+        for i in range(0, n, chunk):
+            rec, fc = self.model(x[i : i + chunk])
+            recs.append(rec)
+            fcs.append(fc)
+        return torch.cat(recs), torch.cat(fcs)
+
+    def forward(
+        self, x: torch.Tensor, chunk: int
+    ) -> torch.jit.Future[tuple[torch.Tensor, torch.Tensor]]:
+        return torch.jit.fork(self.run, x, chunk)
 
 
 class PendingErrors:
@@ -69,7 +93,8 @@ class TorchScorer:
         if threads > 0:
             torch.set_num_threads(threads)
         try:
-            self._async: torch.jit.ScriptModule | None = torch.jit.script(_AsyncModel(module))
+            self._async: torch.jit.ScriptModule | None = torch.jit.script(
+                _AsyncModel(module, self._mean, self._inv_std, float(self._clip)))
         except Exception:  # noqa: BLE001 - a module that cannot be wrapped is scored in line
             self._async = None
 
@@ -122,16 +147,20 @@ class TorchScorer:
             rec, fc = self._module(x)
         return rec.numpy().astype(np.float64), fc.numpy().astype(np.float64)
 
-    def errors_async(self, windows: np.ndarray) -> PendingErrors:
+    def errors_async(self, windows: np.ndarray, chunk: int = 0) -> PendingErrors:
         """Start :meth:`errors` on torch's inter-op thread pool; same numbers, returns at once.
+        With ``chunk``, the model is called on ``chunk`` windows at a time (the detector passes
+        its micro-batch size when it hands over several queued batches at once).
 
         Falls back to scoring in line (a finished handle) when the module cannot be wrapped.
         """
         if self._async is None:
-            return PendingErrors(None, self.errors(windows))
-        x = torch.from_numpy(np.ascontiguousarray(self.scale(windows)))
+            if chunk <= 0:
+                return PendingErrors(None, self.errors(windows))
+            return PendingErrors(None, self.errors_batched(windows, chunk))
+        raw = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32))
         with torch.inference_mode():
-            return PendingErrors(self._async(x))
+            return PendingErrors(self._async(raw, chunk))
 
     def errors_batched(
         self, windows: np.ndarray, batch: int = 4096
