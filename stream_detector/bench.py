@@ -788,45 +788,52 @@ def _memory_child(artifact: str, n_sensors: int, timed_readings: int) -> dict[st
     from stream_detector.config import DetectorSettings
     from stream_detector.detector import Detector
     from stream_detector.manifest import read_manifest
-    from stream_detector.records import Reading
 
     manifest = read_manifest(artifact)
     w, f = manifest.window, manifest.n_features
     rng = np.random.default_rng(0)
     block = rng.random((4096, f)).astype(np.float32)
     det = Detector(manifest, ZeroScorer(f), DetectorSettings())
+    warm = [f"warm-{i}" for i in range(64)]
     for t in range(w + 1):  # warm-up: 64 sensors (the initial pool) score a batch or two
-        for i in range(64):
-            det.submit(Reading(f"warm-{i}", t, block[i]))
-    det.flush()
+        det.submit_many(warm, [t] * 64, block[:64])
+    det.flush_batches()
     gc.collect()
     base = rss_bytes()
-    cap0 = len(det._store._pool)
+    cap0 = det._store.capacity
     names = [f"sensor-{i:07d}" for i in range(n_sensors)]  # ids are state too: after base
+
+    def feed(t: int, k: int) -> int:
+        """One reading per sensor at time ``t``, in submit batches of 1000 (one consume());
+        returns the windows handed out."""
+        out = 0
+        for i in range(0, n_sensors, 1000):
+            part = names[i : i + 1000]
+            rows = block[(k + i + np.arange(len(part))) & 4095]
+            det.submit_many(part, [t] * len(part), rows)
+            out += sum(len(b) for b in det.poll_batches())
+        return out
+
     t0 = time.perf_counter()
     k = 0
     for t in range(w - 1):
-        for name in names:
-            det.submit(Reading(name, 1000 + t, block[k & 4095]))
-            k += 1
+        feed(1000 + t, k)
+        k += n_sensors
     warm_s = time.perf_counter() - t0
     # timed: rounds in which every reading completes a window and gets scored
     rounds = max(1, -(-timed_readings // n_sensors))
     t0 = time.perf_counter()
     n = scored = 0
     for r in range(rounds):
-        for name in names:
-            det.submit(Reading(name, 1000 + w - 1 + r, block[k & 4095]))
-            k += 1
-            n += 1
-            if n % 1000 == 0:
-                scored += len(det.poll())
-    scored += len(det.flush())
+        scored += feed(1000 + w - 1 + r, k)
+        k += n_sensors
+        n += n_sensors
+    scored += sum(len(b) for b in det.flush_batches())
     secs = time.perf_counter() - t0
     gc.collect()
     rss = rss_bytes() - base
-    cap = len(det._store._pool)
-    window_buf = 2 * w * f * 4
+    cap = det._store.capacity
+    window_buf = w * f * 4
     return {
         "sensors": n_sensors,
         "rss_delta_bytes": rss,
