@@ -39,12 +39,14 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
+
+from stream_detector.errors import ConfigError
 
 N_FEATURES = 38
 
@@ -418,6 +420,50 @@ def _wait(pred: Callable[[], bool], timeout: float, what: str, step: float = 0.0
         time.sleep(step)
 
 
+#: ``--service-cpus``: the CPUs the service thread (and the threads it starts: librdkafka's, the
+#: model task's) runs on, while the broker and the load generators use the others. None: no
+#: pinning (everything shares every CPU).
+_SERVICE_CPUS: frozenset[int] | None = None
+
+
+def parse_cpus(text: str, available: set[int] | frozenset[int]) -> frozenset[int]:
+    """``"0,1"`` or ``"0-1"`` -> CPU ids; they must be available and leave at least one."""
+    cpus: set[int] = set()
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            lo, _, hi = part.partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ConfigError(
+            f"--service-cpus: expected CPU ids like 0,1 or 0-3, got {text!r}") from None
+    if not cpus:
+        raise ConfigError(f"--service-cpus: no CPU ids in {text!r}")
+    if not cpus <= set(available):
+        raise ConfigError(f"--service-cpus: CPU(s) {sorted(cpus - set(available))} are not "
+                          f"available to this process (available: {sorted(available)})")
+    if not set(available) - cpus:
+        raise ConfigError("--service-cpus must leave at least one CPU for the broker and the "
+                          "load generators")
+    return frozenset(cpus)
+
+
+@contextlib.contextmanager
+def _thread_on(cpus: frozenset[int] | None) -> Iterator[None]:
+    """Run the block with the calling thread on ``cpus`` (Linux: affinity is per thread)."""
+    if cpus is None:
+        yield
+        return
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, old)
+
+
 @contextlib.contextmanager
 def _service_thread(settings: Any, manifest: Any, scorer: Any,
                     profile: str | None = None) -> Iterator[Any]:
@@ -434,6 +480,8 @@ def _service_thread(settings: Any, manifest: Any, scorer: Any,
         prof = cProfile.Profile()
 
     def target() -> None:
+        if _SERVICE_CPUS is not None:
+            os.sched_setaffinity(0, _SERVICE_CPUS)
         if prof is not None:
             prof.enable()
         try:
@@ -1060,9 +1108,20 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB RAM, Python {m['python']}, "
         f"torch {m['torch']} ({m['torch_threads']} threads), librdkafka {m['librdkafka']}. "
         f"Load average at start {m['load_avg_start']}, at end {r.get('load_avg_end')}. "
-        f"Total {r.get('seconds', 0):.0f} s.",
+        f"Total {r.get('seconds', 0):.0f} s"
+        + (f" ({', '.join(f'{k} {v:.0f} s' for k, v in r['section_seconds'].items())})"
+           if r.get("section_seconds") else "") + ".",
         "",
     ]
+    if r.get("sections") and tuple(r["sections"]) != SECTIONS:
+        lines += [f"Sections run: {', '.join(r['sections'])}.", ""]
+    if r.get("pinning"):
+        pn = r["pinning"]
+        lines += [f"CPU pinning (`--service-cpus`): the service thread, its Kafka clients and "
+                  f"its model on CPU(s) {', '.join(map(str, pn['service_cpus']))} (model-only "
+                  f"limit measured there too, torch's default threads = "
+                  f"{len(pn['service_cpus'])}); the broker, the producers and the subscriber "
+                  f"on the other {len(pn['other_cpus'])} CPU(s).", ""]
     if "model" in r:
         h = r["model"]["headline"]
         net = r["model"]["network"]
@@ -1235,22 +1294,103 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
+#: The sections of a run, in order; ``--sections`` picks some of them.
+SECTIONS = ("model", "ingest", "e2e", "latency", "memory", "river", "quality")
+#: A section needs the figures of these (the end-to-end ratio needs the model-only limit; the
+#: latency rates are fractions of the end-to-end maximum).
+SECTION_NEEDS = {"e2e": ("model",), "latency": ("e2e",)}
+
+
+def parse_sections(text: str | None) -> tuple[str, ...]:
+    """``"model,e2e"`` -> the sections to run, with the ones they need, in run order.
+    ``None`` or ``"all"``: every section (the quality table still needs ``--quality``)."""
+    if text is None or text.strip() == "all":
+        return SECTIONS
+    asked = {x.strip() for x in text.split(",") if x.strip()}
+    unknown = sorted(asked - set(SECTIONS))
+    if unknown or not asked:
+        raise ConfigError(f"unknown bench section(s) {unknown or [text]}; choose from "
+                          f"{', '.join(SECTIONS)} or 'all'")
+    todo = set(asked)
+    while True:
+        more = {n for s in todo for n in SECTION_NEEDS.get(s, ())} - todo
+        if not more:
+            break
+        todo |= more
+    return tuple(s for s in SECTIONS if s in todo)
+
+
 def run_bench(args: argparse.Namespace) -> int:
-    """Run every section; print figures; write ``out/bench.json`` and ``out/bench.md``."""
+    """Run the sections; print figures; write ``out/bench.json`` and ``out/bench.md``."""
     from stream_detector.config import DetectorSettings
-    from stream_detector.model.runtime import TorchScorer
 
     t_start = time.perf_counter()
     sizes = QUICK if getattr(args, "quick", False) else FULL
-    do_quality = bool(getattr(args, "quality", False))
+    reps = getattr(args, "e2e_reps", None)
+    if reps is not None:
+        if reps < 1:
+            raise ConfigError(f"--e2e-reps must be at least 1, got {reps}")
+        sizes = replace(sizes, e2e_reps=reps)
+    sections = parse_sections(getattr(args, "sections", None))
+    do_quality = bool(getattr(args, "quality", False)) and "quality" in sections
+    pin = getattr(args, "service_cpus", None)
+    if pin and not hasattr(os, "sched_setaffinity"):
+        raise ConfigError("--service-cpus needs Linux (os.sched_setaffinity)")
+    svc_cpus = parse_cpus(pin, os.sched_getaffinity(0)) if pin else None
     out = Path(getattr(args, "out", None) or "reports/bench")
     out.mkdir(parents=True, exist_ok=True)
     max_batch = DetectorSettings().max_batch
     r: dict[str, Any] = {"sizes": asdict(sizes), "machine": machine_info(),
-                         "max_batch": max_batch}
+                         "max_batch": max_batch, "sections": list(sections),
+                         "section_seconds": {}}
+    if svc_cpus is not None:
+        with _pinned(svc_cpus) as others:
+            r["pinning"] = {"service_cpus": sorted(svc_cpus), "other_cpus": sorted(others)}
+            return _run_bench(args, r, sizes, sections, do_quality, out, max_batch, t_start)
+    return _run_bench(args, r, sizes, sections, do_quality, out, max_batch, t_start)
+
+
+@contextlib.contextmanager
+def _pinned(svc_cpus: frozenset[int]) -> Iterator[frozenset[int]]:
+    """The service on ``svc_cpus``, everything else (this thread, hence the broker and the
+    load generators it starts) on the other CPUs; torch's default threads = len(svc_cpus)."""
+    import torch
+
+    global _SERVICE_CPUS
+    old_aff, old_threads = os.sched_getaffinity(0), torch.get_num_threads()
+    others = frozenset(old_aff - svc_cpus)
+    _SERVICE_CPUS = svc_cpus
+    os.sched_setaffinity(0, others)
+    torch.set_num_threads(len(svc_cpus))
+    try:
+        yield others
+    finally:
+        _SERVICE_CPUS = None
+        os.sched_setaffinity(0, old_aff)
+        torch.set_num_threads(old_threads)
+
+
+def _run_bench(args: argparse.Namespace, r: dict[str, Any], sizes: Sizes,
+               sections: tuple[str, ...], do_quality: bool, out: Path, max_batch: int,
+               t_start: float) -> int:
+    from stream_detector.model.runtime import TorchScorer
+
     m = r["machine"]
     _say(f"machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB, torch threads "
-         f"{m['torch_threads']}, load avg {m['load_avg_start']}  [sizes: {sizes.name}]")
+         f"{m['torch_threads']}, load avg {m['load_avg_start']}  [sizes: {sizes.name}; "
+         f"sections: {', '.join(sections)}]")
+    if "pinning" in r:
+        pn = r["pinning"]
+        _say(f"pinned: the service on CPU(s) {pn['service_cpus']} with "
+             f"{len(pn['service_cpus'])} torch thread(s) by default; broker and load "
+             f"generators on {len(pn['other_cpus'])} other CPU(s)")
+    t_sec = time.perf_counter()
+
+    def done(name: str) -> None:
+        nonlocal t_sec
+        now = time.perf_counter()
+        r["section_seconds"][name] = round(now - t_sec, 1)
+        t_sec = now
 
     tmp = tempfile.TemporaryDirectory(prefix="sd-bench-")
     try:
@@ -1269,129 +1409,148 @@ def run_bench(args: argparse.Namespace) -> int:
             _say(f"note: artifact has {manifest.n_features} features, not {N_FEATURES}")
         series = [s[:, : manifest.n_features] for s in synthetic_series()]
 
+        done("artifact")
+        w = manifest.window
+
         # 1
-        _say("\n## 1. Model-only limit")
-        r["model"] = bench_model(scorer, max_batch, sizes, series)
-        h = r["model"]["headline"]
-        _say(f"  limit: batch {h['batch']}, {h['threads']} torch thread(s): "
-             f"{h['windows_per_s']:,.0f} windows/s ({h['call_ms_p50']:.2f} ms/call p50)")
-        for s in r["model"]["sweep"]:
-            _say(f"    threads {s['threads']} batch {s['batch']:5d}: "
-                 f"{s['windows_per_s']:10,.0f} windows/s")
+        if "model" in sections:
+            _say("\n## 1. Model-only limit")
+            with _thread_on(_SERVICE_CPUS):  # where the service's model runs
+                r["model"] = bench_model(scorer, max_batch, sizes, series)
+            h = r["model"]["headline"]
+            _say(f"  limit: batch {h['batch']}, {h['threads']} torch thread(s): "
+                 f"{h['windows_per_s']:,.0f} windows/s ({h['call_ms_p50']:.2f} ms/call p50)")
+            for s in r["model"]["sweep"]:
+                _say(f"    threads {s['threads']} batch {s['batch']:5d}: "
+                     f"{s['windows_per_s']:10,.0f} windows/s")
+            done("model")
 
         # 2
-        _say("\n## 2. Ingest limit (consume + decode + ring buffer, no model)")
-        w = manifest.window
-        ing_sensors = max(1, sizes.ingest_readings // (w - 1))
-        ing_fleet = Fleet(series, ing_sensors)
-        raw = bench_raw_consume(ing_fleet, w - 1, ing_sensors)
-        dec = bench_decode(ing_fleet, manifest.features, min(50_000, sizes.ingest_readings))
-        svc = run_service(ZeroScorer(manifest.n_features), manifest, ing_fleet, w - 1)
-        r["ingest"] = {"raw": raw, "decode": dec, "service": svc}
-        _say(f"  raw consume {raw['readings_per_s']:,.0f}/s; decode alone "
-             f"{dec['readings_per_s']:,.0f}/s; service (all warming) "
-             f"{svc['readings_per_s']:,.0f} readings/s")
+        if "ingest" in sections:
+            _say("\n## 2. Ingest limit (consume + decode + ring buffer, no model)")
+            ing_sensors = max(1, sizes.ingest_readings // (w - 1))
+            ing_fleet = Fleet(series, ing_sensors)
+            raw = bench_raw_consume(ing_fleet, w - 1, ing_sensors)
+            dec = bench_decode(ing_fleet, manifest.features, min(50_000, sizes.ingest_readings))
+            svc = run_service(ZeroScorer(manifest.n_features), manifest, ing_fleet, w - 1)
+            r["ingest"] = {"raw": raw, "decode": dec, "service": svc}
+            _say(f"  raw consume {raw['readings_per_s']:,.0f}/s; decode alone "
+                 f"{dec['readings_per_s']:,.0f}/s; service (all warming) "
+                 f"{svc['readings_per_s']:,.0f} readings/s")
+            done("ingest")
 
         # 3
-        _say("\n## 3. End to end (model scores every window)")
-        fleet = Fleet(series, sizes.e2e_sensors)
-        rounds = max(w, sizes.e2e_readings // sizes.e2e_sensors)
-        e2e: dict[str, Any] = {}
-        reps = sizes.e2e_reps
-        e2e["model"] = run_service_median(reps, scorer, manifest, fleet, rounds)
-        default_threads = r["model"]["default_threads"]
-        best_threads = default_threads
-        if default_threads != 1:
-            with torch_threads(1):
-                e2e["one_thread"] = run_service_median(reps, scorer, manifest, fleet, rounds)
-            if e2e_rate(e2e["one_thread"]) > e2e_rate(e2e["model"]):
-                best_threads = 1
-        e2e["best"] = "one_thread" if best_threads != default_threads else "model"
-        e2e["best_threads"] = best_threads
-        e2e["stub"] = run_service_median(reps, ZeroScorer(manifest.n_features), manifest, fleet,
-                                         rounds)
-        with torch_threads(best_threads):
-            e2e["scores_on"] = run_service_median(reps, scorer, manifest, fleet, rounds,
-                                                  scores=True)
-        r["e2e"] = e2e
-        for key in [k for k in ("model", "one_thread", "stub", "scores_on") if k in e2e]:
-            x = e2e[key]
-            _say(f"  {key:10s} {e2e_rate(x):10,.0f} readings/s steady "
-                 f"({e2e_rate(x) / h['windows_per_s']:.0%} of model-only; whole run "
-                 f"{x['readings_per_s']:,.0f}/s; cores: service {x['cpu_service_cores']:.2f}, "
-                 f"broker {x['cpu_broker_cores']:.2f}, machine {x['cpu_machine_cores']:.2f})")
-        best = e2e[e2e["best"]]
-        _say(f"  best: {e2e_rate(best):,.0f} readings/s with {best_threads} torch "
-             f"thread(s) = {e2e_rate(best) / h['windows_per_s']:.0%} of the model-only limit")
+        if "e2e" in sections:
+            _say("\n## 3. End to end (model scores every window)")
+            fleet = Fleet(series, sizes.e2e_sensors)
+            rounds = max(w, sizes.e2e_readings // sizes.e2e_sensors)
+            e2e: dict[str, Any] = {}
+            reps = sizes.e2e_reps
+            e2e["model"] = run_service_median(reps, scorer, manifest, fleet, rounds)
+            default_threads = r["model"]["default_threads"]
+            best_threads = default_threads
+            if default_threads != 1:
+                with torch_threads(1):
+                    e2e["one_thread"] = run_service_median(reps, scorer, manifest, fleet, rounds)
+                if e2e_rate(e2e["one_thread"]) > e2e_rate(e2e["model"]):
+                    best_threads = 1
+            e2e["best"] = "one_thread" if best_threads != default_threads else "model"
+            e2e["best_threads"] = best_threads
+            e2e["stub"] = run_service_median(reps, ZeroScorer(manifest.n_features), manifest,
+                                             fleet, rounds)
+            with torch_threads(best_threads):
+                e2e["scores_on"] = run_service_median(reps, scorer, manifest, fleet, rounds,
+                                                      scores=True)
+            r["e2e"] = e2e
+            for key in [k for k in ("model", "one_thread", "stub", "scores_on") if k in e2e]:
+                x = e2e[key]
+                _say(f"  {key:10s} {e2e_rate(x):10,.0f} readings/s steady "
+                     f"({e2e_rate(x) / h['windows_per_s']:.0%} of model-only; whole run "
+                     f"{x['readings_per_s']:,.0f}/s; cores: service "
+                     f"{x['cpu_service_cores']:.2f}, broker {x['cpu_broker_cores']:.2f}, "
+                     f"machine {x['cpu_machine_cores']:.2f})")
+            best = e2e[e2e["best"]]
+            _say(f"  best: {e2e_rate(best):,.0f} readings/s with {best_threads} torch "
+                 f"thread(s) = {e2e_rate(best) / h['windows_per_s']:.0%} of the model-only limit")
+            done("e2e")
 
         # 4
-        _say("\n## 4. Latency reading -> alert / score")
-        r["latency"] = []
-        # the two asked for (default deployment: alerts, score topic off), the broker's own
-        # produce -> consume latency at the same rate (the floor under every other row), and
-        # every score timed through the score topic
-        points = [(0.5, "alerts"), (0.9, "alerts"), (0.5, "broker"), (0.5, "scores")]
-        if sizes.name == "full":  # a light load, for the floor with headroom
-            points += [(0.2, "alerts"), (0.2, "broker")]
-        # latency as deployed: the service's default torch threads (SD_SERVICE__TORCH_THREADS)
-        from stream_detector.config import ServiceSettings
+        if "latency" in sections:
+            _say("\n## 4. Latency reading -> alert / score")
+            r["latency"] = []
+            # the two asked for (default deployment: alerts, score topic off), the broker's own
+            # produce -> consume latency at the same rate (the floor under every other row), and
+            # every score timed through the score topic
+            points = [(0.5, "alerts"), (0.9, "alerts"), (0.5, "broker"), (0.5, "scores")]
+            if sizes.name == "full":  # a light load, for the floor with headroom
+                points += [(0.2, "alerts"), (0.2, "broker")]
+            # as deployed: the service's default torch threads (SD_SERVICE__TORCH_THREADS)
+            from stream_detector.config import ServiceSettings
 
-        lat_threads = ServiceSettings().torch_threads or default_threads
-        r["latency_threads"] = lat_threads
-        for frac, via in points:
-            rate = frac * e2e_rate(best)
-            with torch_threads(lat_threads):
-                x = bench_latency(scorer, manifest, fleet, rate, sizes,
-                                  min(sizes.latency_sensors, fleet.n_sensors), via=via)
-            x["fraction"] = frac
-            x["threads"] = lat_threads
-            r["latency"].append(x)
-            a, b = x["produced_ms"], x["received_ms"]
-            _say(f"  {frac:.0%} via {via} ({rate:,.0f}/s target, "
-                 f"{x['produced_rate']:,.0f}/s produced, {b['n']:,} timed): "
-                 f"produced p50/p95/p99 {_f(a['p50'], '.0f')}/{_f(a['p95'], '.0f')}/"
-                 f"{_f(a['p99'], '.0f')} ms; received {_f(b['p50'], '.0f')}/"
-                 f"{_f(b['p95'], '.0f')}/{_f(b['p99'], '.0f')} ms; cores: service "
-                 f"{x['cpu_service_cores']:.2f}, broker {x['cpu_broker_cores']:.2f}, machine "
-                 f"{x['cpu_machine_cores']:.2f}")
+            lat_threads = ServiceSettings().torch_threads or default_threads
+            r["latency_threads"] = lat_threads
+            for frac, via in points:
+                rate = frac * e2e_rate(best)
+                with torch_threads(lat_threads):
+                    x = bench_latency(scorer, manifest, fleet, rate, sizes,
+                                      min(sizes.latency_sensors, fleet.n_sensors), via=via)
+                x["fraction"] = frac
+                x["threads"] = lat_threads
+                r["latency"].append(x)
+                a, b = x["produced_ms"], x["received_ms"]
+                _say(f"  {frac:.0%} via {via} ({rate:,.0f}/s target, "
+                     f"{x['produced_rate']:,.0f}/s produced, {b['n']:,} timed): "
+                     f"produced p50/p95/p99 {_f(a['p50'], '.0f')}/{_f(a['p95'], '.0f')}/"
+                     f"{_f(a['p99'], '.0f')} ms; received {_f(b['p50'], '.0f')}/"
+                     f"{_f(b['p95'], '.0f')}/{_f(b['p99'], '.0f')} ms; cores: service "
+                     f"{x['cpu_service_cores']:.2f}, broker {x['cpu_broker_cores']:.2f}, "
+                     f"machine {x['cpu_machine_cores']:.2f}")
+            done("latency")
 
         # 5
-        _say("\n## 5. Memory and scale")
-        r["memory"] = bench_memory(Path(artifact), sizes)
-        for x in r["memory"]["rows"]:
-            _say(f"  {x['sensors']:>7,} sensors: RSS +{x['rss_delta_bytes'] / 2**20:,.0f} MiB, "
-                 f"{x['rss_per_sensor']:,.0f} B/sensor, beyond window "
-                 f"{x['beyond_window_per_sensor']:,.0f} B; submit+poll "
-                 f"{x['submit_poll_readings_per_s']:,.0f} readings/s")
+        if "memory" in sections:
+            _say("\n## 5. Memory and scale")
+            r["memory"] = bench_memory(Path(artifact), sizes)
+            for x in r["memory"]["rows"]:
+                _say(f"  {x['sensors']:>7,} sensors: RSS "
+                     f"+{x['rss_delta_bytes'] / 2**20:,.0f} MiB, "
+                     f"{x['rss_per_sensor']:,.0f} B/sensor, beyond window "
+                     f"{x['beyond_window_per_sensor']:,.0f} B; submit+poll "
+                     f"{x['submit_poll_readings_per_s']:,.0f} readings/s")
+            done("memory")
 
         # 6
-        _say("\n## 6. River HalfSpaceTrees")
-        river: dict[str, Any] = {"speed": bench_river_speed(series, sizes.river_readings)}
-        _say(f"  score_one+learn_one: {river['speed']['readings_per_s']:,.0f} readings/s")
-        smd = _smd_entities(getattr(args, "data_dir", None), sizes.river_machines)
-        if smd is None:
-            river["quality_note"] = "no SMD data (pass --data-dir)"
-            _say("  quality: skipped, no SMD data (pass --data-dir)")
-        else:
-            river["quality"] = bench_river_quality(smd, sizes.river_max_rows)
-            q = river["quality"]["mean"]
-            _say(f"  SMD {river['quality']['machines']} machines: best-F1 {q['best_f1']:.3f}, "
-                 f"AUC-PR {q['auc_pr']:.3f}")
-        r["river"] = river
+        if "river" in sections:
+            _say("\n## 6. River HalfSpaceTrees")
+            river: dict[str, Any] = {"speed": bench_river_speed(series, sizes.river_readings)}
+            _say(f"  score_one+learn_one: {river['speed']['readings_per_s']:,.0f} readings/s")
+            smd = _smd_entities(getattr(args, "data_dir", None), sizes.river_machines)
+            if smd is None:
+                river["quality_note"] = "no SMD data (pass --data-dir)"
+                _say("  quality: skipped, no SMD data (pass --data-dir)")
+            else:
+                river["quality"] = bench_river_quality(smd, sizes.river_max_rows)
+                q = river["quality"]["mean"]
+                _say(f"  SMD {river['quality']['machines']} machines: best-F1 "
+                     f"{q['best_f1']:.3f}, AUC-PR {q['auc_pr']:.3f}")
+            r["river"] = river
+            done("river")
 
         # 7
-        _say("\n## 7. Quality / speed trade-off")
-        if not do_quality:
-            r["quality"] = {"note": "not run (pass --quality)"}
-            _say("  skipped (pass --quality)")
-        else:
-            smd = _smd_entities(getattr(args, "data_dir", None), sizes.quality_machines)
-            if smd is None:
-                r["quality"] = {"note": "no SMD data (pass --data-dir)"}
-                _say("  skipped: no SMD data (pass --data-dir)")
+        if "quality" in sections:
+            _say("\n## 7. Quality / speed trade-off")
+            if not do_quality:
+                r["quality"] = {"note": "not run (pass --quality)"}
+                _say("  skipped (pass --quality)")
             else:
-                r["quality"] = bench_quality(smd, out, sizes, max_batch, _say,
-                                             r["e2e"]["best_threads"])
+                smd = _smd_entities(getattr(args, "data_dir", None), sizes.quality_machines)
+                if smd is None:
+                    r["quality"] = {"note": "no SMD data (pass --data-dir)"}
+                    _say("  skipped: no SMD data (pass --data-dir)")
+                else:
+                    r["quality"] = bench_quality(smd, out, sizes, max_batch, _say,
+                                                 r.get("e2e", {}).get("best_threads", 1))
+            done("quality")
     finally:
         tmp.cleanup()
 

@@ -272,6 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also train 4 model configurations on SMD (slow) for the quality table")
     b.add_argument("--artifact", type=Path, default=None,
                    help="benchmark this artifact instead of training a small synthetic one")
+    b.add_argument("--sections", default=None, metavar="LIST",
+                   help="comma-separated sections to run (model, ingest, e2e, latency, memory, "
+                        "river, quality; default all); the ones they need are added (e2e needs "
+                        "model, latency needs e2e)")
+    b.add_argument("--e2e-reps", type=int, default=None, metavar="N",
+                   help="repetitions of each end-to-end run (default 3, the median is reported)")
+    b.add_argument("--service-cpus", default=None, metavar="CPUS",
+                   help="pin the service (and the model-only timing) to these CPUs, e.g. 0,1 or "
+                        "0-1, and the broker and load generators to the rest (Linux)")
     b.set_defaults(func=cmd_bench)
     return p
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-from stream_detector.bench import run_bench
+from stream_detector.bench import SECTIONS as BENCH_SECTIONS
+from stream_detector.bench import parse_cpus, parse_sections, run_bench
 from stream_detector.cli import build_parser
+from stream_detector.errors import ConfigError
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -32,6 +35,73 @@ def test_cli_parses_bench_flags(tmp_path: Path) -> None:
          "--data-dir", "d"])
     assert args.quick and args.quality and args.out == tmp_path
     assert args.artifact == Path("a") and args.data_dir == Path("d")
+    assert args.sections is None and args.e2e_reps is None
+    args = build_parser().parse_args(["bench", "--sections", "latency", "--e2e-reps", "1"])
+    assert args.sections == "latency" and args.e2e_reps == 1
+
+
+def test_sections_bring_what_they_need_in_run_order() -> None:
+    assert parse_sections(None) == BENCH_SECTIONS == parse_sections("all")
+    assert parse_sections("latency") == ("model", "e2e", "latency")
+    assert parse_sections(" memory , model ") == ("model", "memory")
+    assert parse_sections("e2e,river") == ("model", "e2e", "river")
+    with pytest.raises(ConfigError, match="unknown bench section.*'foo'"):
+        parse_sections("model,foo")
+    with pytest.raises(ConfigError):
+        parse_sections(",")
+
+
+def test_bench_runs_only_the_sections_asked_for(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = argparse.Namespace(quick=True, quality=False, out=tmp_path, artifact=None,
+                              data_dir=None, sections="model", e2e_reps=None)
+    assert run_bench(args) == 0
+    printed = capsys.readouterr().out
+    assert "## 1. Model-only limit" in printed
+    assert "## 2. Ingest" not in printed and "## 4. Latency" not in printed
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["sections"] == ["model"]
+    assert set(report["section_seconds"]) == {"artifact", "model"}
+    assert "e2e" not in report and "memory" not in report and report["targets"] == []
+    assert "Sections run: model." in (tmp_path / "bench.md").read_text()
+    with pytest.raises(ConfigError, match="at least 1"):
+        run_bench(argparse.Namespace(quick=True, out=tmp_path, e2e_reps=0))
+
+
+def test_service_cpus_are_checked() -> None:
+    avail = {0, 1, 2, 3}
+    assert parse_cpus("0,1", avail) == {0, 1} == parse_cpus("0-1", avail)
+    assert parse_cpus("1-2, 3", avail) == {1, 2, 3}
+    with pytest.raises(ConfigError, match="expected CPU ids"):
+        parse_cpus("a-b", avail)
+    with pytest.raises(ConfigError, match=r"\[7\] are not available"):
+        parse_cpus("0,7", avail)
+    with pytest.raises(ConfigError, match="leave at least one CPU"):
+        parse_cpus("0-3", avail)
+    with pytest.raises(ConfigError, match="no CPU ids"):
+        parse_cpus(" , ", avail)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux and two CPUs")
+def test_pinned_bench_times_the_model_on_the_service_cpus(tmp_path: Path) -> None:
+    import torch
+
+    before_aff, before_threads = os.sched_getaffinity(0), torch.get_num_threads()
+    one = min(before_aff)
+    args = argparse.Namespace(quick=True, quality=False, out=tmp_path, artifact=None,
+                              data_dir=None, sections="model", e2e_reps=None,
+                              service_cpus=str(one))
+    assert run_bench(args) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["pinning"] == {"service_cpus": [one],
+                                 "other_cpus": sorted(before_aff - {one})}
+    # torch's default thread count follows the service CPUs: one thread, timed on that CPU
+    assert {s["threads"] for s in report["model"]["sweep"]} == {1}
+    assert "CPU pinning" in (tmp_path / "bench.md").read_text()
+    # everything is put back
+    assert os.sched_getaffinity(0) == before_aff and torch.get_num_threads() == before_threads
 
 
 @pytest.mark.timeout(900)
