@@ -8,6 +8,8 @@ Delivery guarantee: **at least once.**
   acknowledged that record, or it only warmed a window, or its window was scored and every
   record produced from it (alert, score) was acknowledged by the broker (delivery callback).
   Offsets are stored in order per partition: one unfinished reading holds back the later ones.
+  They are tracked a chunk at a time (the readings of one partition in one ``consume()``
+  batch), so a chunk's offsets are stored together once every reading in it is done.
 * The producer is idempotent (``enable.idempotence=true``, ``acks=all``), so its own retries
   neither duplicate nor reorder alerts. A delivery that finally fails stops the service without
   storing the offset; the restarted consumer re-reads from the last committed offset.
@@ -31,8 +33,9 @@ import signal
 import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -63,92 +66,105 @@ TP = tuple[str, int]
 
 GIL_SWITCH_INTERVAL_S = 0.0005
 
+_chunk_of = itemgetter(0)
+
+
+class Chunk:
+    """The readings of one partition from one ``consume()`` batch, tracked as one unit: their
+    offsets are stored together once every hold on every one of them is released.
+
+    ``end`` is the offset to store when the chunk is done (its last offset + 1); ``pending``
+    the holds left (one per reading from :meth:`OffsetTracker.begin`, one more per record in
+    flight); ``gen`` the partition's generation when the readings were read."""
+
+    __slots__ = ("tp", "gen", "end", "size", "pending")
+
+    def __init__(self, tp: TP, gen: object, end: int, size: int) -> None:
+        self.tp = tp
+        self.gen = gen
+        self.end = end
+        self.size = size
+        self.pending = size
+
 
 class OffsetTracker:
-    """In-order completion tracking per partition (pure; no Kafka).
+    """In-order completion tracking per partition (pure; no Kafka), a chunk of readings at a
+    time: the Python cost is per partition and batch, not per reading.
 
-    ``begin`` registers an offset with one pending hold; ``hold`` adds one, ``release`` removes
-    one. ``advance`` returns, per partition, the next offset to store: one past the longest
-    prefix of finished offsets.
+    ``begin(tp, end, n)`` registers ``n`` readings of ``tp`` whose last offset is ``end - 1``,
+    each with one pending hold, and returns their :class:`Chunk`; ``hold`` adds holds,
+    ``release`` removes them. ``advance`` returns, per partition, the next offset to store:
+    the ``end`` of the longest prefix of finished chunks.
 
-    ``begin`` returns the partition's current *generation* (an opaque token). A partition
-    dropped (revoked or lost) and assigned again gets a new generation, so a hold or release
-    that carries an old token (a scored window or a delivery report of a reading read before
-    the partition was lost) is ignored instead of touching the new assignment's offsets,
-    even when the same offset is read again.
+    A partition dropped (revoked or lost) and assigned again gets a new *generation*, so a hold
+    or release on a chunk of the old one (a scored window or a delivery report of a reading
+    read before the partition was lost) is ignored instead of touching the new assignment's
+    offsets, even when the same offsets are read again. So is a release after the chunk's
+    offsets were stored (a duplicate callback).
     """
 
     def __init__(self) -> None:
-        self._order: dict[TP, deque[int]] = {}
-        self._pending: dict[TP, dict[int, int]] = {}  # the dict object is the generation token
+        self._chunks: dict[TP, deque[Chunk]] = {}
+        self._gen: dict[TP, object] = {}
         self._dirty: set[TP] = set()
 
-    def begin(self, tp: TP, offset: int) -> object:
-        pend = self._pending.get(tp)
-        if pend is None:  # first offset of this partition (both maps gain and lose tp together)
-            self._order[tp] = deque()
-            pend = self._pending[tp] = {}
-        self._order[tp].append(offset)
-        pend[offset] = 1
-        return pend
+    def begin(self, tp: TP, end: int, n: int = 1) -> Chunk:
+        if n < 1:
+            raise ValueError(f"a chunk holds at least one reading, got {n}")
+        q = self._chunks.get(tp)
+        if q is None:  # first chunk of this partition (both maps gain and lose tp together)
+            q = self._chunks[tp] = deque()
+            self._gen[tp] = object()
+        chunk = Chunk(tp, self._gen[tp], end, n)
+        q.append(chunk)
+        return chunk
 
     def generation(self, tp: TP) -> object | None:
         """The partition's current token (None when not tracked)."""
-        return self._pending.get(tp)
+        return self._gen.get(tp)
 
-    def hold(self, tp: TP, offset: int, token: object | None = None) -> None:
-        pend = self._pending.get(tp)
-        if pend is None or offset not in pend or (token is not None and token is not pend):
-            return  # partition was revoked or lost meanwhile (like release)
-        pend[offset] += 1
+    def current(self, chunk: Chunk) -> bool:
+        """Whether the chunk belongs to its partition's current assignment."""
+        return self._gen.get(chunk.tp) is chunk.gen
 
-    def release(self, tp: TP, offset: int, token: object | None = None) -> None:
-        pend = self._pending.get(tp)
-        if pend is None or offset not in pend or (token is not None and token is not pend):
-            return  # partition was revoked or lost meanwhile
-        n = pend[offset] - 1
-        if n > 0:
-            pend[offset] = n
-        else:
-            pend[offset] = 0
-            self._dirty.add(tp)
+    def hold(self, chunk: Chunk, k: int = 1) -> None:
+        if self._gen.get(chunk.tp) is chunk.gen and chunk.pending > 0:
+            chunk.pending += k
+
+    def release(self, chunk: Chunk, k: int = 1) -> None:
+        if self._gen.get(chunk.tp) is not chunk.gen or chunk.pending <= 0:
+            return  # partition revoked or lost meanwhile, or the chunk is already done
+        chunk.pending -= k
+        if chunk.pending <= 0:
+            self._dirty.add(chunk.tp)
 
     def advance(self) -> dict[TP, int]:
         out: dict[TP, int] = {}
         for tp in self._dirty:
-            order, pend = self._order[tp], self._pending[tp]
-            last = None
-            while order and pend[order[0]] == 0:
-                last = order.popleft()
-                del pend[last]
-            if last is not None:
-                out[tp] = last + 1
+            q = self._chunks.get(tp)
+            end = None
+            while q and q[0].pending <= 0:
+                end = q.popleft().end
+            if end is not None:
+                out[tp] = end
         self._dirty.clear()
         return out
 
     def in_flight(self, tp: TP | None = None) -> int:
+        """Readings whose offsets are not stored yet (of ``tp``, or of every partition)."""
         if tp is not None:
-            return len(self._order.get(tp, ()))
-        return sum(len(o) for o in self._order.values())
+            return sum(c.size for c in self._chunks.get(tp, ()))
+        return sum(c.size for q in self._chunks.values() for c in q)
 
     def drop(self, tp: TP) -> None:
-        self._order.pop(tp, None)
-        self._pending.pop(tp, None)
+        self._chunks.pop(tp, None)
+        self._gen.pop(tp, None)
         self._dirty.discard(tp)
 
 
-class _Ref:
-    """Where a reading came from. A plain slots class: one is built per consumed message.
-    ``gen`` is the partition's :class:`OffsetTracker` generation when the reading was read."""
-
-    __slots__ = ("tp", "offset", "silent", "kafka_ts_ms", "gen")
-
-    def __init__(self, tp: TP, offset: int, silent: bool, kafka_ts_ms: int) -> None:
-        self.tp = tp
-        self.offset = offset
-        self.silent = silent
-        self.kafka_ts_ms = kafka_ts_ms
-        self.gen: object | None = None
+#: The driver's token of a reading, handed to the Detector and back: its chunk (None for a
+#: silent rebuild reading) and its Kafka timestamp (for the reading -> alert latency metric).
+Ref = tuple[Chunk | None, int]
 
 
 class FatalError(StreamDetectorError):
@@ -302,44 +318,58 @@ class DetectorService:
 
     def _ingest(self, messages: list[Message], decoder: ReadingDecoder,
                 detector: Detector) -> None:
-        """Decode and submit one ``consume()`` batch, in order. Per message only the Kafka
-        bookkeeping is Python; decoding and the ring buffers work on the whole batch."""
+        """Decode and submit one ``consume()`` batch, in order. The Kafka bookkeeping is one
+        chunk per partition (:class:`OffsetTracker`); decoding and the ring buffers work on
+        the whole batch."""
         tracker = self.tracker
-        silent_until = self._silent_until
-        n_readings = n_rebuilt = 0
-        kept: list[Message] = []
-        refs: list[_Ref] = []
-        for msg in messages:
-            err = msg.error()
-            if err is not None:
-                if err.fatal():
+        if any(msg.error() is not None for msg in messages):
+            kept = []
+            for msg in messages:
+                err = msg.error()
+                if err is None:
+                    kept.append(msg)
+                elif err.fatal():
                     raise FatalError(f"consumer error: {err}")
-                log.warning("consumer error", error=str(err))
-                continue
-            tp = (msg.topic(), msg.partition())
-            offset = msg.offset()
-            ref = _Ref(tp, offset, offset < silent_until.get(tp, -1), msg.timestamp()[1])
-            if ref.silent:
-                n_rebuilt += 1
-            else:
-                ref.gen = tracker.begin(tp, offset)
-                n_readings += 1
-            kept.append(msg)
-            refs.append(ref)
+                else:
+                    log.warning("consumer error", error=str(err))
+            messages = kept
+        if not messages:
+            return
+        tps = list(zip(map(Message.topic, messages), map(Message.partition, messages),
+                       strict=True))
+        offsets = list(map(Message.offset, messages))
+        stamps = [msg.timestamp()[1] for msg in messages]
+        last = dict(zip(tps, offsets, strict=True))  # per partition its last offset here
+        silent_until = self._silent_until
+        silent: list[bool] | None = None
+        if silent_until and not silent_until.keys().isdisjoint(last):
+            silent = [o < silent_until.get(tp, -1) for tp, o in zip(tps, offsets, strict=True)]
+            for tp, o in last.items():  # a partition's rebuild is over once past its mark
+                if o >= silent_until.get(tp, o + 1):
+                    del silent_until[tp]
+            counts = Counter(tp for tp, s in zip(tps, silent, strict=True) if not s)
+        else:
+            counts = Counter(tps)
+        chunks: dict[TP, Chunk | None] = {tp: tracker.begin(tp, last[tp] + 1, n)
+                                          for tp, n in counts.items()}
+        if silent is None:
+            refs: list[Ref] = list(zip(map(chunks.__getitem__, tps), stamps, strict=True))
+        else:
+            refs = [(None if s else chunks[tp], ts)
+                    for tp, ts, s in zip(tps, stamps, silent, strict=True)]
         m = self.metrics
+        n_readings = sum(counts.values())
         if n_readings:
             m.readings.inc(n_readings)
-        if n_rebuilt:
-            m.rebuilt.inc(n_rebuilt)
-        if not kept:
-            return
-        batch = decoder.decode_many([msg.value() for msg in kept])
+        if n_readings < len(messages):
+            m.rebuilt.inc(len(messages) - n_readings)
+        batch = decoder.decode_many(list(map(Message.value, messages)))
         for i, bad in batch.bad:
             if bad.reason == "internal_error":
-                log.error("unexpected decode failure", detail=bad.detail,
-                          topic=refs[i].tp[0], partition=refs[i].tp[1], offset=refs[i].offset)
-            if not refs[i].silent:
-                self._dead_letter(bad.reason, bad.detail, kept[i], refs[i])
+                log.error("unexpected decode failure", detail=bad.detail, topic=tps[i][0],
+                          partition=tps[i][1], offset=offsets[i])
+            if refs[i][0] is not None:
+                self._dead_letter(bad.reason, bad.detail, messages[i], refs[i])
         if not batch.index:
             return
         index = batch.index
@@ -350,74 +380,76 @@ class DetectorService:
         if new:  # remember each sensor's partition, to forget its state on revocation
             for j, sensor in enumerate(batch.sensors):
                 if sensor in new and codes[j] != FULL:
-                    sensor_tp.setdefault(sensor, refs[index[j]].tp)
+                    sensor_tp.setdefault(sensor, tps[index[j]])
         n_warming = 0
         dead_letter_late = self.settings.detector.late_policy == "dead_letter"
         for j in np.flatnonzero(codes != READY).tolist():
             i = index[j]
-            ref = refs[i]
-            if ref.silent:
+            chunk = refs[i][0]
+            if chunk is None:  # a silent rebuild reading
                 continue
             code = codes[j]
             if code == WARMING:
                 n_warming += 1
-                tracker.release(ref.tp, ref.offset, ref.gen)
+                tracker.release(chunk)
             elif code == LATE:
                 if dead_letter_late:
                     self._dead_letter("late_or_duplicate",
                                       f"ts {batch.ts_ms[j]} not after the sensor's last reading",
-                                      kept[i], ref)
+                                      messages[i], refs[i])
                 else:
-                    tracker.release(ref.tp, ref.offset, ref.gen)
+                    tracker.release(chunk)
             else:  # FULL
-                self._dead_letter("bad_sensor", "sensor limit reached (max_sensors)", kept[i], ref)
+                self._dead_letter("bad_sensor", "sensor limit reached (max_sensors)",
+                                  messages[i], refs[i])
         if n_warming:
             m.warming.inc(n_warming)
 
-    def _dead_letter(self, reason: str, detail: str, msg: Message, ref: _Ref) -> None:
-        assert self._producer is not None
+    def _dead_letter(self, reason: str, detail: str, msg: Message, ref: Ref) -> None:
+        assert self._producer is not None and ref[0] is not None
         self.metrics.dead_letters.labels(reason).inc()
         payload = dead_letter(reason, detail, msg.value(), msg.topic(), msg.partition(),
                               msg.offset())
-        self._produce(self.settings.kafka.dead_letter_topic, msg.key(), payload, ref, None)
+        self._produce(self.settings.kafka.dead_letter_topic, msg.key(), payload, ref[0], None)
 
     def _publish(self, batches: list[ScoredBatch]) -> None:
         k = self.settings.kafka
         score_topic = k.score_topic
         tracker = self.tracker
-        current, release = tracker.generation, tracker.release
+        current, hold, release = tracker.current, tracker.hold, tracker.release
         n = 0
         try:
             for b in batches:
                 alerts = b.alerts
                 if not (score_topic or alerts):  # the common case: nothing to produce
-                    for ref in b.refs:
-                        # silent: a rebuild reading. A stale generation: read before its
-                        # partition was lost; the partition's new owner scores it again from
-                        # the committed offset, so nothing is published here
-                        if not ref.silent and ref.gen is current(ref.tp):
-                            n += 1
-                            release(ref.tp, ref.offset, ref.gen)  # the hold taken by begin()
+                    # one release per chunk for all its windows here. A None chunk: a silent
+                    # rebuild reading. A stale generation: read before its partition was lost;
+                    # the partition's new owner scores it again from the committed offset, so
+                    # nothing is published here
+                    for chunk, count in Counter(map(_chunk_of, b.refs)).items():
+                        if chunk is not None and current(chunk):
+                            n += count
+                            release(chunk, count)  # the holds taken by begin()
                     continue
-                for j, ref in enumerate(b.refs):
-                    if ref.silent or ref.gen is not current(ref.tp):
+                for j, (chunk, kafka_ts) in enumerate(b.refs):
+                    if chunk is None or not current(chunk):
                         continue
                     n += 1
                     alert = alerts.get(j)
                     key = b.sensors[j].encode()
                     if score_topic:
-                        tracker.hold(ref.tp, ref.offset, ref.gen)
-                        self._produce(score_topic, key, b.record(j).to_json(), ref, None)
+                        hold(chunk)
+                        self._produce(score_topic, key, b.record(j).to_json(), chunk, None)
                     if alert is not None:
-                        tracker.hold(ref.tp, ref.offset, ref.gen)
+                        hold(chunk)
                         self.metrics.alerts.labels(alert.event, alert.level).inc()
-                        self._produce(k.alert_topic, key, alert.to_json(), ref, ref.kafka_ts_ms)
-                    release(ref.tp, ref.offset, ref.gen)
+                        self._produce(k.alert_topic, key, alert.to_json(), chunk, kafka_ts)
+                    release(chunk)
         finally:
             if n:
                 self.metrics.windows.inc(n)
 
-    def _produce(self, topic: str, key: bytes | None, value: bytes, ref: _Ref,
+    def _produce(self, topic: str, key: bytes | None, value: bytes, chunk: Chunk,
                  latency_from_ms: int | None) -> None:
         assert self._producer is not None
 
@@ -428,7 +460,7 @@ class DetectorService:
             if latency_from_ms is not None and latency_from_ms > 0:
                 self.metrics.reading_to_alert.observe(
                     max(0.0, time.time() - latency_from_ms / 1000.0))
-            self.tracker.release(ref.tp, ref.offset, ref.gen)
+            self.tracker.release(chunk)
 
         while True:
             try:

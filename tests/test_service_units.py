@@ -26,100 +26,113 @@ B = ("readings", 1)
 
 def test_offsets_are_stored_in_order() -> None:
     t = OffsetTracker()
-    for off in (10, 11, 12):
-        t.begin(A, off)
+    c10, c11, c12 = (t.begin(A, off + 1) for off in (10, 11, 12))
     assert t.advance() == {}  # nothing finished yet
-    t.release(A, 10)
+    t.release(c10)
     assert t.advance() == {A: 11}  # next offset to store = one past the finished prefix
     assert t.advance() == {}  # reported once
-    t.release(A, 11)
-    t.release(A, 12)
+    t.release(c11)
+    t.release(c12)
     assert t.advance() == {A: 13}
     assert t.in_flight() == 0
 
 
-def test_unfinished_offset_holds_back_later_ones() -> None:
+def test_unfinished_chunk_holds_back_later_ones() -> None:
     t = OffsetTracker()
-    for off in range(5):
-        t.begin(A, off)
-    for off in (1, 2, 3, 4):
-        t.release(A, off)
+    chunks = [t.begin(A, off + 1) for off in range(5)]
+    for c in chunks[1:]:
+        t.release(c)
     assert t.advance() == {}  # offset 0 is still pending
     assert t.in_flight(A) == 5
-    t.release(A, 0)
+    t.release(chunks[0])
     assert t.advance() == {A: 5}
     assert t.in_flight(A) == 0
 
 
+def test_a_chunk_is_stored_when_every_reading_in_it_is_done() -> None:
+    t = OffsetTracker()
+    first = t.begin(A, 100, 40)  # offsets 60..99 of one consume() batch: one hold each
+    second = t.begin(A, 130, 30)
+    assert t.in_flight(A) == 70
+    t.release(first, 39)  # 39 windows scored, nothing to publish
+    t.release(second, 30)
+    assert t.advance() == {}  # one reading of the first chunk is still open
+    t.hold(first)  # its alert goes out
+    t.release(first)  # the reading's own hold
+    assert t.advance() == {}
+    t.release(first)  # the alert is acknowledged
+    assert t.advance() == {A: 130}  # both chunks at once
+    assert t.in_flight() == 0
+
+
 def test_holds_are_counted() -> None:
     t = OffsetTracker()
-    t.begin(A, 7)  # one hold from begin
-    t.hold(A, 7)  # e.g. a score record in flight
-    t.hold(A, 7)  # e.g. an alert in flight
-    t.release(A, 7)  # begin's hold
+    c = t.begin(A, 8)  # one hold from begin
+    t.hold(c)  # e.g. a score record in flight
+    t.hold(c)  # e.g. an alert in flight
+    t.release(c)  # begin's hold
     assert t.advance() == {}
-    t.release(A, 7)
+    t.release(c)
     assert t.advance() == {}
-    t.release(A, 7)  # last delivery acknowledged
+    t.release(c)  # last delivery acknowledged
     assert t.advance() == {A: 8}
 
 
 def test_gaps_in_offsets_and_partitions_are_independent() -> None:
     t = OffsetTracker()
-    t.begin(A, 100)
-    t.begin(A, 103)  # compacted topic / transaction markers: offsets need not be contiguous
-    t.begin(B, 5)
-    t.release(A, 103)
-    t.release(B, 5)
+    a1 = t.begin(A, 101)
+    a2 = t.begin(A, 104)  # compacted topic / transaction markers: offsets need not be contiguous
+    b1 = t.begin(B, 6)
+    t.release(a2)
+    t.release(b1)
     assert t.advance() == {B: 6}
-    t.release(A, 100)
+    t.release(a1)
     assert t.advance() == {A: 104}
     assert t.in_flight() == 0
 
 
 def test_drop_forgets_a_partition_and_late_callbacks_are_harmless() -> None:
     t = OffsetTracker()
-    for off in (1, 2):
-        t.begin(A, off)
-        t.begin(B, off)
-    t.release(A, 1)
+    a1, b1 = t.begin(A, 2), t.begin(B, 2)
+    a2, b2 = t.begin(A, 3), t.begin(B, 3)
+    t.release(a1)
     t.drop(A)  # revoked / lost before advance()
     assert t.in_flight(A) == 0
     assert t.in_flight() == 2
     assert t.advance() == {}  # a dropped partition is never stored
     # deliveries and scored windows of the dropped partition may still come back
-    t.hold(A, 2)
-    t.release(A, 2)
-    t.release(("other", 9), 1)
+    t.hold(a2)
+    t.release(a2)
     assert t.advance() == {}
-    t.release(B, 1)
+    t.release(b1)
     assert t.advance() == {B: 2}
     # after re-assignment the partition starts afresh
-    t.begin(A, 50)
-    t.release(A, 50)
+    t.release(t.begin(A, 51))
     assert t.advance() == {A: 51}
     t.drop(("never", 0))  # unknown partition: no error
+    t.release(b2)
+    assert t.advance() == {B: 3}
 
 
 def test_a_lost_and_reassigned_partition_ignores_its_old_generation() -> None:
-    """Lost, assigned again and the same offset read again: a stale release (a window scored
-    or a delivery report from before the loss) must not free the new reading's hold."""
+    """Lost, assigned again and the same offsets read again: a stale release (a window scored
+    or a delivery report from before the loss) must not free the new readings' holds."""
     t = OffsetTracker()
-    old = t.begin(A, 7)
-    t.hold(A, 7, old)  # e.g. its alert is in flight
+    old = t.begin(A, 8, 3)
+    t.hold(old)  # e.g. an alert in flight
+    gen = t.generation(A)
     t.drop(A)  # partitions lost
-    new = t.begin(A, 7)  # re-assigned, the same offset is read again
-    assert new is not old and t.generation(A) is new
-    t.release(A, 7, old)
-    t.release(A, 7, old)
-    t.hold(A, 7, old)
-    assert t.advance() == {}  # the new reading is still unfinished
-    t.release(A, 7, new)
+    new = t.begin(A, 8, 3)  # re-assigned, the same offsets are read again
+    assert t.generation(A) is not gen and t.current(new) and not t.current(old)
+    t.release(old, 4)
+    t.hold(old)
+    assert t.advance() == {}  # the new readings are still unfinished
+    t.release(new, 3)
     assert t.advance() == {A: 8}
 
 
 def test_publish_skips_results_read_before_their_partition_was_lost() -> None:
-    from stream_detector.consumer import DetectorService, _Ref
+    from stream_detector.consumer import DetectorService
     from stream_detector.detector import ScoredBatch
 
     class FakeProducer:
@@ -131,35 +144,104 @@ def test_publish_skips_results_read_before_their_partition_was_lost() -> None:
             self.sent.append((topic, value))
             self.callbacks.append(on_delivery)
 
-    settings = Settings(kafka={"score_topic": "scores"})
-    service = DetectorService(settings, None, None, serve_http=False)  # type: ignore[arg-type]
-    service._producer = FakeProducer()  # type: ignore[assignment]
-
-    def batch(*refs: _Ref) -> ScoredBatch:
+    def batch(*refs) -> ScoredBatch:
         n = len(refs)
         return ScoredBatch(("s1",) * n, refs, [0] * n, [1] * n, [0.5] * n, [0.1] * n,
                            [0.2] * n, [1.0] * n, ["normal"] * n, {}, "m")
 
-    stale = _Ref(A, 7, False, 0)
-    stale.gen = service.tracker.begin(A, 7)
-    service.tracker.drop(A)  # what _on_lost does
-    fresh = _Ref(A, 7, False, 0)
-    fresh.gen = service.tracker.begin(A, 7)
-    service._publish([batch(stale, fresh)])
-    assert [topic for topic, _ in service._producer.sent] == ["scores"]  # only the fresh one
-    assert service.tracker.advance() == {}  # the score record is not delivered yet
+    for scores in ("scores", ""):
+        settings = Settings(kafka={"score_topic": scores})
+        service = DetectorService(settings, None, None, serve_http=False)  # type: ignore[arg-type]
+        service._producer = FakeProducer()  # type: ignore[assignment]
+        stale = service.tracker.begin(A, 8)
+        service.tracker.drop(A)  # what _on_lost does
+        fresh = service.tracker.begin(A, 8, 2)
+        silent = None  # a rebuild reading
+        service._publish([batch((stale, 0), (fresh, 0), (silent, 0))])
+        if scores:
+            # only the fresh reading's score goes out; its chunk waits for the other reading
+            assert [topic for topic, _ in service._producer.sent] == ["scores"]
+            service._producer.callbacks[0](None, None)
+        else:
+            assert service._producer.sent == []
+        assert service.tracker.advance() == {}  # one reading of the fresh chunk is open
+        service._publish([batch((fresh, 0))])
+        if scores:
+            assert service.tracker.advance() == {}  # its score record is not delivered yet
+            service._producer.callbacks[1](None, None)
+        assert service.tracker.advance() == {A: 8}
+        assert service.metrics.windows._value.get() == 2
+
+
+def test_ingest_tracks_a_chunk_per_partition_and_stores_after_everything_is_done() -> None:
+    """One consume() batch over two partitions: silent rebuild readings of partition 0 are
+    not tracked, a bad record goes to the dead-letter topic and holds its chunk until
+    acknowledged, warming readings finish at once, and offsets are stored per partition only
+    when every reading of the chunk is done."""
+    from confluent_kafka import Message
+
+    from stream_detector.consumer import DetectorService
+    from stream_detector.detector import Detector
+    from stream_detector.records import ReadingDecoder, encode_reading
+    from stream_detector.testing import NumpyScorer, make_manifest
+
+    class FakeProducer:
+        def __init__(self) -> None:
+            self.sent: list[str] = []
+            self.callbacks: list = []
+
+        def produce(self, topic, value, key, on_delivery) -> None:
+            self.sent.append(topic)
+            self.callbacks.append(on_delivery)
+
+    manifest = make_manifest(window=3)
+    settings = Settings(kafka={"input_topic": "readings", "score_topic": ""},
+                        detector={"max_batch": 1000})
+    service = DetectorService(settings, manifest, NumpyScorer(), serve_http=False)
+    service.detector = Detector(manifest, NumpyScorer(), settings.detector)
+    service._producer = FakeProducer()  # type: ignore[assignment]
+    service._silent_until[A] = 3  # partition 0 was assigned with committed offset 3
+    msgs = []
+    for off in range(6):  # partition 0: offsets 0-2 silent, 3-5 live; sensor "p0"
+        msgs.append(Message(topic="readings", partition=0, offset=off, key=b"p0",
+                            value=encode_reading("p0", 1000 + off, [0.0, 1.0, 2.0]),
+                            timestamp=(1, 5000 + off)))
+    for off in range(10, 14):  # partition 1: sensor "p1", offset 12 is not JSON
+        value = b"{nope" if off == 12 else encode_reading("p1", 2000 + off, [1.0, 1.0, 1.0])
+        msgs.append(Message(topic="readings", partition=1, offset=off, key=b"p1",
+                            value=value, timestamp=(1, 6000 + off)))
+    decoder = ReadingDecoder(manifest.features, settings.service.max_message_bytes)
+    service._ingest(msgs, decoder, service.detector)
+    tracker = service.tracker
+    assert A not in service._silent_until  # partition 0's rebuild ends in this batch
+    assert tracker.in_flight(A) == 3 and tracker.in_flight(B) == 4
+    assert service._producer.sent == [settings.kafka.dead_letter_topic]
+    assert service.metrics.readings._value.get() == 7
+    assert service.metrics.rebuilt._value.get() == 3
+    assert service._sensor_tp == {"p0": A, "p1": B}
+    service._publish(service.detector.flush_batches())
+    # partition 0: 3 live readings, all with full windows (the silent ones warmed them)
+    # partition 1: 2 warming, 1 scored, 1 dead-lettered and not yet acknowledged
+    assert tracker.advance() == {A: 6}
     service._producer.callbacks[0](None, None)
-    assert service.tracker.advance() == {A: 8}
+    assert tracker.advance() == {B: 14}
+    assert service.metrics.windows._value.get() == 4
 
 
 def test_release_after_advance_is_ignored() -> None:
     t = OffsetTracker()
-    t.begin(A, 1)
-    t.release(A, 1)
+    c = t.begin(A, 2)
+    t.release(c)
     assert t.advance() == {A: 2}
-    t.release(A, 1)  # a duplicate callback
-    t.hold(A, 1)
+    t.release(c)  # a duplicate callback
+    t.hold(c)
+    later = t.begin(A, 3)
+    t.release(c)  # must not count against the next chunk
     assert t.advance() == {}
+    t.release(later)
+    assert t.advance() == {A: 3}
+    with pytest.raises(ValueError, match="at least one reading"):
+        t.begin(A, 4, 0)
 
 
 # ----------------------------------------------------------------------------- wait_for_broker
