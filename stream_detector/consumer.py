@@ -29,12 +29,14 @@ committed synchronously, and the partition's sensors are forgotten.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import signal
 import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from operator import itemgetter
 from typing import Any
 
@@ -65,6 +67,44 @@ log = structlog.get_logger(__name__)
 TP = tuple[str, int]
 
 GIL_SWITCH_INTERVAL_S = 0.0005
+
+_gc_lock = threading.Lock()
+_gc_users = 0
+_gc_saved: tuple[int, int, int] | None = None
+_gc_froze = False
+
+
+@contextlib.contextmanager
+def tuned_gc(threshold: int, freeze: bool) -> Iterator[None]:
+    """Python's cycle collector tuned for the consumer loop for the block.
+
+    ``threshold`` (0 = leave as is) replaces the young-generation threshold; ``freeze`` collects
+    once and moves every live object to the permanent generation (``gc.freeze``), so later full
+    collections skip torch, the model and everything else built at start-up. Nested or
+    concurrent uses (several services in one process, as in tests) share one tuning: the first
+    applies it, the last restores the thresholds and unfreezes.
+    """
+    global _gc_users, _gc_saved, _gc_froze
+    with _gc_lock:
+        _gc_users += 1
+        if _gc_users == 1:
+            _gc_saved = gc.get_threshold()
+            if threshold:
+                gc.set_threshold(threshold, _gc_saved[1], _gc_saved[2])
+            _gc_froze = freeze
+            if freeze:
+                gc.collect()
+                gc.freeze()
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_users -= 1
+            if _gc_users == 0 and _gc_saved is not None:
+                gc.set_threshold(*_gc_saved)
+                if _gc_froze:
+                    gc.unfreeze()
+                _gc_saved, _gc_froze = None, False
 
 _chunk_of = itemgetter(0)
 
@@ -277,7 +317,9 @@ class DetectorService:
             )
             log.info("consumer started", topic=s.kafka.input_topic, group=s.kafka.group_id,
                      model_version=self.manifest.model_version)
-            self._loop()
+            # after start-up: the model, torch and the clients are built and will not die
+            with tuned_gc(s.service.gc_threshold, s.service.gc_freeze):
+                self._loop()
             return self._shutdown()
         except FatalError as exc:
             log.error("fatal", error=str(exc))

@@ -445,3 +445,16 @@ def test_timestamp_beyond_int64_is_a_bad_timestamp() -> None:
     with pytest.raises(BadRecord) as info:
         dec.decode(b'{"sensor": "s", "ts": 18446744073709551615, "values": [1.0]}')
     assert info.value.reason == "bad_timestamp"
+
+
+def test_every_setting_is_documented_in_the_readme_and_the_env_file() -> None:
+    """The README's settings table and the repository's .env name every setting the code has."""
+    from stream_detector.config import settings_reference
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    env_file = (root / ".env").read_text(encoding="utf-8")
+    names = [env for env, *_ in settings_reference()]
+    assert len(names) > 30
+    assert [n for n in names if f"`{n}`" not in readme] == []
+    assert [n for n in names if f"\n{n}=" not in env_file] == []

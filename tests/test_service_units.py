@@ -228,6 +228,26 @@ def test_ingest_tracks_a_chunk_per_partition_and_stores_after_everything_is_done
     assert service.metrics.windows._value.get() == 4
 
 
+def test_tuned_gc_applies_once_and_restores_everything() -> None:
+    import gc
+
+    from stream_detector.consumer import tuned_gc
+
+    before = gc.get_threshold()
+    assert gc.get_freeze_count() == 0
+    with tuned_gc(50_000, True):
+        assert gc.get_threshold() == (50_000, *before[1:])
+        frozen = gc.get_freeze_count()
+        assert frozen > 0  # everything alive at start-up is out of the collector's reach
+        with tuned_gc(123, False):  # a second service in the same process shares the tuning
+            assert gc.get_threshold()[0] == 50_000
+        assert gc.get_threshold()[0] == 50_000 and gc.get_freeze_count() == frozen
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+    with tuned_gc(0, False):  # both off: nothing changes
+        assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+    assert gc.get_threshold() == before
+
+
 def test_release_after_advance_is_ignored() -> None:
     t = OffsetTracker()
     c = t.begin(A, 2)
