@@ -318,8 +318,13 @@ class DetectorService:
             log.info("consumer started", topic=s.kafka.input_topic, group=s.kafka.group_id,
                      model_version=self.manifest.model_version)
             # after start-up: the model, torch and the clients are built and will not die
-            with tuned_gc(s.service.gc_threshold, s.service.gc_freeze):
-                self._loop()
+            gc_timer = self.metrics.gc_callback()
+            gc.callbacks.append(gc_timer)
+            try:
+                with tuned_gc(s.service.gc_threshold, s.service.gc_freeze):
+                    self._loop()
+            finally:
+                gc.callbacks.remove(gc_timer)
             return self._shutdown()
         except FatalError as exc:
             log.error("fatal", error=str(exc))

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 
 _LAT = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
 
@@ -53,6 +58,30 @@ class Metrics:
         )
         self.sensors = Gauge("sd_sensors", "Sensors with state in this process", registry=r)
         self.assigned = Gauge("sd_assigned_partitions", "Partitions assigned", registry=r)
+        self.gc_pause = Histogram(
+            "sd_gc_pause_seconds",
+            "Pauses of Python's cycle collector while the consumer loop runs, per generation",
+            ["generation"], registry=r, buckets=_LAT,
+        )
+        # the standard process_*, python_gc_* and python_info series, as in the default registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+
+    def gc_callback(self) -> Callable[[str, dict[str, Any]], None]:
+        """A ``gc.callbacks`` entry that times each collection into :attr:`gc_pause`."""
+        started = [0.0]
+        by_gen = [self.gc_pause.labels(str(g)) for g in range(3)]
+
+        def callback(phase: str, info: dict[str, Any]) -> None:
+            if phase == "start":
+                started[0] = time.perf_counter()
+            elif started[0]:
+                by_gen[min(int(info.get("generation", 2)), 2)].observe(
+                    time.perf_counter() - started[0])
+                started[0] = 0.0
+
+        return callback
 
 
 class HealthState:

@@ -248,6 +248,35 @@ def test_tuned_gc_applies_once_and_restores_everything() -> None:
     assert gc.get_threshold() == before
 
 
+def test_metrics_time_collector_pauses_and_carry_the_process_series() -> None:
+    import gc
+
+    from prometheus_client import generate_latest
+
+    m = Metrics()
+    timer = m.gc_callback()
+    gc.callbacks.append(timer)
+    try:
+        gc.collect()  # a full collection
+    finally:
+        gc.callbacks.remove(timer)
+    text = generate_latest(m.registry).decode()
+    assert 'sd_gc_pause_seconds_count{generation="2"} 1.0' in text
+    assert 'sd_gc_pause_seconds_count{generation="0"} 0.0' in text
+    for series in ("process_cpu_seconds_total", "process_resident_memory_bytes",
+                   "python_gc_collections_total", "python_info"):
+        assert series in text, series
+    Metrics()  # each Metrics has its own registry: a second one does not clash
+
+
+def test_every_sd_metric_is_documented_in_the_deploy_readme() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "deploy" / "README.md").read_text()
+    names = [f.name + ("_total" if f.type == "counter" else "")
+             for f in Metrics().registry.collect() if f.name.startswith("sd_")]
+    assert len(names) >= 13
+    assert [n for n in names if f"| `{n}` |" not in readme] == []
+
+
 def test_release_after_advance_is_ignored() -> None:
     t = OffsetTracker()
     c = t.begin(A, 2)
@@ -433,9 +462,11 @@ def test_metrics_endpoint(server) -> None:
                  "sd_sensors", "sd_assigned_partitions", "sd_windows_scored_total",
                  "sd_readings_rebuilt_total", "sd_readings_warming_total"):
         assert name in text, name
-    # every metric of the package carries the sd_ prefix
+    # every metric of the package carries the sd_ prefix; the rest are the standard
+    # process, collector and interpreter series
     families = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")]
-    assert families and all(f.startswith("sd_") for f in families), families
+    ours = [f for f in families if f.startswith("sd_")]
+    assert ours and all(f.startswith(("sd_", "process_", "python_")) for f in families), families
 
 
 def test_metrics_registries_are_independent() -> None:
