@@ -106,6 +106,7 @@ def tuned_gc(threshold: int, freeze: bool) -> Iterator[None]:
                     gc.unfreeze()
                 _gc_saved, _gc_froze = None, False
 
+
 _chunk_of = itemgetter(0)
 
 
@@ -158,10 +159,6 @@ class OffsetTracker:
         chunk = Chunk(tp, self._gen[tp], end, n)
         q.append(chunk)
         return chunk
-
-    def generation(self, tp: TP) -> object | None:
-        """The partition's current token (None when not tracked)."""
-        return self._gen.get(tp)
 
     def current(self, chunk: Chunk) -> bool:
         """Whether the chunk belongs to its partition's current assignment."""
@@ -397,8 +394,7 @@ class DetectorService:
             counts = Counter(tp for tp, s in zip(tps, silent, strict=True) if not s)
         else:
             counts = Counter(tps)
-        chunks: dict[TP, Chunk | None] = {tp: tracker.begin(tp, last[tp] + 1, n)
-                                          for tp, n in counts.items()}
+        chunks = {tp: tracker.begin(tp, last[tp] + 1, n) for tp, n in counts.items()}
         if silent is None:
             refs: list[Ref] = list(zip(map(chunks.__getitem__, tps), stamps, strict=True))
         else:
@@ -416,7 +412,7 @@ class DetectorService:
                 log.error("unexpected decode failure", detail=bad.detail, topic=tps[i][0],
                           partition=tps[i][1], offset=offsets[i])
             if refs[i][0] is not None:
-                self._dead_letter(bad.reason, bad.detail, messages[i], refs[i])
+                self._dead_letter(bad.reason, bad.detail, messages[i], refs[i][0])
         if not batch.index:
             return
         index = batch.index
@@ -443,21 +439,21 @@ class DetectorService:
                 if dead_letter_late:
                     self._dead_letter("late_or_duplicate",
                                       f"ts {batch.ts_ms[j]} not after the sensor's last reading",
-                                      messages[i], refs[i])
+                                      messages[i], chunk)
                 else:
                     tracker.release(chunk)
             else:  # FULL
                 self._dead_letter("bad_sensor", "sensor limit reached (max_sensors)",
-                                  messages[i], refs[i])
+                                  messages[i], chunk)
         if n_warming:
             m.warming.inc(n_warming)
 
-    def _dead_letter(self, reason: str, detail: str, msg: Message, ref: Ref) -> None:
-        assert self._producer is not None and ref[0] is not None
+    def _dead_letter(self, reason: str, detail: str, msg: Message, chunk: Chunk) -> None:
+        assert self._producer is not None
         self.metrics.dead_letters.labels(reason).inc()
         payload = dead_letter(reason, detail, msg.value(), msg.topic(), msg.partition(),
                               msg.offset())
-        self._produce(self.settings.kafka.dead_letter_topic, msg.key(), payload, ref[0], None)
+        self._produce(self.settings.kafka.dead_letter_topic, msg.key(), payload, chunk, None)
 
     def _publish(self, batches: list[ScoredBatch]) -> None:
         k = self.settings.kafka
