@@ -119,6 +119,8 @@ BAD = [
     ("non_numeric", _msg(values=[1.0, [2.0], 3.0])),
     ("non_numeric", _msg(values={"temperature": 1, "pressure": False, "vibration": 3})),
     ("non_numeric", _msg(values="1,2,3")),
+    # quotes written as \u0022 in the sensor do not hide a string value from the batch path
+    ("non_numeric", b'{"sensor":"m\\u0022\\u0022","ts":5,"values":[1,"2",3]}'),
     ("non_numeric", _msg(values=3.0)),
     ("non_finite", _msg(values=[1.0, 1e39, 3.0])),  # finite double, overflows float32
     ("non_finite", _msg(values=[1.0, -1e39, 3.0])),
@@ -165,6 +167,38 @@ def test_decode_many_matches_decode_record_by_record(decoder, seed) -> None:
         want_values = [r.values for _, r in want_good]
         np.testing.assert_array_equal(got.values, np.reshape(want_values, (-1, 3)))
     assert decoder.decode_many([]).values.shape == (0, 3)
+
+
+# One odd record alone in a clean batch: the column-wise path checks a batch all or nothing,
+# so a single odd record must send it down the general path with the same result as decode().
+# Odd but valid records here; the bad ones come from BAD.
+ODD_GOOD = [
+    _msg(sensor='m"1'),  # an escaped quote in the sensor: an extra quote byte
+    b'{"sensor":"m\\u00221","ts":5,"values":[1,2,3]}',  # a quote written as \u0022
+    _msg(sensor="true-1"), _msg(sensor="false"), _msg(sensor="null"),
+    _msg(unit="C"),  # an extra string field
+    _msg(meta={"site": "north", "ok": True}),  # an extra nested field
+    _msg(values=[1, 2**63, -(2**62)]),  # big JSON integers
+    _msg(schema_version=_DROP),
+]
+
+
+@pytest.mark.parametrize("odd", ODD_GOOD + [raw for _, raw in BAD])
+def test_decode_many_one_odd_record_in_a_clean_batch(decoder, odd) -> None:
+    rng = np.random.default_rng(7)
+    clean = [_msg(sensor=f"m-{i}", ts=i, values=rng.normal(0, 10, 3).tolist()) for i in range(12)]
+    for pos in (0, 5, 12):
+        raws = clean[:pos] + [odd] + clean[pos:]
+        got = decoder.decode_many(raws)
+        try:
+            want = decoder.decode(odd)
+        except BadRecord as exc:
+            assert [(i, b.reason) for i, b in got.bad] == [(pos, exc.reason)]
+            assert got.index == [i for i in range(13) if i != pos]
+            continue
+        assert got.bad == [] and got.index == list(range(13))
+        assert got.sensors[pos] == want.sensor and got.ts_ms[pos] == want.ts_ms
+        np.testing.assert_array_equal(got.values[pos], want.values)
 
 
 def test_every_decoder_reason_is_covered() -> None:
