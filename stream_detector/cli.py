@@ -60,7 +60,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     entities = load_dataset(args.dataset, args.data_dir, _entities(args.entities))
     manifest = train(entities, cfg, args.out, dataset=args.dataset)
     print(f"artifact: {args.out}  model_version: {manifest.model_version}  "
-          f"trained in {manifest.training['seconds']} s")
+          f"trained in {manifest.training['seconds']} s, "
+          f"{len(manifest.training['history'])} epochs "
+          f"({manifest.training['stopped_by'].replace('_', ' ')})")
     return 0
 
 

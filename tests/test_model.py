@@ -142,9 +142,21 @@ def test_validation_loss_falls(artifact) -> None:
     _, manifest, _ = artifact
     history = manifest.training["history"]
     assert len(history) == CFG.epochs
+    assert manifest.training["stopped_by"] == "epoch_cap"
     assert history[-1]["val_loss"] < history[0]["val_loss"]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert manifest.training["best_val_loss"] == min(h["val_loss"] for h in history)
+
+
+def test_early_stopping_ends_training_when_validation_loss_stops_falling(tmp_path) -> None:
+    # lr 0: the weights never move, so the validation loss is the same every epoch and the
+    # patience (2 epochs without improvement) runs out at epoch 3 of the 10 allowed
+    cfg = dataclasses.replace(CFG, lr=0.0, epochs=10, patience=2)
+    manifest = train(_entities(), cfg, tmp_path / "a", dataset="synthetic")
+    history = manifest.training["history"]
+    assert len(history) == 3
+    assert manifest.training["stopped_by"] == "early_stopping"
+    assert manifest.training["best_val_loss"] == history[0]["val_loss"]
 
 
 def test_manifest_describes_the_training(artifact) -> None:
