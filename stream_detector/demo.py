@@ -114,7 +114,8 @@ def run_demo(opts: DemoOptions) -> int:
             proc = subprocess.Popen([sys.executable, "-m", "stream_detector.cli", "serve"],
                                     env=env, stdout=fh, stderr=subprocess.STDOUT)
         try:
-            _wait_ready(f"http://127.0.0.1:{port}/healthz", proc, serve_log, 120)
+            # readiness (joined the group), so the replay times scoring rather than the group join
+            _wait_ready(f"http://127.0.0.1:{port}/readyz", proc, serve_log, 120)
             settings = Settings(
                 artifact_dir=artifact,
                 kafka={"bootstrap_servers": bs, "input_topic": topics["input"],

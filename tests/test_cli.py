@@ -121,3 +121,27 @@ def test_bad_training_options_are_clear_errors(tmp_path: Path) -> None:
                  *extra)
         assert r.returncode == 2, (extra, r.stderr[-500:])
         assert message in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr[-500:])
+
+
+def test_demo_runs_the_whole_job_end_to_end(tmp_path: Path) -> None:
+    """The README's first command (``make demo`` runs exactly this, with default paths): its
+    own broker, training, evaluation, serve in a subprocess, replay through Kafka, reports."""
+    out, art = tmp_path / "demo", tmp_path / "artifact"
+    res = _cli("demo", "--artifact", str(art), "--out", str(out), "--epochs", "2", timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "-> **OK**" in res.stdout  # stream vs offline parity
+    assert "serve drained and exited with code 0" in res.stdout
+    for report in ("evaluation/evaluation.md", "evaluation/evaluation.json", "replay/report.md",
+                   "replay/report.json", "serve.log"):
+        assert (out / report).is_file(), report
+    assert (art / "manifest.json").is_file() and (art / "model.pt").is_file()
+    # the replay began after the consumer joined its group (the demo waits for /readyz), so
+    # its latency figures time scoring, not the group join
+    serve = [json.loads(line) for line in (out / "serve.log").read_text().splitlines()
+             if line.startswith("{")]
+    assigned = next(e["timestamp"] for e in serve if e["event"] == "assigned")
+    started = next(line.split()[0] for line in (res.stdout + res.stderr).splitlines()
+                   if "] replay " in line)
+    assert assigned < started
+    replay = (out / "replay" / "report.md").read_text()
+    assert "16,000 windows scored through Kafka" in replay
