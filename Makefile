@@ -37,6 +37,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check stream_detector tests
+	$(BIN)/mypy stream_detector
 
 bench: $(STAMP)
 	$(BIN)/stream-detector bench

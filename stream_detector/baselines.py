@@ -95,7 +95,7 @@ def pca_scores(
         k = 0
     else:
         cum = np.cumsum(var) / total
-        k = int(min(len(var), np.searchsorted(cum, variance - 1e-12) + 1))
+        k = min(len(var), int(np.searchsorted(cum, variance - 1e-12)) + 1)
     # Keep at least one dimension out of the projection: with every component kept (always the
     # case for univariate data) the error would be identically 0. Univariate data thus scores
     # the squared z-score.

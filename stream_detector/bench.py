@@ -497,7 +497,7 @@ def _service_thread(settings: Any, manifest: Any, scorer: Any,
     finally:
         service.stop()
         th.join(60)
-        if prof is not None:
+        if prof is not None and profile is not None:
             prof.dump_stats(profile)
 
 
@@ -553,7 +553,7 @@ def run_service(
         sizes = det.batch_sizes
         alerts = _alert_count(service)
         # the service's Kafka clients must go before the broker does (else they keep retrying)
-        service = det = None  # type: ignore[assignment]
+        service = det = None
         gc.collect()
         return {
             "readings": readings,
@@ -708,7 +708,7 @@ def _latency_reader(bootstrap: str, topic: str, expect: int, ready: Any, idle_s:
             if m.error() is not None:
                 continue
             got += 1
-            ends.append(orjson.loads(m.value())[field])
+            ends.append(orjson.loads(m.value() or b"{}")[field])
             created.append(m.timestamp()[1])
             arrived.append(now)
         if msgs:
@@ -800,7 +800,8 @@ def bench_latency(scorer: Any, manifest: Any, fleet: Fleet, rate: float, sizes: 
                 cpu = meter.stop()
                 read = reader.result(timeout=600)
                 mgr.shutdown()
-        service = running = None
+        # the service's Kafka clients must go before the broker does (else they keep retrying)
+        service, running = None, contextlib.nullcontext()
         gc.collect()
     ends = np.asarray(read["ends"], dtype=np.int64)
     keep = ends >= skip_until

@@ -38,7 +38,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from operator import itemgetter
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import orjson
@@ -379,9 +379,10 @@ class DetectorService:
             messages = kept
         if not messages:
             return
-        tps = list(zip(map(Message.topic, messages), map(Message.partition, messages),
-                       strict=True))
-        offsets = list(map(Message.offset, messages))
+        # error events are filtered out above: every message has a topic, partition and offset
+        tps = cast("list[TP]", list(zip(map(Message.topic, messages),
+                                         map(Message.partition, messages), strict=True)))
+        offsets = cast("list[int]", list(map(Message.offset, messages)))
         stamps = [msg.timestamp()[1] for msg in messages]
         last = dict(zip(tps, offsets, strict=True))  # per partition its last offset here
         silent_until = self._silent_until
@@ -411,8 +412,9 @@ class DetectorService:
             if bad.reason == "internal_error":
                 log.error("unexpected decode failure", detail=bad.detail, topic=tps[i][0],
                           partition=tps[i][1], offset=offsets[i])
-            if refs[i][0] is not None:
-                self._dead_letter(bad.reason, bad.detail, messages[i], refs[i][0])
+            chunk = refs[i][0]
+            if chunk is not None:
+                self._dead_letter(bad.reason, bad.detail, messages[i], chunk)
         if not batch.index:
             return
         index = batch.index
@@ -451,8 +453,8 @@ class DetectorService:
     def _dead_letter(self, reason: str, detail: str, msg: Message, chunk: Chunk) -> None:
         assert self._producer is not None
         self.metrics.dead_letters.labels(reason).inc()
-        payload = dead_letter(reason, detail, msg.value(), msg.topic(), msg.partition(),
-                              msg.offset())
+        payload = dead_letter(reason, detail, msg.value(), msg.topic() or "",
+                              cast(int, msg.partition()), cast(int, msg.offset()))
         self._produce(self.settings.kafka.dead_letter_topic, msg.key(), payload, chunk, None)
 
     def _publish(self, batches: list[ScoredBatch]) -> None:

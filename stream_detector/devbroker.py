@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 from stream_detector.errors import StreamDetectorError
 
@@ -70,7 +71,7 @@ class EmbeddedBroker:
         self.bootstrap_servers = f"127.0.0.1:{self.port}"
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_path = log_path
-        self._log_file = None
+        self._log_file: IO[bytes] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, timeout: float = 30.0) -> EmbeddedBroker:

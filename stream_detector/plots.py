@@ -141,15 +141,14 @@ def plot_entity(
 
     ax = by_panel["score"]
     ax.plot(x, s, lw=0.7, color="tab:blue", label="score")
-    thr_ok = threshold is not None and math.isfinite(float(threshold))
+    thr = float("nan") if threshold is None else float(threshold)
+    thr_ok = math.isfinite(thr)
     if thr_ok:
-        ax.axhline(
-            float(threshold), color="black", ls="--", lw=1.0, label=f"threshold {threshold:.3g}"
-        )
+        ax.axhline(thr, color="black", ls="--", lw=1.0, label=f"threshold {thr:.3g}")
     _shade_labels(ax, segs, legend=True)
     if n:
         q = float(np.percentile(s, 99.5))
-        cap = max(q * 1.25, float(threshold) * 1.5 if thr_ok else q)
+        cap = max(q * 1.25, thr * 1.5 if thr_ok else q)
         lo = float(s.min())
         if float(s.max()) > cap > lo and (float(s.max()) - lo) > 4 * (cap - lo):
             ax.set_ylim(lo - 0.02 * (cap - lo), cap)
@@ -183,9 +182,9 @@ def plot_entity(
     if has_baselines and baselines is not None:
         ax = by_panel["baselines"]
         for c, (bname, bscores) in enumerate(baselines.items()):
-            b = _normalize(np.asarray(bscores, dtype=np.float64).reshape(-1))
+            curve = _normalize(np.asarray(bscores, dtype=np.float64).reshape(-1))
             color = _BASELINE_COLORS[c % len(_BASELINE_COLORS)]
-            ax.plot(np.arange(b.size), b, lw=0.6, alpha=0.85, label=str(bname), color=color)
+            ax.plot(np.arange(curve.size), curve, lw=0.6, alpha=0.85, label=str(bname), color=color)
         _shade_labels(ax, segs, legend=False)
         ax.set_ylabel("baselines\n(log, rescaled)")
         ax.set_ylim(-0.05, 1.05)

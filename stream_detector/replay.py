@@ -179,8 +179,8 @@ def run_replay(opts: ReplayOptions) -> ReplayReport:
     names = [e.name for e in entities]
     streams, n_ctx = [], []
     for e in entities:
-        rows, c = stream_rows(e, W)
-        streams.append(rows)
+        values, c = stream_rows(e, W)
+        streams.append(values)
         n_ctx.append(c)
     n_readings = int(sum(len(r) for r in streams))
     expected = int(sum(len(e.test) for e in entities))
@@ -338,8 +338,8 @@ def _stream(opts: ReplayOptions, manifest: Any, scorer: Any, names: list[str],
                 for m in msgs:
                     if m.error() is not None:
                         continue
-                    rec = orjson.loads(m.value())
-                    i = index.get(rec.get("sensor"))
+                    rec = orjson.loads(m.value() or b"{}")
+                    i = index.get(rec.get("sensor", ""))
                     if i is None:
                         continue
                     t = (rec["window_end"] - T0_MS) // STEP_MS
@@ -375,8 +375,8 @@ def _stream(opts: ReplayOptions, manifest: Any, scorer: Any, names: list[str],
             deadline = time.monotonic() + 2.0
             while time.monotonic() < deadline:
                 for m in reader.consume(2000, 0.2):
-                    if m.error() is None and m.topic() == topics["alerts"]:
-                        rec = orjson.loads(m.value())
+                    if m.error() is None and m.topic() == topics["alerts"] and m.value():
+                        rec = orjson.loads(m.value())  # type: ignore[arg-type]
                         if rec.get("sensor") in index:
                             alerts.setdefault(rec["event_id"], rec)
         finally:

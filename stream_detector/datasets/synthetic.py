@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -254,7 +255,7 @@ def generate(
     train_rows: int = 3000,
     test_rows: int = 2000,
     seed: int = 0,
-    **options: float | int,
+    **options: Any,
 ) -> list[Entity]:
     """The whole synthetic dataset; ``options`` are further :class:`SyntheticConfig` fields."""
     try:

@@ -24,13 +24,16 @@ class _AsyncModel(torch.nn.Module):
     several queued micro-batches keep the model busy without the caller's help, each at its
     own size."""
 
+    mean: torch.Tensor  # buffers, registered in __init__
+    inv_std: torch.Tensor
+
     def __init__(self, model: torch.nn.Module, mean: np.ndarray, inv_std: np.ndarray,
                  clip: float) -> None:
         super().__init__()
         self.model = model
         self.register_buffer("mean", torch.from_numpy(mean.copy()))
         self.register_buffer("inv_std", torch.from_numpy(inv_std.copy()))
-        self.clip = clip
+        self.clip: float = clip
 
     @torch.jit.export
     def run(self, raw: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
