@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -719,6 +720,37 @@ def _latency_reader(bootstrap: str, topic: str, expect: int, ready: Any, idle_s:
     return {"received": got, "ends": ends, "created": created, "arrived": arrived}
 
 
+def histogram_buckets(registry: Any, name: str) -> list[tuple[float, float]]:
+    """Cumulative ``(upper bound, count)`` pairs of a Prometheus histogram, by bound."""
+    return sorted((float(s.labels["le"]), float(s.value)) for m in registry.collect()
+                  if m.name == name for s in m.samples if s.name == name + "_bucket")
+
+
+def histogram_quantiles(before: list[tuple[float, float]], after: list[tuple[float, float]],
+                        qs: tuple[float, ...] = (0.5, 0.95, 0.99)) -> dict[str, float]:
+    """Quantiles of what a histogram observed between two :func:`histogram_buckets`
+    snapshots, interpolated linearly inside a bucket as Prometheus' ``histogram_quantile``
+    does (a quantile in the ``+Inf`` bucket is reported as the largest finite bound)."""
+    bounds = [le for le, _ in after]
+    cum = [a - b for (_, a), (_, b) in zip(after, before or [(0, 0.0)] * len(after),
+                                           strict=True)]
+    out: dict[str, float] = {"n": cum[-1] if cum else 0.0}
+    for q in qs:
+        key = f"p{q * 100:g}"
+        if not cum or cum[-1] <= 0:
+            out[key] = float("nan")
+            continue
+        rank = q * cum[-1]
+        i = next(j for j, c in enumerate(cum) if c >= rank)
+        if math.isinf(bounds[i]):
+            out[key] = bounds[i - 1] if i else float("nan")
+            continue
+        lo, below = (bounds[i - 1], cum[i - 1]) if i else (0.0, 0.0)
+        inside = cum[i] - below
+        out[key] = lo + (bounds[i] - lo) * ((rank - below) / inside if inside else 1.0)
+    return out
+
+
 def _pcts(values: list[int]) -> dict[str, float]:
     if not values:
         return {"p50": float("nan"), "p95": float("nan"), "p99": float("nan"),
@@ -736,6 +768,8 @@ LATENCY_FETCH_WAIT_MS = 10
 
 
 LATENCY_VIA = ("alerts", "scores", "broker")
+#: The service's own latency histogram (consume() -> scored and acknowledged).
+PROCESSING = "sd_processing_seconds"
 
 
 def bench_latency(scorer: Any, manifest: Any, fleet: Fleet, rate: float, sizes: Sizes,
@@ -795,11 +829,18 @@ def bench_latency(scorer: Any, manifest: Any, fleet: Fleet, rate: float, sizes: 
                 meter = CpuMeter(broker._proc.pid if broker._proc else None)
                 skip_until = time.time_ns() // 1_000_000 + int(sizes.latency_skip_s * 1000)
                 go.set()
+                before: list[tuple[float, float]] = []
+                if service is not None:  # the service's own time, after the same skip
+                    time.sleep(sizes.latency_skip_s)
+                    before = histogram_buckets(service.metrics.registry, PROCESSING)
                 prod = producer.result(timeout=sizes.latency_seconds * 4 + 120)
                 # CPU over the paced part only: the reader then idles until it gives up
                 cpu = meter.stop()
                 read = reader.result(timeout=600)
                 mgr.shutdown()
+                processing = (histogram_quantiles(
+                    before, histogram_buckets(service.metrics.registry, PROCESSING))
+                    if service is not None else {})
         # the service's Kafka clients must go before the broker does (else they keep retrying)
         service, running = None, contextlib.nullcontext()
         gc.collect()
@@ -817,6 +858,9 @@ def bench_latency(scorer: Any, manifest: Any, fleet: Fleet, rate: float, sizes: 
         # produced: the record's Kafka CreateTime (for via=broker that is the reading itself: 0)
         "produced_ms": _pcts(created.tolist()),
         "received_ms": _pcts(arrived.tolist()),
+        # consume() -> every reading of the batch scored and its output acknowledged (the
+        # service's sd_processing_seconds over the paced part, from its buckets), ms
+        "processing_ms": {k: v if k == "n" else v * 1000 for k, v in processing.items()},
         **cpu,
         "skip_first_s": sizes.latency_skip_s,
         "fetch_wait_max_ms": fetch_wait_ms if fetch_wait_ms is not None else "default (500)",
@@ -1204,9 +1248,9 @@ def render_markdown(r: dict[str, Any]) -> str:
             f"{r['latency'][0]['skip_first_s']:.0f} s are discarded.",
             "",
             "| load | timed records | target rate | produced rate | records | "
-            "produced p50/p95/p99 ms | received p50/p95/p99 ms | service cores | "
-            "broker cores | machine cores |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "produced p50/p95/p99 ms | received p50/p95/p99 ms | in the service p50/p95/p99 ms "
+            "| service cores | broker cores | machine cores |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         what = {"alerts": "alerts (score topic off, the default)",
                 "scores": "every score (score topic on)",
@@ -1215,16 +1259,23 @@ def render_markdown(r: dict[str, Any]) -> str:
             a, b = x["produced_ms"], x["received_ms"]
             prod = ("-" if x["via"] == "broker" else
                     f"{_f(a['p50'], '.0f')} / {_f(a['p95'], '.0f')} / {_f(a['p99'], '.0f')}")
+            c = x.get("processing_ms") or {}
+            own = ("-" if not c.get("n") else
+                   f"{_f(c['p50'], '.0f')} / {_f(c['p95'], '.0f')} / {_f(c['p99'], '.0f')}")
             lines.append(
                 f"| {x['fraction']:.0%} | {what[x['via']]} | {x['target_rate']:,.0f}/s | "
                 f"{x['produced_rate']:,.0f}/s | {b['n']:,} | {prod} | "
-                f"{_f(b['p50'], '.0f')} / {_f(b['p95'], '.0f')} / {_f(b['p99'], '.0f')} | "
+                f"{_f(b['p50'], '.0f')} / {_f(b['p95'], '.0f')} / {_f(b['p99'], '.0f')} | {own} | "
                 f"{x['cpu_service_cores']:.2f} | {x['cpu_broker_cores']:.2f} | "
                 f"{x['cpu_machine_cores']:.2f} |")
         lines += ["", "*produced*: Kafka CreateTime of the alert or score record (set when the "
                   "service hands it to its producer) minus the reading's CreateTime; *received*: "
                   "when a subscriber in another process got it (for the broker row: when a "
-                  "consumer got the reading). Millisecond resolution.", ""]
+                  "consumer got the reading). Millisecond resolution. *in the service*: from "
+                  "`consume()` until every reading of that batch is scored and its records "
+                  "acknowledged (`sd_processing_seconds`, quantiles interpolated inside its "
+                  "buckets as Prometheus does): the service's own share, without the broker's.",
+                  ""]
     if r.get("memory"):
         lines += [
             "## 5. Memory and scale (Detector in its own process, every window full)",
@@ -1499,12 +1550,13 @@ def _run_bench(args: argparse.Namespace, r: dict[str, Any], sizes: Sizes,
                 x["fraction"] = frac
                 x["threads"] = lat_threads
                 r["latency"].append(x)
-                a, b = x["produced_ms"], x["received_ms"]
+                a, b, c = x["produced_ms"], x["received_ms"], x["processing_ms"]
                 _say(f"  {frac:.0%} via {via} ({rate:,.0f}/s target, "
                      f"{x['produced_rate']:,.0f}/s produced, {b['n']:,} timed): "
                      f"produced p50/p95/p99 {_f(a['p50'], '.0f')}/{_f(a['p95'], '.0f')}/"
                      f"{_f(a['p99'], '.0f')} ms; received {_f(b['p50'], '.0f')}/"
-                     f"{_f(b['p95'], '.0f')}/{_f(b['p99'], '.0f')} ms; cores: service "
+                     f"{_f(b['p95'], '.0f')}/{_f(b['p99'], '.0f')} ms; in the service "
+                     f"{_f(c.get('p50'), '.0f')}/{_f(c.get('p99'), '.0f')} ms; cores: service "
                      f"{x['cpu_service_cores']:.2f}, broker {x['cpu_broker_cores']:.2f}, "
                      f"machine {x['cpu_machine_cores']:.2f}")
             done("latency")

@@ -116,26 +116,29 @@ class Chunk:
 
     ``end`` is the offset to store when the chunk is done (its last offset + 1); ``pending``
     the holds left (one per reading from :meth:`OffsetTracker.begin`, one more per record in
-    flight); ``gen`` the partition's generation when the readings were read."""
+    flight); ``gen`` the partition's generation when the readings were read; ``born`` when
+    they were consumed (the caller's clock, for the processing-time metric)."""
 
-    __slots__ = ("tp", "gen", "end", "size", "pending")
+    __slots__ = ("tp", "gen", "end", "size", "pending", "born")
 
-    def __init__(self, tp: TP, gen: object, end: int, size: int) -> None:
+    def __init__(self, tp: TP, gen: object, end: int, size: int, born: float = 0.0) -> None:
         self.tp = tp
         self.gen = gen
         self.end = end
         self.size = size
         self.pending = size
+        self.born = born
 
 
 class OffsetTracker:
     """In-order completion tracking per partition (pure; no Kafka), a chunk of readings at a
     time: the Python cost is per partition and batch, not per reading.
 
-    ``begin(tp, end, n)`` registers ``n`` readings of ``tp`` whose last offset is ``end - 1``,
-    each with one pending hold, and returns their :class:`Chunk`; ``hold`` adds holds,
-    ``release`` removes them. ``advance`` returns, per partition, the next offset to store:
-    the ``end`` of the longest prefix of finished chunks.
+    ``begin(tp, end, n, born)`` registers ``n`` readings of ``tp`` whose last offset is
+    ``end - 1``, each with one pending hold, and returns their :class:`Chunk`; ``hold`` adds
+    holds, ``release`` removes them. ``advance`` returns, per partition, the next offset to
+    store: the ``end`` of the longest prefix of finished chunks. ``take_settled`` returns the
+    chunks finished since its last call (each once), for the processing-time metric.
 
     A partition dropped (revoked or lost) and assigned again gets a new *generation*, so a hold
     or release on a chunk of the old one (a scored window or a delivery report of a reading
@@ -148,15 +151,16 @@ class OffsetTracker:
         self._chunks: dict[TP, deque[Chunk]] = {}
         self._gen: dict[TP, object] = {}
         self._dirty: set[TP] = set()
+        self._settled: list[Chunk] = []
 
-    def begin(self, tp: TP, end: int, n: int = 1) -> Chunk:
+    def begin(self, tp: TP, end: int, n: int = 1, born: float = 0.0) -> Chunk:
         if n < 1:
             raise ValueError(f"a chunk holds at least one reading, got {n}")
         q = self._chunks.get(tp)
         if q is None:  # first chunk of this partition (both maps gain and lose tp together)
             q = self._chunks[tp] = deque()
             self._gen[tp] = object()
-        chunk = Chunk(tp, self._gen[tp], end, n)
+        chunk = Chunk(tp, self._gen[tp], end, n, born)
         q.append(chunk)
         return chunk
 
@@ -174,6 +178,11 @@ class OffsetTracker:
         chunk.pending -= k
         if chunk.pending <= 0:
             self._dirty.add(chunk.tp)
+            self._settled.append(chunk)
+
+    def take_settled(self) -> list[Chunk]:
+        settled, self._settled = self._settled, []
+        return settled
 
     def advance(self) -> dict[TP, int]:
         out: dict[TP, int] = {}
@@ -395,7 +404,8 @@ class DetectorService:
             counts = Counter(tp for tp, s in zip(tps, silent, strict=True) if not s)
         else:
             counts = Counter(tps)
-        chunks = {tp: tracker.begin(tp, last[tp] + 1, n) for tp, n in counts.items()}
+        now = time.monotonic()
+        chunks = {tp: tracker.begin(tp, last[tp] + 1, n, now) for tp, n in counts.items()}
         if silent is None:
             refs: list[Ref] = list(zip(map(chunks.__getitem__, tps), stamps, strict=True))
         else:
@@ -516,6 +526,11 @@ class DetectorService:
 
     def _store_offsets(self) -> None:
         assert self._consumer is not None
+        settled = self.tracker.take_settled()
+        if settled:
+            now, observe = time.monotonic(), self.metrics.processing.observe
+            for chunk in settled:
+                observe(now - chunk.born)
         ready = self.tracker.advance()
         if ready:
             try:

@@ -21,6 +21,9 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 _LAT = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
+#: Finer around the tens of milliseconds that a latency objective is set in.
+_PROC = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
+         0.3, 0.5, 1, 2, 5, 10, 30)
 
 
 class Metrics:
@@ -37,6 +40,12 @@ class Metrics:
         )
         self.inference = Histogram(
             "sd_inference_seconds", "Model call latency per batch", registry=r, buckets=_LAT
+        )
+        self.processing = Histogram(
+            "sd_processing_seconds",
+            "consume() to every reading of the batch scored and what it caused acknowledged, "
+            "per partition and consume() batch: the service's own share of the latency",
+            registry=r, buckets=_PROC,
         )
         self.reading_to_alert = Histogram(
             "sd_reading_to_alert_seconds",

@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from pathlib import Path
 
 import pytest
 
 from stream_detector.bench import SECTIONS as BENCH_SECTIONS
-from stream_detector.bench import parse_cpus, parse_sections, run_bench
+from stream_detector.bench import (
+    histogram_buckets,
+    histogram_quantiles,
+    parse_cpus,
+    parse_sections,
+    run_bench,
+)
 from stream_detector.cli import build_parser
 from stream_detector.errors import ConfigError
 
@@ -121,10 +128,33 @@ def test_quick_bench_prints_every_section_and_writes_reports(
     assert report["e2e"]["model"]["windows"] > 0
     assert report["model"]["headline"]["windows_per_s"] > 0
     assert len(report["latency"]) >= 2
+    for row in report["latency"]:  # the service's own time, where a service ran
+        own = row["processing_ms"]
+        if row["via"] == "broker":
+            assert own == {}
+        else:
+            assert own["n"] > 0 and 0 < own["p50"] <= own["p99"] < 30_000
     assert report["river"]["speed"]["readings_per_s"] > 0
     md = (tmp_path / "bench" / "bench.md").read_text()
     for section in SECTIONS[:6]:
         assert section.split(" (")[0] in md
+
+
+def test_histogram_quantiles_interpolate_inside_buckets() -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    registry = CollectorRegistry()
+    hist = Histogram("x_seconds", "x", registry=registry, buckets=(0.01, 0.02, 0.05))
+    hist.observe(0.5)  # before the first snapshot: not counted
+    before = histogram_buckets(registry, "x_seconds")
+    assert math.isnan(histogram_quantiles(before, before)["p50"])  # nothing observed
+    for v in [0.005] * 50 + [0.015] * 40 + [0.03] * 9 + [7.0]:
+        hist.observe(v)
+    q = histogram_quantiles(before, histogram_buckets(registry, "x_seconds"), (0.5, 0.95, 0.995))
+    assert q["n"] == 100
+    assert q["p50"] == pytest.approx(0.01)  # rank 50: the last of the first bucket's 50
+    assert q["p95"] == pytest.approx(0.02 + 0.03 * 5 / 9)  # rank 95: 5th of 9 in (0.02, 0.05]
+    assert q["p99.5"] == pytest.approx(0.05)  # in the +Inf bucket: the largest finite bound
 
 
 # The benchmarks drive the Detector with TorchScorer.errors_async (model overlapped with

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from http.client import HTTPConnection
 from pathlib import Path
 
@@ -63,6 +64,49 @@ def test_a_chunk_is_stored_when_every_reading_in_it_is_done() -> None:
     t.release(first)  # the alert is acknowledged
     assert t.advance() == {A: 130}  # both chunks at once
     assert t.in_flight() == 0
+
+
+def test_settled_chunks_are_reported_once_when_done_even_out_of_order() -> None:
+    t = OffsetTracker()
+    first, second = t.begin(A, 10, 2, born=1.0), t.begin(A, 20, 1, born=2.0)
+    t.release(second)  # done, though its offsets wait for the first chunk
+    t.release(first)  # the first chunk still has a reading open
+    assert [c.born for c in t.take_settled()] == [2.0]
+    t.release(first)
+    assert [c.born for c in t.take_settled()] == [1.0]
+    assert t.take_settled() == []
+    assert t.advance() == {A: 20}
+    t.release(first)  # a duplicate callback after the chunk was stored
+    t.drop(A)
+    stale = t.begin(A, 30, 1)
+    t.drop(A)
+    t.release(stale)  # the partition was lost meanwhile: not processed here
+    assert t.take_settled() == []
+
+
+def test_store_offsets_times_the_settled_chunks() -> None:
+    from stream_detector.consumer import DetectorService
+
+    class FakeConsumer:
+        def __init__(self) -> None:
+            self.stored: list = []
+
+        def store_offsets(self, offsets) -> None:
+            self.stored.extend((o.topic, o.partition, o.offset) for o in offsets)
+
+    service = DetectorService(Settings(), None, None, serve_http=False)  # type: ignore[arg-type]
+    service._consumer = FakeConsumer()  # type: ignore[assignment]
+    now = time.monotonic()
+    a, b = service.tracker.begin(A, 5, 1, now - 0.030), service.tracker.begin(B, 9, 1, now - 3.0)
+    service.tracker.release(a)
+    service.tracker.release(b)
+    service._store_offsets()
+    assert service._consumer.stored == [("readings", 0, 5), ("readings", 1, 9)]
+    sample = service.metrics.registry.get_sample_value
+    assert sample("sd_processing_seconds_count") == 2
+    assert sample("sd_processing_seconds_bucket", {"le": "0.03"}) == 0
+    assert sample("sd_processing_seconds_bucket", {"le": "0.04"}) == 1
+    assert sample("sd_processing_seconds_bucket", {"le": "5.0"}) == 2
 
 
 def test_holds_are_counted() -> None:
