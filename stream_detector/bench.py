@@ -1272,9 +1272,10 @@ def render_markdown(r: dict[str, Any]) -> str:
                   "service hands it to its producer) minus the reading's CreateTime; *received*: "
                   "when a subscriber in another process got it (for the broker row: when a "
                   "consumer got the reading). Millisecond resolution. *in the service*: from "
-                  "`consume()` until every reading of that batch is scored and its records "
-                  "acknowledged (`sd_processing_seconds`, quantiles interpolated inside its "
-                  "buckets as Prometheus does): the service's own share, without the broker's.",
+                  "`consume()` until every reading of that batch is scored and the records it "
+                  "caused are acknowledged by the broker (`sd_processing_seconds`, quantiles "
+                  "interpolated inside its buckets as Prometheus does): the service's share, "
+                  "without the time the readings spent in the broker before it.",
                   ""]
     if r.get("memory"):
         lines += [

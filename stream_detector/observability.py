@@ -43,8 +43,8 @@ class Metrics:
         )
         self.processing = Histogram(
             "sd_processing_seconds",
-            "consume() to every reading of the batch scored and what it caused acknowledged, "
-            "per partition and consume() batch: the service's own share of the latency",
+            "consume() to every reading of the batch scored and the records it caused "
+            "acknowledged, per partition and consume() batch: the service's share of the latency",
             registry=r, buckets=_PROC,
         )
         self.reading_to_alert = Histogram(
