@@ -44,6 +44,7 @@ K8S_VERSIONS = ("1.30", "1.37")
 # Custom resources: no schema in kubernetes-validate; checked structurally below.
 CRD_KINDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
     ("keda.sh/v1alpha1", "ScaledObject"),
     ("keda.sh/v1alpha1", "TriggerAuthentication"),
 }
@@ -199,7 +200,7 @@ def test_manifests_validate_against_kubernetes_schemas(name, kubernetes_validate
             except kv.SchemaNotFoundError as exc:
                 problems.append(f"{ident}: {exc.message}; if it is a CRD add it to CRD_KINDS")
     assert not problems, "\n".join(problems)
-    assert {"ServiceMonitor", "ScaledObject"} <= crds
+    assert {"ServiceMonitor", "ScaledObject", "PrometheusRule"} <= crds
 
 
 def test_hpa_alternative_is_valid_and_not_applied(kubernetes_validate):
@@ -397,6 +398,64 @@ def test_custom_resources(name):
             assert refs[param]["key"] in SECRET_SETTINGS
     else:
         assert not protocol.startswith("SASL"), "KEDA needs the SASL credentials too"
+
+
+def _exposed_series() -> dict[str, set[str]]:
+    """Every series name the consumer's /metrics can expose -> its label names."""
+    from stream_detector.observability import Metrics
+
+    suffixes = {"counter": ("_total", "_created"), "gauge": ("",),
+                "histogram": ("_bucket", "_count", "_sum", "_created"), "info": ("_info",)}
+    series: dict[str, set[str]] = {}
+    metrics = Metrics()
+    labels = {m._name: set(m._labelnames) for m in vars(metrics).values()  # noqa: SLF001
+              if hasattr(m, "_labelnames")}
+    for family in metrics.registry.collect():
+        names = set(labels.get(family.name, set())) | {
+            k for s in family.samples for k in s.labels}
+        for suffix in suffixes.get(family.type, ("",)):
+            series[family.name + suffix] = names | ({"le"} if suffix == "_bucket" else set())
+    return series
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_alert_rules_parse_and_use_series_the_consumer_exposes(name):
+    import promql_parser as promql
+
+    series = _exposed_series()
+    assert "sd_processing_seconds_bucket" in series and "sd_readings_total" in series
+    rule_docs = [d for d in render(name) if d["kind"] == "PrometheusRule"]
+    assert len(rule_docs) == 1
+    rules = [r for g in rule_docs[0]["spec"]["groups"] for r in g["rules"]]
+    assert len(rules) >= 5
+    alerts = [r["alert"] for r in rules]
+    assert len(set(alerts)) == len(alerts)
+    for rule in rules:
+        ident = rule["alert"]
+        assert rule["labels"]["severity"] in {"warning", "critical"}, ident
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"], ident
+        assert re.fullmatch(r"\d+[smh]", rule["for"]), ident
+        expr = promql.parse(rule["expr"])  # raises on a syntax error
+        used: list[tuple[str, set[str]]] = []
+        grouped: set[str] = set()
+
+        def visit(node, used=used, grouped=grouped):
+            if isinstance(node, promql.VectorSelector):
+                used.append((node.name, {m.name for m in node.matchers.matchers}))
+            elif isinstance(node, promql.AggregateExpr) and node.modifier is not None:
+                grouped.update(node.modifier.labels)
+
+        promql.walk(expr, visit)
+        assert used, f"{ident}: no series"
+        for series_name, matched in used:
+            assert series_name in series, f"{ident}: {series_name} is not exposed"
+            assert matched <= series[series_name], f"{ident}: labels {matched}"
+        known = set().union(*(series[s] for s, _ in used))
+        assert grouped <= known, f"{ident}: grouped by {grouped - known}"
+        # annotations may only name labels the expression keeps
+        for text in rule["annotations"].values():
+            for label in re.findall(r"\$labels\.(\w+)", text):
+                assert label in grouped, f"{ident}: $labels.{label} is aggregated away"
 
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
