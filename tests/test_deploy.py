@@ -17,6 +17,7 @@ No network, no Docker, no cluster.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -300,7 +301,9 @@ def test_consumer_deployment_contract(name):
     env_from = detector["envFrom"]
     cm_names = [e["configMapRef"]["name"] for e in env_from if "configMapRef" in e]
     secret_names = [e["secretRef"]["name"] for e in env_from if "secretRef" in e]
-    assert cm_names == [one(docs, "ConfigMap")["metadata"]["name"]]
+    settings_maps = [d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"
+                     and d["metadata"]["name"].startswith("stream-detector-config")]
+    assert cm_names == settings_maps and len(cm_names) == 1
     assert secret_names == ["stream-detector-kafka"]
 
     # the artifact: PVC mounted read-only where SD_ARTIFACT_DIR points
@@ -418,10 +421,37 @@ def _exposed_series() -> dict[str, set[str]]:
     return series
 
 
-@pytest.mark.parametrize("name", KUSTOMIZATIONS)
-def test_alert_rules_parse_and_use_series_the_consumer_exposes(name):
+#: Labels Prometheus adds to every scraped series (the ServiceMonitor's target labels).
+TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "container", "endpoint"}
+
+
+def _check_promql(expr: str, ident: str, series: dict[str, set[str]]) -> set[str]:
+    """Parse ``expr`` (a syntax error raises) and check that it names only series the
+    consumer exposes, with their labels or scrape target labels; returns the labels it groups
+    by."""
     import promql_parser as promql
 
+    used: list[tuple[str, set[str]]] = []
+    grouped: set[str] = set()
+
+    def visit(node) -> None:
+        if isinstance(node, promql.VectorSelector):
+            used.append((node.name, {m.name for m in node.matchers.matchers}))
+        elif isinstance(node, promql.AggregateExpr) and node.modifier is not None:
+            grouped.update(node.modifier.labels)
+
+    promql.walk(promql.parse(expr), visit)
+    assert used, f"{ident}: no series"
+    for name, matched in used:
+        assert name in series, f"{ident}: {name} is not exposed"
+        assert matched <= series[name] | TARGET_LABELS, f"{ident}: labels {matched}"
+    known = set().union(*(series[s] for s, _ in used)) | TARGET_LABELS
+    assert grouped <= known, f"{ident}: grouped by {grouped - known}"
+    return grouped
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_alert_rules_parse_and_use_series_the_consumer_exposes(name):
     series = _exposed_series()
     assert "sd_processing_seconds_bucket" in series and "sd_readings_total" in series
     rule_docs = [d for d in render(name) if d["kind"] == "PrometheusRule"]
@@ -435,27 +465,41 @@ def test_alert_rules_parse_and_use_series_the_consumer_exposes(name):
         assert rule["labels"]["severity"] in {"warning", "critical"}, ident
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], ident
         assert re.fullmatch(r"\d+[smh]", rule["for"]), ident
-        expr = promql.parse(rule["expr"])  # raises on a syntax error
-        used: list[tuple[str, set[str]]] = []
-        grouped: set[str] = set()
-
-        def visit(node, used=used, grouped=grouped):
-            if isinstance(node, promql.VectorSelector):
-                used.append((node.name, {m.name for m in node.matchers.matchers}))
-            elif isinstance(node, promql.AggregateExpr) and node.modifier is not None:
-                grouped.update(node.modifier.labels)
-
-        promql.walk(expr, visit)
-        assert used, f"{ident}: no series"
-        for series_name, matched in used:
-            assert series_name in series, f"{ident}: {series_name} is not exposed"
-            assert matched <= series[series_name], f"{ident}: labels {matched}"
-        known = set().union(*(series[s] for s, _ in used))
-        assert grouped <= known, f"{ident}: grouped by {grouped - known}"
+        grouped = _check_promql(rule["expr"], ident, series)
         # annotations may only name labels the expression keeps
         for text in rule["annotations"].values():
             for label in re.findall(r"\$labels\.(\w+)", text):
                 assert label in grouped, f"{ident}: $labels.{label} is aggregated away"
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_grafana_dashboard_queries_use_series_the_consumer_exposes(name):
+    maps = [d for d in render(name) if d["kind"] == "ConfigMap"
+            and d["metadata"].get("labels", {}).get("grafana_dashboard") == "1"]
+    assert len(maps) == 1
+    (text,) = maps[0]["data"].values()
+    dash = json.loads(text)
+    assert dash["uid"] and dash["title"]
+    variables = {v["name"] for v in dash["templating"]["list"]}
+    series = _exposed_series()
+    panels = dash["panels"]
+    assert len(panels) >= 8 and len({p["id"] for p in panels}) == len(panels)
+    covered = set()
+    for panel in panels:
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            expr = target["expr"]
+            for var in re.findall(r"\$(\w+)", expr):  # Grafana variables, then plain PromQL
+                assert var in variables or var == "__rate_interval", f"{panel['title']}: ${var}"
+            plain = expr.replace("$__rate_interval", "5m").replace("$job", ".+")
+            grouped = _check_promql(plain, panel["title"], series)
+            for label in re.findall(r"\{\{(\w+)\}\}", target.get("legendFormat", "")):
+                assert label in grouped, f"{panel['title']}: {{{{{label}}}}} is aggregated away"
+            covered.update(re.findall(r"\b(sd_\w+?)(?:_bucket|_total)?\b", plain))
+    # every sd_* family is on the dashboard
+    families = {n.removesuffix("_total").removesuffix("_bucket") for n in series
+                if n.startswith("sd_") and not n.endswith(("_created", "_count", "_sum"))}
+    assert families <= covered, families - covered
 
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
