@@ -201,6 +201,46 @@ def test_decode_many_one_odd_record_in_a_clean_batch(decoder, odd) -> None:
         np.testing.assert_array_equal(got.values[pos], want.values)
 
 
+def test_decode_many_agrees_with_decode_on_mutated_bytes(decoder) -> None:
+    """Fuzz: a valid reading with one byte changed, deleted or a JSON token spliced in, alone
+    in a clean batch. The batch path (msgspec, typed) and decode() (orjson, then checks) are
+    different parsers; they must agree on every record."""
+    rng = np.random.default_rng(11)
+    clean = [_msg(sensor=f"m-{i}", ts=i, values=[1.5, -2, 3e3]) for i in range(4)]
+    tokens = [b"true", b"null", b'"x"', b"[1]", b"{}", b"1e999", b"1e39", b"-", b".", b",",
+              b"\\u0022", b"NaN", b"9" * 25, b" ", b"\xff", b"\x00"]
+    base = _msg(sensor="pump-7", ts=1_700_000_000_000, values=[0.25, 1, -3.5e-7])
+    seen = set()
+    for _ in range(400):
+        raw = bytearray(base)
+        pos = int(rng.integers(0, len(raw)))
+        kind = int(rng.integers(0, 4))
+        if kind == 3:  # a token in place of the second value
+            start = raw.index(b"[") + 1
+            pos = raw.index(b",", start) + 1
+            end = raw.index(b",", pos)
+            raw[pos:end] = tokens[int(rng.integers(0, len(tokens)))]
+        elif kind == 0:
+            raw[pos] = int(rng.integers(32, 127))
+        elif kind == 1:
+            del raw[pos]
+        else:
+            raw[pos:pos] = tokens[int(rng.integers(0, len(tokens)))]
+        odd = bytes(raw)
+        got = decoder.decode_many([clean[0], clean[1], odd, clean[2]])
+        try:
+            want = decoder.decode(odd)
+        except BadRecord as exc:
+            assert [(i, b.reason) for i, b in got.bad] == [(2, exc.reason)], odd
+            seen.add(exc.reason)
+            continue
+        seen.add("ok")
+        assert got.bad == [] and got.index == [0, 1, 2, 3], odd
+        assert got.sensors[2] == want.sensor and got.ts_ms[2] == want.ts_ms, odd
+        np.testing.assert_array_equal(got.values[2], want.values)
+    assert {"ok", "malformed_json", "non_numeric", "non_finite", "bad_timestamp"} <= seen, seen
+
+
 def test_every_decoder_reason_is_covered() -> None:
     covered = {r for r, _ in BAD}
     assert covered == set(REASONS) - {"late_or_duplicate", "internal_error"}
