@@ -18,9 +18,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import chain
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from typing import Any
 
 import msgspec
@@ -81,7 +82,17 @@ class _CleanReading(msgspec.Struct, forbid_unknown_fields=True):
     schema_version: int = SCHEMA_VERSION
 
 
+class _KeyedReading(msgspec.Struct, forbid_unknown_fields=True):
+    """The same with ``values`` keyed by feature name (the other documented shape)."""
+
+    sensor: str
+    ts: int
+    values: dict[str, float]
+    schema_version: int = SCHEMA_VERSION
+
+
 _decode_clean = msgspec.json.Decoder(_CleanReading).decode
+_decode_keyed = msgspec.json.Decoder(_KeyedReading).decode
 _CLEAN_FIELDS = attrgetter("sensor", "ts", "values", "schema_version")
 
 
@@ -111,6 +122,10 @@ class ReadingDecoder:
         self.n = len(features)
         self.index = {name: i for i, name in enumerate(features)}
         self.max_bytes = max_bytes
+        # a reading's values keyed by name -> in manifest order (KeyError for a missing name)
+        self._in_order: Callable[[dict[str, float]], tuple[float, ...]] = (
+            itemgetter(*features) if len(features) > 1
+            else (lambda d: tuple(d[f] for f in features)))
 
     def decode(self, raw: bytes | None, ref: Any = None) -> Reading:
         if raw is None:
@@ -199,7 +214,12 @@ class ReadingDecoder:
         exception) sends the batch down the general path."""
         if not raws or None in raws or max(map(len, raws)) > self.max_bytes:  # type: ignore[arg-type]
             return None
-        objs = list(map(_decode_clean, raws))  # type: ignore[arg-type]
+        try:
+            objs: list[Any] = list(map(_decode_clean, raws))  # type: ignore[arg-type]
+            keyed = False
+        except msgspec.ValidationError:  # not the list form: values keyed by name, or bad
+            objs = list(map(_decode_keyed, raws))  # type: ignore[arg-type]
+            keyed = True
         sensors, stamps, rows, versions = zip(*map(_CLEAN_FIELDS, objs), strict=True)
         if set(versions) != {SCHEMA_VERSION}:
             return None
@@ -209,6 +229,8 @@ class ReadingDecoder:
             return None
         if set(map(len, rows)) != {self.n}:
             return None
+        if keyed:  # n names, each a feature (a KeyError otherwise): exactly the features
+            rows = tuple(map(self._in_order, rows))
         wide = np.array(rows, dtype=np.float64).reshape(len(rows), self.n)
         if wide.size and not np.abs(wide).max() <= _F32_MAX:
             return None

@@ -201,23 +201,46 @@ def test_decode_many_one_odd_record_in_a_clean_batch(decoder, odd) -> None:
         np.testing.assert_array_equal(got.values[pos], want.values)
 
 
-def test_decode_many_agrees_with_decode_on_mutated_bytes(decoder) -> None:
+def test_clean_batches_of_either_shape_take_the_batch_path(decoder, monkeypatch) -> None:
+    values = [[1.0, 2.5, -3.0], [4.0, 5.0, 6.25]]
+    as_list = [_msg(sensor=f"m-{i}", ts=i, values=v) for i, v in enumerate(values)]
+    keyed = [_msg(sensor=f"m-{i}", ts=i, values=dict(reversed(list(zip(FEATURES, v, strict=True)))))
+             for i, v in enumerate(values)]  # names in another order than the manifest's
+
+    calls = []
+    one_by_one = decoder.decode
+    monkeypatch.setattr(decoder, "decode", lambda raw: calls.append(raw) or one_by_one(raw))
+    for raws in (as_list, keyed, [as_list[0], keyed[1]]):
+        got = decoder.decode_many(raws)
+        np.testing.assert_array_equal(got.values, np.asarray(values, dtype=np.float32))
+        assert got.sensors == ["m-0", "m-1"] and got.ts_ms == [0, 1] and got.bad == []
+    assert calls == [keyed[1]]  # only the mixed batch needed the per-record decoder
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["list", "keyed"])
+def test_decode_many_agrees_with_decode_on_mutated_bytes(decoder, keyed) -> None:
     """Fuzz: a valid reading with one byte changed, deleted or a JSON token spliced in, alone
     in a clean batch. The batch path (msgspec, typed) and decode() (orjson, then checks) are
     different parsers; they must agree on every record."""
     rng = np.random.default_rng(11)
-    clean = [_msg(sensor=f"m-{i}", ts=i, values=[1.5, -2, 3e3]) for i in range(4)]
+    values = [1.5, -2, 3e3]
+    clean = [_msg(sensor=f"m-{i}", ts=i, values=dict(zip(FEATURES, values, strict=True))
+                  if keyed else values) for i in range(4)]
     tokens = [b"true", b"null", b'"x"', b"[1]", b"{}", b"1e999", b"1e39", b"-", b".", b",",
               b"\\u0022", b"NaN", b"9" * 25, b" ", b"\xff", b"\x00"]
-    base = _msg(sensor="pump-7", ts=1_700_000_000_000, values=[0.25, 1, -3.5e-7])
+    values = [0.25, 1, -3.5e-7]
+    base = _msg(sensor="pump-7", ts=1_700_000_000_000,
+                values=dict(zip(FEATURES, values, strict=True)) if keyed else values)
     seen = set()
     for _ in range(400):
         raw = bytearray(base)
         pos = int(rng.integers(0, len(raw)))
         kind = int(rng.integers(0, 4))
         if kind == 3:  # a token in place of the second value
-            start = raw.index(b"[") + 1
+            start = raw.index(b"{" if keyed else b"[", raw.index(b'"values"')) + 1
             pos = raw.index(b",", start) + 1
+            if keyed:
+                pos = raw.index(b":", pos) + 1
             end = raw.index(b",", pos)
             raw[pos:end] = tokens[int(rng.integers(0, len(tokens)))]
         elif kind == 0:
