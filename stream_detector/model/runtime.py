@@ -9,10 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import structlog
 import torch
 
 from stream_detector.errors import ArtifactError
 from stream_detector.manifest import MODEL_FILE, Manifest, read_manifest
+
+log = structlog.get_logger(__name__)
 
 
 class _AsyncModel(torch.nn.Module):
@@ -24,20 +27,21 @@ class _AsyncModel(torch.nn.Module):
     several queued micro-batches keep the model busy without the caller's help, each at its
     own size."""
 
-    mean: torch.Tensor  # buffers, registered in __init__
-    inv_std: torch.Tensor
-
     def __init__(self, model: torch.nn.Module, mean: np.ndarray, inv_std: np.ndarray,
                  clip: float) -> None:
         super().__init__()
         self.model = model
         self.register_buffer("mean", torch.from_numpy(mean.copy()))
         self.register_buffer("inv_std", torch.from_numpy(inv_std.copy()))
-        self.clip: float = clip
+        self.clip = clip
 
     @torch.jit.export
     def run(self, raw: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.clamp((raw - self.mean) * self.inv_std, -self.clip, self.clip)
+        # No class-level annotations for the buffers to please mypy: TorchScript cannot resolve
+        # them under postponed annotations, the wrapper then fails to script and scoring loses
+        # its overlap with the loop (tests/test_model.py checks ``overlapped``).
+        x = torch.clamp((raw - self.mean) * self.inv_std,  # type: ignore[operator]
+                        -self.clip, self.clip)
         n = x.size(0)
         if chunk <= 0 or n <= chunk:
             return self.model(x)
@@ -98,8 +102,16 @@ class TorchScorer:
         try:
             self._async: torch.jit.ScriptModule | None = torch.jit.script(
                 _AsyncModel(module, self._mean, self._inv_std, float(self._clip)))
-        except Exception:  # noqa: BLE001 - a module that cannot be wrapped is scored in line
+        except Exception as exc:  # noqa: BLE001 - a module that cannot be wrapped is scored in line
             self._async = None
+            log.warning("model cannot run off the loop's thread; scoring in line (slower)",
+                        error=str(exc)[:300])
+
+    @property
+    def overlapped(self) -> bool:
+        """Whether :meth:`errors_async` runs the model on torch's thread pool, overlapped with
+        the caller (False: the wrapper could not be scripted and it scores in line)."""
+        return self._async is not None
 
     @classmethod
     def load(
