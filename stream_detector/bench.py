@@ -706,10 +706,11 @@ def _latency_reader(bootstrap: str, topic: str, expect: int, ready: Any, idle_s:
         msgs = c.consume(1000, 0.01)
         now = time.time_ns() // 1_000_000
         for m in msgs:
-            if m.error() is not None:
+            value = m.value()
+            if m.error() is not None or not value:  # an error event or a tombstone
                 continue
             got += 1
-            ends.append(orjson.loads(m.value() or b"{}")[field])
+            ends.append(orjson.loads(value)[field])
             created.append(m.timestamp()[1])
             arrived.append(now)
         if msgs:

@@ -463,7 +463,7 @@ class DetectorService:
     def _dead_letter(self, reason: str, detail: str, msg: Message, chunk: Chunk) -> None:
         assert self._producer is not None
         self.metrics.dead_letters.labels(reason).inc()
-        payload = dead_letter(reason, detail, msg.value(), msg.topic() or "",
+        payload = dead_letter(reason, detail, msg.value(), cast(str, msg.topic()),
                               cast(int, msg.partition()), cast(int, msg.offset()))
         self._produce(self.settings.kafka.dead_letter_topic, msg.key(), payload, chunk, None)
 

@@ -336,10 +336,11 @@ def _stream(opts: ReplayOptions, manifest: Any, scorer: Any, names: list[str],
             while got < expected:
                 msgs = reader.consume(2000, 0.2)
                 for m in msgs:
-                    if m.error() is not None:
+                    value = m.value()
+                    if m.error() is not None or not value:  # an error event or a tombstone
                         continue
-                    rec = orjson.loads(m.value() or b"{}")
-                    i = index.get(rec.get("sensor", ""))
+                    rec = orjson.loads(value)
+                    i = index.get(rec.get("sensor"))
                     if i is None:
                         continue
                     t = (rec["window_end"] - T0_MS) // STEP_MS
@@ -375,8 +376,9 @@ def _stream(opts: ReplayOptions, manifest: Any, scorer: Any, names: list[str],
             deadline = time.monotonic() + 2.0
             while time.monotonic() < deadline:
                 for m in reader.consume(2000, 0.2):
-                    if m.error() is None and m.topic() == topics["alerts"] and m.value():
-                        rec = orjson.loads(m.value())  # type: ignore[arg-type]
+                    value = m.value()
+                    if m.error() is None and m.topic() == topics["alerts"] and value:
+                        rec = orjson.loads(value)
                         if rec.get("sensor") in index:
                             alerts.setdefault(rec["event_id"], rec)
         finally:
