@@ -97,29 +97,65 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Manifest:
+        """Parse a manifest's JSON object; every field is type-checked and an error names it."""
         try:
             data = dict(raw)
-            data["features"] = tuple(data["features"])
-            data["scaler_mean"] = tuple(float(v) for v in data["scaler_mean"])
-            data["scaler_std"] = tuple(float(v) for v in data["scaler_std"])
-            s = dict(data["score"])
-            s["rec_scale"] = tuple(float(v) for v in s["rec_scale"])
-            s["fc_scale"] = tuple(float(v) for v in s["fc_scale"])
-            s["per_sensor"] = {
-                str(name): {"rec": tuple(float(v) for v in sc["rec"]),
-                            "fc": tuple(float(v) for v in sc["fc"])}
-                for name, sc in dict(s.get("per_sensor") or {}).items()
-            }
-            s["feature_weights"] = tuple(float(v) for v in s.get("feature_weights") or ())
+            data["schema_version"] = _int("schema_version", data["schema_version"])
+            for key in ("model_version", "dataset", "sha256"):
+                data[key] = _str(key, data[key])
+            feats = data["features"]
+            if not isinstance(feats, list | tuple):
+                raise ArtifactError("manifest features must be a list of names")
+            data["features"] = tuple(_str(f"features[{i}]", v) for i, v in enumerate(feats))
+            data["window"] = _int("window", data["window"])
+            data["clip"] = _num("clip", data["clip"])
+            data["scaler_mean"] = _nums("scaler_mean", data["scaler_mean"])
+            data["scaler_std"] = _nums("scaler_std", data["scaler_std"])
+            for key in ("network", "training", "versions"):
+                if not isinstance(data.get(key, {}), dict):
+                    raise ArtifactError(f"manifest {key} must be a JSON object")
+            s = dict(_obj("score", data["score"]))
+            s["w_rec"] = _num("score.w_rec", s["w_rec"])
+            s["w_fc"] = _num("score.w_fc", s["w_fc"])
+            s["smoothing"] = _int("score.smoothing", s.get("smoothing", 1))
+            s["rec_scale"] = _nums("score.rec_scale", s["rec_scale"])
+            s["fc_scale"] = _nums("score.fc_scale", s["fc_scale"])
+            per_sensor = {}
+            for name, sc in _obj("score.per_sensor", s.get("per_sensor") or {}).items():
+                sc = _obj(f"score.per_sensor[{name!r}]", sc)
+                per_sensor[str(name)] = {
+                    k: _nums(f"score.per_sensor[{name!r}].{k}", sc[k]) for k in ("rec", "fc")
+                }
+            s["per_sensor"] = per_sensor
+            s["feature_weights"] = _nums("score.feature_weights", s.get("feature_weights") or ())
             data["score"] = ScoreSpec(**s)
-            data["thresholds"] = ThresholdSpec(**data["thresholds"])
+            t = dict(_obj("thresholds", data["thresholds"]))
+            t["method"] = _str("thresholds.method", t["method"])
+            t["default"] = _num("thresholds.default", t["default"])
+            t["per_sensor"] = {
+                str(name): _num(f"thresholds.per_sensor[{name!r}]", v)
+                for name, v in _obj("thresholds.per_sensor", t.get("per_sensor") or {}).items()
+            }
+            data["thresholds"] = ThresholdSpec(**t)
             return cls(**data)
-        except (KeyError, TypeError, ValueError) as exc:
+        except KeyError as exc:
+            raise ArtifactError(f"manifest is malformed: missing field {exc}") from None
+        except TypeError as exc:  # an unknown or missing dataclass field
             raise ArtifactError(f"manifest is malformed: {exc}") from None
 
     def validate(self) -> None:
-        """Check internal consistency; raise ArtifactError naming the first problem."""
+        """Check internal consistency and values; raise ArtifactError naming the first problem.
+
+        Every number the consumer divides by or compares with must be usable: a threshold or
+        error scale that is zero, negative or not finite would alert on every window or on none,
+        so such an artifact is refused at load, not discovered in production.
+        """
         f = self.n_features
+        if f == 0:
+            raise ArtifactError("manifest features is empty")
+        if len(set(self.features)) != f:
+            dup = sorted({x for x in self.features if self.features.count(x) > 1})
+            raise ArtifactError(f"manifest features has duplicate names {dup[:10]}")
         checks = {
             "scaler_mean": len(self.scaler_mean),
             "scaler_std": len(self.scaler_std),
@@ -141,12 +177,75 @@ class Manifest:
             )
         if self.window < 3:
             raise ArtifactError(f"manifest window must be >= 3, got {self.window}")
-        if min(self.scaler_std) <= 0:
-            raise ArtifactError("manifest scaler_std has a non-positive value")
-        if not np.isfinite(self.thresholds.default):
-            raise ArtifactError("manifest default threshold is not finite")
         if self.score.smoothing < 1:
             raise ArtifactError("manifest score.smoothing must be >= 1")
+        _finite("scaler_mean", self.scaler_mean)
+        _positive("scaler_std", self.scaler_std)
+        _positive("clip", (self.clip,))
+        sc = self.score
+        if not (np.isfinite([sc.w_rec, sc.w_fc]).all() and min(sc.w_rec, sc.w_fc) >= 0
+                and sc.w_rec + sc.w_fc > 0):
+            raise ArtifactError(
+                f"manifest score weights must be finite, non-negative and not both zero, got "
+                f"w_rec={sc.w_rec}, w_fc={sc.w_fc}"
+            )
+        _positive("score.rec_scale", sc.rec_scale)
+        _positive("score.fc_scale", sc.fc_scale)
+        for sensor, scales in sc.per_sensor.items():
+            for k in ("rec", "fc"):
+                _positive(f"score.per_sensor[{sensor!r}].{k}", scales[k])
+        _positive("thresholds.default", (self.thresholds.default,))
+        for sensor, thr in self.thresholds.per_sensor.items():
+            _positive(f"thresholds.per_sensor[{sensor!r}]", (thr,))
+
+
+def _num(path: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise ArtifactError(f"manifest {path} must be a number, got {_short(v)}")
+    return float(v)
+
+
+def _nums(path: str, values: Any) -> tuple[float, ...]:
+    if not isinstance(values, list | tuple):
+        raise ArtifactError(f"manifest {path} must be a list of numbers, got {_short(values)}")
+    return tuple(_num(f"{path}[{i}]", v) for i, v in enumerate(values))
+
+
+def _int(path: str, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ArtifactError(f"manifest {path} must be an integer, got {_short(v)}")
+    return v
+
+
+def _str(path: str, v: Any) -> str:
+    if not isinstance(v, str):
+        raise ArtifactError(f"manifest {path} must be a string, got {_short(v)}")
+    return v
+
+
+def _obj(path: str, v: Any) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise ArtifactError(f"manifest {path} must be a JSON object, got {_short(v)}")
+    return v
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _finite(path: str, values: tuple[float, ...]) -> None:
+    bad = [i for i, v in enumerate(values) if not np.isfinite(v)]
+    if bad:
+        raise ArtifactError(f"manifest {path}[{bad[0]}] is not finite: {values[bad[0]]}")
+
+
+def _positive(path: str, values: tuple[float, ...]) -> None:
+    """Every value finite and > 0 (a threshold, scale or divisor)."""
+    for i, v in enumerate(values):
+        if not (np.isfinite(v) and v > 0):
+            where = path if len(values) == 1 else f"{path}[{i}]"
+            raise ArtifactError(f"manifest {where} must be finite and > 0, got {v}")
 
 
 def sha256_file(path: Path) -> str:

@@ -416,6 +416,57 @@ def test_per_sensor_scales_and_feature_weights_are_checked(artifact, tmp_path) -
         TorchScorer.load(root)
 
 
+def _set_path(raw: dict, path: tuple, value) -> None:
+    node = raw
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+
+
+_FIRST = "<first sensor>"
+_THR = ("thresholds", "per_sensor", _FIRST)
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        # values the consumer divides by or compares with: alert on everything or nothing
+        (_THR, None, r"thresholds.per_sensor\['.+'\] must be a number"),
+        (_THR, 0, r"thresholds.per_sensor\['.+'\] must be finite and > 0"),
+        (_THR, -1.0, r"per_sensor\['.+'\] must be finite and > 0, got -1"),
+        (("thresholds", "default"), -1.0, r"thresholds.default must be finite and > 0"),
+        (("thresholds", "default"), "3.0", r"thresholds.default must be a number, got '3.0'"),
+        (("score", "rec_scale", 1), -0.5, r"score.rec_scale\[1\] must be finite and > 0"),
+        (("score", "per_sensor", _FIRST, "fc", 0), 0.0, r"\['.+'\].fc\[0\] must be finite"),
+        (("score", "w_rec"), -1.0, r"score weights must be finite, non-negative"),
+        (("score", "smoothing"), 2.5, r"score.smoothing must be an integer, got 2.5"),
+        (("clip",), 0.0, r"clip must be finite and > 0"),
+        (("window",), "16", r"window must be an integer, got '16'"),
+        (("sha256",), 123, r"sha256 must be a string"),
+        (("scaler_std", 0), None, r"scaler_std\[0\] must be a number, got None"),
+        (("scaler_mean", 2), True, r"scaler_mean\[2\] must be a number, got True"),
+        (("features", 1), "x0", r"features has duplicate names \['x0'\]"),
+        (("features",), "x0,x1", r"features must be a list"),
+        (("thresholds", "per_sensor"), [1.0], r"thresholds.per_sensor must be a JSON object"),
+    ],
+)
+def test_manifest_values_are_checked_and_named(artifact, tmp_path, path, value, message) -> None:
+    """A manifest edited by hand (or written by another tool) must not load with a threshold or
+    scale that would alert on every window or on none; the error names the field."""
+    root = _copy(artifact[0], tmp_path)
+    mpath = root / MANIFEST_FILE
+    raw = orjson.loads(mpath.read_bytes())
+    first = next(iter(raw["thresholds"]["per_sensor"]))
+    path = tuple(first if k == _FIRST else k for k in path)
+    if path == ("features", 1):
+        value = raw["features"][0]
+        message = message.replace("x0", value)
+    _set_path(raw, path, value)
+    mpath.write_bytes(orjson.dumps(raw))
+    with pytest.raises(ArtifactError, match=message):
+        TorchScorer.load(root)
+
+
 def test_schema_version_1_manifest_still_loads_with_global_scales(artifact, tmp_path) -> None:
     """Artifacts written before per-sensor scales: read as global scales, equal weights."""
     root = _copy(artifact[0], tmp_path)
