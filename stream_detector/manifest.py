@@ -182,16 +182,16 @@ class Manifest:
         _finite("scaler_mean", self.scaler_mean)
         _positive("scaler_std", self.scaler_std)
         _positive("clip", (self.clip,))
-        sc = self.score
-        if not (np.isfinite([sc.w_rec, sc.w_fc]).all() and min(sc.w_rec, sc.w_fc) >= 0
-                and sc.w_rec + sc.w_fc > 0):
+        spec = self.score
+        if not (np.isfinite([spec.w_rec, spec.w_fc]).all() and min(spec.w_rec, spec.w_fc) >= 0
+                and spec.w_rec + spec.w_fc > 0):
             raise ArtifactError(
                 f"manifest score weights must be finite, non-negative and not both zero, got "
-                f"w_rec={sc.w_rec}, w_fc={sc.w_fc}"
+                f"w_rec={spec.w_rec}, w_fc={spec.w_fc}"
             )
-        _positive("score.rec_scale", sc.rec_scale)
-        _positive("score.fc_scale", sc.fc_scale)
-        for sensor, scales in sc.per_sensor.items():
+        _positive("score.rec_scale", spec.rec_scale)
+        _positive("score.fc_scale", spec.fc_scale)
+        for sensor, scales in spec.per_sensor.items():
             for k in ("rec", "fc"):
                 _positive(f"score.per_sensor[{sensor!r}].{k}", scales[k])
         _positive("thresholds.default", (self.thresholds.default,))
