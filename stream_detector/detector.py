@@ -470,7 +470,10 @@ class Detector:
             self._open[slot] = tracker.open
 
     def _top_features(self, contrib: np.ndarray) -> tuple[tuple[str, float], ...]:
+        """The ``top_features`` largest contributions, largest first; features that contribute
+        nothing (weight 0 in the artifact, e.g. SMAP/MSL command flags) are never named."""
         k = self._top
         idx = np.argpartition(-contrib, k - 1)[:k] if k < len(contrib) else np.arange(len(contrib))
-        idx = idx[np.argsort(-contrib[idx])]
-        return tuple((self._features[i], round(float(contrib[i]), 6)) for i in idx)
+        idx = idx[np.argsort(-contrib[idx], kind="stable")]
+        return tuple((self._features[i], round(float(contrib[i]), 6)) for i in idx
+                     if contrib[i] > 0)

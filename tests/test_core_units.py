@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -331,6 +333,25 @@ def test_detector_raises_one_alert_per_spike_episode_naming_the_feature() -> Non
     assert opened.top_features[0][0] == "b"
     assert opened.window_end_ms == 30 and opened.level == "critical"
     assert opened.alert_id == alerts[1].alert_id
+
+
+def test_alerts_name_only_features_that_contribute() -> None:
+    """SMAP/MSL artifacts score only the telemetry value (the command flags have weight 0): an
+    alert must not fill ``top_features`` with flags that contribute nothing."""
+    base = make_manifest(features=("value", "cmd1", "cmd2", "cmd3"), window=5, threshold=1.0)
+    manifest = dataclasses.replace(
+        base, score=dataclasses.replace(base.score, feature_weights=(1.0, 0.0, 0.0, 0.0)))
+    det = Detector(manifest, NumpyScorer(), DetectorSettings(max_batch=1, top_features=3),
+                   clock=FakeClock(), wall_clock_ms=lambda: 0)
+    alerts = []
+    for t in range(12):
+        v = np.zeros(4, np.float32)
+        v[0] = 50.0 if t == 8 else 0.0
+        v[1:] = 0.5 * (t % 2)  # the flags move too: their errors are non-zero, weight is 0
+        det.submit(Reading("ch", t, v))
+        alerts += [r.alert for r in det.poll() if r.alert is not None]
+    assert alerts and alerts[0].event == "open"
+    assert [f for f, _ in alerts[0].top_features] == ["value"]
 
 
 def test_detector_deadline_flush_and_forget() -> None:
