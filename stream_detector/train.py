@@ -289,7 +289,7 @@ def train(
         dataset=dataset,
         features=features,
         window=cfg.window,
-        network={"encoder": cfg.encoder, "hidden": cfg.hidden, "layers": cfg.layers,
+        network={"encoder": cfg.encoder, "hidden": cfg.hidden, "layers": model.layers,
                  "latent": model.latent},
         scaler_mean=tuple(mean.tolist()),
         scaler_std=tuple(std.tolist()),

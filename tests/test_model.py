@@ -127,6 +127,24 @@ def test_scripted_model_matches_eager_and_training_loss_matches_forward(encoder)
         torch.testing.assert_close(scripted.training_loss(x, 0.5), model.training_loss(x, 0.5))
 
 
+@pytest.mark.parametrize("encoder", sorted(ENCODERS))
+@pytest.mark.parametrize("window", [3, 8, 16, 17, 32])
+def test_both_decoders_see_the_whole_window(encoder, window) -> None:
+    """The reconstruction decoder's state depends on every reading of the window and the
+    forecasting decoder's on every context reading (a TCN as deep as the trainer's default of
+    one layer saw only the last 3)."""
+    torch.manual_seed(0)
+    model = HybridModel(3, window, hidden=8, encoder=encoder).eval()
+    x = torch.randn(2, window, 3, requires_grad=True)
+    out = model.encoder(x)
+    (grad_last,) = torch.autograd.grad(out[:, -1, :].sum(), x, retain_graph=True)
+    (grad_ctx,) = torch.autograd.grad(out[:, window - 2, :].sum(), x)
+    seen_last = grad_last.abs().sum(dim=(0, 2)) > 0
+    seen_ctx = grad_ctx.abs().sum(dim=(0, 2)) > 0
+    assert seen_last.all(), f"state after the newest reading ignores rows {(~seen_last).nonzero()}"
+    assert seen_ctx[: window - 1].all() and not seen_ctx[window - 1]  # causal
+
+
 def test_network_refuses_bad_arguments() -> None:
     with pytest.raises(ValueError, match="window"):
         HybridModel(4, 2)

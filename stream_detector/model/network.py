@@ -52,7 +52,9 @@ class GRUEncoder(nn.Module):
 
 
 class TCNEncoder(nn.Module):
-    """Causal dilated 1-D convolutions (kernel 3, dilations 1, 2, 4, ...)."""
+    """Causal dilated 1-D convolutions (kernel 3, dilations 1, 2, 4, ...). ``layers`` layers see
+    ``2 ** (layers + 1) - 1`` steps; :class:`HybridModel` adds layers until that covers the
+    window (:func:`tcn_layers`)."""
 
     def __init__(self, n_features: int, hidden: int, layers: int = 3) -> None:
         super().__init__()
@@ -104,6 +106,9 @@ class HybridModel(nn.Module):
         self.window = window
         self.context = window - 1
         self.latent = latent if latent > 0 else default_latent(n_features)
+        if encoder == "tcn":  # a convolution stack too shallow to see the whole window
+            layers = max(layers, tcn_layers(window))
+        self.layers = layers
         self.encoder = ENCODERS[encoder](n_features, hidden, layers)
         self.bottleneck = nn.Linear(hidden, self.latent)
         self.reconstruct = nn.Sequential(
@@ -140,3 +145,12 @@ def default_latent(n_features: int) -> int:
     """Bottleneck width when not given: narrower than the reading, so the newest reading cannot
     be copied through and has to be explained by the learned normal structure."""
     return max(2, min(16, n_features // 2))
+
+
+def tcn_layers(window: int) -> int:
+    """Fewest dilated layers (kernel 3, dilations 1, 2, 4, ...) whose receptive field,
+    ``2 ** (layers + 1) - 1`` steps, covers ``window`` readings."""
+    layers = 1
+    while 2 ** (layers + 1) - 1 < window:
+        layers += 1
+    return layers
