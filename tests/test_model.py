@@ -290,6 +290,50 @@ def test_artifact_round_trip_in_a_fresh_process(artifact, tmp_path) -> None:
                                    rtol=0, err_msg=key)
 
 
+_WRITE_SUBPROCESS = r"""
+import dataclasses, json, sys
+import torch
+from stream_detector.manifest import read_manifest
+from stream_detector.model.artifact import write_artifact
+from stream_detector.model.network import HybridModel
+
+manifest = dataclasses.replace(read_manifest(sys.argv[1]), model_version="")
+torch.manual_seed(0)
+model = HybridModel(manifest.n_features, manifest.window, hidden=8)
+out = write_artifact(sys.argv[2], model, manifest)
+print(json.dumps({"version": out.model_version, "sha256": out.sha256}))
+"""
+
+
+def test_model_version_is_the_same_for_the_same_training_in_another_process(artifact, tmp_path):
+    """The version (and so every alert id) depends on the weights and the scoring settings,
+    not on the bytes torch.jit.save writes, which differ between processes."""
+    root, manifest, _ = artifact
+    runs = []
+    for seed in ("1", "2"):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": seed}
+        proc = subprocess.run(
+            [sys.executable, "-c", _WRITE_SUBPROCESS, str(root), str(tmp_path / seed)],
+            capture_output=True, text=True, timeout=120, cwd=REPO, env=env,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert runs[0]["version"] == runs[1]["version"]
+    assert runs[0]["version"].startswith(manifest.dataset + "-")
+    assert runs[0]["version"] != manifest.model_version  # other weights, other version
+    # the scoring settings are part of it: another threshold is another version
+    from stream_detector.model.artifact import content_digest
+    from stream_detector.model.network import HybridModel
+
+    torch.manual_seed(0)
+    model = HybridModel(manifest.n_features, manifest.window, hidden=8)
+    same = content_digest(model, manifest)
+    assert runs[0]["version"] == f"{manifest.dataset}-{same[:12]}"
+    other = dataclasses.replace(manifest, thresholds=dataclasses.replace(
+        manifest.thresholds, default=manifest.thresholds.default * 2))
+    assert content_digest(model, other) != same
+
+
 def test_scorer_scales_and_clips_like_training(artifact) -> None:
     root, manifest, _ = artifact
     scorer = TorchScorer.load(root)

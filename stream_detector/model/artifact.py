@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
-from dataclasses import replace
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import orjson
 import sklearn
 import torch
 
@@ -26,6 +28,27 @@ def library_versions() -> dict[str, str]:
     }
 
 
+def content_digest(model: torch.nn.Module, manifest: Manifest) -> str:
+    """sha256 of what decides the artifact's scores and alerts: the weights (by name, dtype,
+    shape and bytes) and the manifest's features, window, network, scaler, score and thresholds.
+
+    The model version is derived from this, not from ``model.pt``'s checksum: the bytes
+    ``torch.jit.save`` writes vary between processes (hash-seed dependent ordering and a
+    serialization id), so the same training run in two processes would otherwise get two
+    versions, and two sets of alert ids.
+    """
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    settings = {k: v for k, v in asdict(manifest).items()
+                if k in ("features", "window", "network", "scaler_mean", "scaler_std", "clip",
+                         "score", "thresholds")}
+    h.update(orjson.dumps(settings, option=orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY))
+    return h.hexdigest()
+
+
 def write_artifact(out_dir: str | Path, model: torch.nn.Module, manifest: Manifest) -> Manifest:
     """Script ``model``, save it and the manifest (with the file's sha256) into ``out_dir``.
 
@@ -39,11 +62,11 @@ def write_artifact(out_dir: str | Path, model: torch.nn.Module, manifest: Manife
     tmp_model = root / (MODEL_FILE + ".tmp")
     torch.jit.save(scripted, str(tmp_model))
     digest = sha256_file(tmp_model)
-    model_version = manifest.model_version or f"{manifest.dataset}-{digest[:12]}"
+    version = manifest.model_version or f"{manifest.dataset}-{content_digest(model, manifest)[:12]}"
     final = replace(
         manifest,
         sha256=digest,
-        model_version=model_version,
+        model_version=version,
         versions=library_versions(),
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
