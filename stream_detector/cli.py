@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from stream_detector.errors import StreamDetectorError
+from stream_detector.errors import ConfigError, StreamDetectorError
 
 
 def _parse_value(text: str) -> Any:
@@ -30,7 +30,7 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for pair in pairs or []:
         if "=" not in pair:
-            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
         key, value = pair.split("=", 1)
         out[key.strip()] = _parse_value(value.strip())
     return out
@@ -178,7 +178,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
             print(f"{name:10s} {where}")
         return 0
     if args.name != "smd":
-        raise SystemExit("only 'smd' can be downloaded; see docs/backtesting.md for the others")
+        raise ConfigError("only 'smd' can be downloaded; see docs/backtesting.md for the others")
     from stream_detector.datasets.download import download_smd
 
     get_loader("smd")

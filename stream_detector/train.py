@@ -27,7 +27,7 @@ from stream_detector.datasets.base import Entity
 from stream_detector.errors import ConfigError, DatasetError
 from stream_detector.manifest import SCHEMA_VERSION, Manifest, ScoreSpec, ThresholdSpec
 from stream_detector.model.artifact import write_artifact
-from stream_detector.model.network import HybridModel
+from stream_detector.model.network import ENCODERS, HybridModel
 from stream_detector.scoring import ScoreFunction, fit_threshold, smooth
 
 log = structlog.get_logger(__name__)
@@ -73,15 +73,51 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        for name, kind in _FIELD_TYPES.items():
+            value = getattr(self, name)
+            ok = (isinstance(value, bool) if kind is bool
+                  else isinstance(value, kind) and not isinstance(value, bool))
+            if not ok:
+                raise ValueError(f"{name} must be {_KIND_WORDS[kind]}, got {value!r}")
         if not 0.05 <= self.val_fraction <= 0.5:
             raise ValueError(f"val_fraction must be in [0.05, 0.5], got {self.val_fraction}")
         if self.window < 3:
             raise ValueError(f"window must be >= 3, got {self.window}")
         if self.w_rec < 0 or self.w_fc < 0 or self.w_rec + self.w_fc <= 0:
             raise ValueError("score weights must be non-negative and not both zero")
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {sorted(ENCODERS)}, got {self.encoder!r}")
+        if self.threshold_method not in ("quantile", "pot"):
+            raise ValueError(
+                f"threshold_method must be 'quantile' or 'pot', got {self.threshold_method!r}")
+        if not 0.5 <= self.threshold_q < 1:
+            raise ValueError(f"threshold_q must be in [0.5, 1), got {self.threshold_q}")
+        for name in ("hidden", "layers", "epochs", "batch_size", "patience",
+                     "max_windows_per_epoch", "min_sensor_windows", "smoothing"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("latent", "threads", "lambda_fc", "scale_floor_ratio"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "std_floor", "clip", "threshold_margin"):
+            value = getattr(self, name)
+            if not (np.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be finite and > 0, got {value}")
         if isinstance(self.score_features, str):
             names = tuple(f.strip() for f in self.score_features.split(",") if f.strip())
             object.__setattr__(self, "score_features", names)
+
+
+#: Declared type of each scalar option (``score_features`` is checked where it is used).
+_FIELD_TYPES: dict[str, type] = {
+    name: {"int": int, "float": (int, float), "str": str, "bool": bool}[f.type]  # type: ignore[misc]
+    for name, f in TrainConfig.__dataclass_fields__.items()
+    if f.type in ("int", "float", "str", "bool")
+}
+_KIND_WORDS: dict[Any, str] = {int: "an integer", (int, float): "a number", str: "a string",
+                               bool: "true or false"}
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
 
 
 @dataclass
@@ -321,7 +357,35 @@ def config_from_overrides(overrides: dict[str, Any]) -> TrainConfig:
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
         raise ConfigError(f"unknown training options {unknown}; known: {sorted(fields)}")
+    typed = {key: _coerce(key, value) for key, value in overrides.items()}
     try:
-        return TrainConfig(**overrides)
+        return TrainConfig(**typed)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"invalid training options: {exc}") from None
+        raise ConfigError(f"invalid training option: {exc}") from None
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """A ``--set`` value as the option's type: ``per_sensor_scales=no`` is False (a non-empty
+    string would count as true), ``epochs=2.5`` and ``hidden=abc`` are refused."""
+    kind = _FIELD_TYPES.get(key)
+    if kind is bool:
+        text = str(value).strip().lower()
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+        raise ConfigError(f"training option {key}={value!r} must be true or false "
+                          f"({'/'.join(_TRUE)} or {'/'.join(_FALSE)})")
+    if kind is str:
+        return str(value)
+    if kind is int or kind == (int, float):
+        if isinstance(value, str):
+            for cast in (int, float):
+                try:
+                    value = cast(value)
+                    break
+                except ValueError:
+                    pass
+        if kind is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
+            raise ConfigError(f"training option {key}={value!r} must be {_KIND_WORDS[kind]}")
+    return value

@@ -44,6 +44,43 @@ def test_bad_setting_names_the_variable(tmp_path: Path) -> None:
     assert "max_batch" in r.stderr.lower()
 
 
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("epochs=2.5", "epochs=2.5 must be an integer"),
+        ("hidden=abc", "hidden='abc' must be an integer"),
+        ("per_sensor_scales=maybe", "per_sensor_scales='maybe' must be true or false"),
+        ("encoder=transformer", "encoder must be one of ['gru', 'lstm', 'tcn']"),
+        ("threshold_method=bogus", "threshold_method must be 'quantile' or 'pot'"),
+        ("threshold_q=1.5", "threshold_q must be in [0.5, 1)"),
+        ("batch_size=0", "batch_size must be >= 1"),
+        ("smoothing=0", "smoothing must be >= 1"),
+        ("lr=-1", "lr must be finite and > 0"),
+        ("nosuch=1", "unknown training options ['nosuch']"),
+        ("epochs", "--set expects KEY=VALUE"),
+    ],
+)
+def test_bad_training_options_are_refused_before_training(option, message, tmp_path,
+                                                          capsys) -> None:
+    """Each is refused at once with exit code 2 and the option named (before, most trained
+    first and then crashed with a traceback, or trained with a silently different setting)."""
+    out = tmp_path / "art"
+    assert main(["train", "--dataset", "synthetic", "--set", option, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_boolean_training_options_read_words() -> None:
+    from stream_detector.train import config_from_overrides
+
+    for word, value in (("no", False), ("off", False), ("0", False), ("false", False),
+                        ("yes", True), ("on", True), ("1", True), ("True", True)):
+        cfg = config_from_overrides({"per_sensor_scales": word, "per_sensor_thresholds": word})
+        assert cfg.per_sensor_scales is value and cfg.per_sensor_thresholds is value, word
+    cfg = config_from_overrides({"epochs": 3.0, "lr": 1, "encoder": "gru", "smoothing": "8"})
+    assert (cfg.epochs, cfg.lr, cfg.encoder, cfg.smoothing) == (3, 1, "gru", 8)
+
+
 @pytest.fixture(scope="module")
 def quick_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "art"
@@ -112,7 +149,7 @@ def test_unknown_baseline_is_a_clear_error(quick_artifact: Path, tmp_path: Path)
 def test_bad_training_options_are_clear_errors(tmp_path: Path) -> None:
     """Each is refused before training starts, with exit code 2 and no traceback."""
     cases = [
-        (["--set", "window=1"], "invalid training options: window must be >= 3"),
+        (["--set", "window=1"], "invalid training option: window must be >= 3"),
         (["--set", "windw=16"], "unknown training options ['windw']"),
         (["--set", "score_features=nope"], "score_features ['nope'] are not features"),
     ]
