@@ -96,10 +96,11 @@ class TrainConfig:
                      "max_windows_per_epoch", "min_sensor_windows", "smoothing"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("latent", "threads", "lambda_fc", "scale_floor_ratio"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("lr", "std_floor", "clip", "threshold_margin"):
+        for name in ("latent", "threads", "lambda_fc", "scale_floor_ratio", "lr"):
+            value = getattr(self, name)
+            if not (np.isfinite(value) and value >= 0):  # lr 0: weights frozen (a valid probe)
+                raise ValueError(f"{name} must be finite and >= 0, got {value}")
+        for name in ("std_floor", "clip", "threshold_margin"):
             value = getattr(self, name)
             if not (np.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be finite and > 0, got {value}")

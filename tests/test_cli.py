@@ -55,7 +55,7 @@ def test_bad_setting_names_the_variable(tmp_path: Path) -> None:
         ("threshold_q=1.5", "threshold_q must be in [0.5, 1)"),
         ("batch_size=0", "batch_size must be >= 1"),
         ("smoothing=0", "smoothing must be >= 1"),
-        ("lr=-1", "lr must be finite and > 0"),
+        ("lr=-1", "lr must be finite and >= 0"),
         ("nosuch=1", "unknown training options ['nosuch']"),
         ("epochs", "--set expects KEY=VALUE"),
     ],
