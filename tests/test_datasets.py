@@ -25,7 +25,7 @@ from stream_detector.datasets import (
 )
 from stream_detector.datasets.download import download_smd
 from stream_detector.datasets.nab import NABLoader
-from stream_detector.datasets.smd import SMDLoader, parse_interpretation
+from stream_detector.datasets.smd import SMDLoader, parse_interpretation, read_labels, read_matrix
 from stream_detector.datasets.synthetic import SyntheticConfig, generate, generate_sensor
 from stream_detector.errors import DatasetError
 
@@ -221,6 +221,43 @@ def test_smd_label_errors(tmp_path: Path) -> None:
         SMDLoader().load_entity(tmp_path, "machine-1-1")
 
 
+def test_smd_whitespace_only_lines_skipped(tmp_path: Path) -> None:
+    train, test, labels = _smd_machine(tmp_path, "machine-1-1")
+    for kind in ("train", "test", "test_label"):
+        path = tmp_path / kind / "machine-1-1.txt"
+        lines = path.read_text().splitlines()
+        lines[2:2] = ["   ", "\t", ""]
+        path.write_text("\n".join(lines) + "\n \t \n")
+    e = SMDLoader().load_entity(tmp_path, "machine-1-1")
+    np.testing.assert_allclose(e.train, train.astype(np.float32))
+    np.testing.assert_allclose(e.test, test.astype(np.float32))
+    assert e.labels.tolist() == labels.tolist()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("1,2\n   \n\t\n3,4\n5,abc\n", "line 5 column 2: non-numeric value 'abc'"),
+        ("1,2\n   \n3,4\nnan,5\n", "line 4: value is NaN or infinite"),
+        ("1,2\n \n3,4,5\n", "line 3: expected 2 comma-separated values, found 3"),
+        ("1,2\n3,1_0\n", "line 2 column 2: non-numeric value '1_0'"),
+        ("1,2\n\t\n3,1_0\n", "line 3 column 2: non-numeric value '1_0'"),
+    ],
+)
+def test_smd_errors_after_blank_lines_name_the_line(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    path = _write(tmp_path / "m.txt", text)
+    with pytest.raises(DatasetError, match=rf"m\.txt {message}"):
+        read_matrix(path)
+
+
+def test_smd_label_error_after_whitespace_line(tmp_path: Path) -> None:
+    path = _write(tmp_path / "l.txt", "0\n  \n\t\n2\n")
+    with pytest.raises(DatasetError, match=r"l\.txt line 4: labels must be 0 or 1, found '2'"):
+        read_labels(path)
+
+
 def test_smd_corrupt_gzip(tmp_path: Path) -> None:
     _smd_machine(tmp_path, "machine-1-1", gz=True)
     (tmp_path / "test" / "machine-1-1.txt.gz").write_bytes(b"\x1f\x8b\x08garbage")
@@ -294,6 +331,23 @@ def test_smap_num_values_mismatch_and_bad_rows(tmp_path: Path) -> None:
         get_loader("smap").list_entities(tmp_path / "train")
 
 
+def test_smap_label_file_extra_field_and_line_numbers(tmp_path: Path) -> None:
+    _telemanom(tmp_path)
+    csv_path = tmp_path / "labeled_anomalies.csv"
+    good = csv_path.read_text()
+    csv_path.write_text(good.replace("[point],12\n", "[point],12,extra\n"))
+    with pytest.raises(DatasetError, match=r"labeled_anomalies\.csv line 4: more fields than "
+                       r"the header \(expected 5, found 6\)"):
+        get_loader("msl").list_entities(tmp_path)
+    # blank and whitespace-only lines are skipped but still counted in line numbers
+    lines = good.splitlines()
+    lines[3] = lines[3].replace(",12", ",1x2")  # C-1's row
+    lines[2:2] = ["", "   "]
+    csv_path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError, match=r"line 6: num_values '1x2' is not an integer"):
+        get_loader("msl").list_entities(tmp_path)
+
+
 # --------------------------------------------------------------------------- NAB
 
 
@@ -354,6 +408,27 @@ def test_nab_explicit_windows_and_errors(tmp_path: Path) -> None:
         NABLoader().load_entity(bad, "tiny_stream")
     with pytest.raises(DatasetError, match="not a NAB directory"):
         NABLoader().list_entities(bad / "realKnownCause")
+
+
+def test_files_with_utf8_bom_load(tmp_path: Path) -> None:
+    def add_bom(path: Path) -> None:
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+
+    _nab(tmp_path / "nab")
+    add_bom(tmp_path / "nab" / "realKnownCause" / "tiny_stream.csv")
+    add_bom(tmp_path / "nab" / "labels.json")
+    assert NABLoader().load_entity(tmp_path / "nab", "tiny_stream").test.shape == (85, 1)
+
+    _telemanom(tmp_path / "tm")
+    add_bom(tmp_path / "tm" / "labeled_anomalies.csv")
+    assert get_loader("smap").list_entities(tmp_path / "tm") == ["P-1", "P-2"]
+
+    train, _, labels = _smd_machine(tmp_path / "smd", "machine-1-1")
+    for kind in ("train", "test", "test_label", "interpretation_label"):
+        add_bom(tmp_path / "smd" / kind / "machine-1-1.txt")
+    e = SMDLoader().load_entity(tmp_path / "smd", "machine-1-1")
+    np.testing.assert_allclose(e.train, train.astype(np.float32))
+    assert e.labels.tolist() == labels.tolist() and e.interpretation is not None
 
 
 # --------------------------------------------------------------------------- synthetic

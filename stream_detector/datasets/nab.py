@@ -76,7 +76,7 @@ def read_stream(path: Path) -> tuple[np.ndarray, np.ndarray]:
     ts: list[int] = []
     vals: list[float] = []
     try:
-        with path.open(newline="", encoding="utf-8") as fh:
+        with path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: drop a byte-order mark
             reader = csv.reader(fh)
             header = [h.strip().lower() for h in next(reader, [])]
             if "timestamp" not in header or "value" not in header:
@@ -108,7 +108,7 @@ def read_stream(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def _read_json(path: Path) -> dict[str, list]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise DatasetError(f"cannot read {path}: {exc}") from None
     if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):

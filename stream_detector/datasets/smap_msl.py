@@ -74,20 +74,30 @@ def _parse_sequences(text: str, where: str) -> list[tuple[int, int]]:
 def read_label_file(path: Path) -> dict[str, ChannelLabels]:
     """``labeled_anomalies.csv`` keyed by channel, duplicate rows merged (see module docs)."""
     try:
-        with path.open(newline="", encoding="utf-8") as fh:
+        with path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: drop a byte-order mark
             reader = csv.DictReader(fh)
             fields = [f.strip() for f in reader.fieldnames or []]
             missing = [c for c in _COLUMNS if c not in fields]
             if missing:
                 raise DatasetError(f"{path}: missing column(s) {missing}; found {fields}")
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
+            rows: list[tuple[int, dict[str, str]]] = []
+            for raw in reader:
+                lineno = reader.line_num  # the row's (last) line in the file, blank lines counted
+                if None in raw:  # DictReader files fields beyond the header under None
+                    raise DatasetError(
+                        f"{path} line {lineno}: more fields than the header (expected "
+                        f"{len(fields)}, found {len(fields) + len(raw[None])})"
+                    )
+                row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
+                if any(row.values()):  # a line of only whitespace/commas is skipped
+                    rows.append((lineno, row))
     except FileNotFoundError:
         raise DatasetError(f"missing label file {path}") from None
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DatasetError(f"cannot read {path}: {exc}") from None
 
     out: dict[str, ChannelLabels] = {}
-    for lineno, row in enumerate(rows, start=2):
+    for lineno, row in rows:
         where = f"{path} line {lineno}"
         chan, craft = row["chan_id"], row["spacecraft"].upper()
         if not chan:

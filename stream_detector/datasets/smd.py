@@ -32,7 +32,7 @@ from __future__ import annotations
 import gzip
 import re
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -60,24 +60,44 @@ def feature_names(n: int) -> tuple[str, ...]:
 
 
 def read_text(path: Path) -> str:
-    """The text of ``path``, gunzipped when it ends in ``.gz``; DatasetError when unreadable."""
+    """The text of ``path``, gunzipped when it ends in ``.gz``; DatasetError when unreadable.
+
+    A leading UTF-8 byte-order mark is dropped.
+    """
     try:
         if path.name.endswith(".gz"):
-            with gzip.open(path, "rt", encoding="utf-8") as fh:
+            with gzip.open(path, "rt", encoding="utf-8-sig") as fh:
                 return fh.read()
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise DatasetError(f"missing file: {path}") from None
     except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
         raise DatasetError(f"cannot read {path}: {exc}") from None
 
 
-def _scan_for_error(lines: list[str], path: Path, ncols: int | None) -> DatasetError:
-    """Walk the lines in Python to find exactly where the fast parser choked."""
-    expected = ncols
+def _data_rows(lines: list[str]) -> tuple[list[str], Sequence[int]]:
+    """The lines holding data (not blank after strip) and each one's 1-based line number."""
+    if all(map(str.strip, lines)):  # the usual case, checked at C speed: no blank line
+        return lines, range(1, len(lines) + 1)
+    rows: list[str] = []
+    linenos: list[int] = []
     for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+        if line.strip():
+            rows.append(line)
+            linenos.append(lineno)
+    return rows, linenos
+
+
+def _loadtxt(rows: list[str]) -> np.ndarray:
+    return np.loadtxt(rows, delimiter=",", dtype=np.float32, ndmin=2, comments=None)
+
+
+def _scan_for_error(
+    rows: list[str], linenos: Sequence[int], path: Path, ncols: int | None
+) -> DatasetError:
+    """Walk the data rows in Python to find exactly where the fast parser choked."""
+    expected = ncols
+    for line, lineno in zip(rows, linenos, strict=True):
         fields = line.split(",")
         if expected is None:
             expected = len(fields)
@@ -87,47 +107,63 @@ def _scan_for_error(lines: list[str], path: Path, ncols: int | None) -> DatasetE
                 f"found {len(fields)}"
             )
         for col, field in enumerate(fields, start=1):
+            text = field.strip()
             try:
-                float(field)
+                # float() also takes "1_0" and non-ASCII digits, which np.loadtxt refuses
+                if "_" in text or not text.isascii():
+                    raise ValueError(text)
+                float(text)
             except ValueError:
                 return DatasetError(
-                    f"{path} line {lineno} column {col}: non-numeric value {field.strip()!r}"
+                    f"{path} line {lineno} column {col}: non-numeric value {text!r}"
                 )
+    # Anything float() took but the fast parser did not: find the row by parsing each alone.
+    for line, lineno in zip(rows, linenos, strict=True):
+        try:
+            _loadtxt([line])
+        except ValueError as exc:
+            return DatasetError(f"{path} line {lineno}: cannot parse {line.strip()!r} ({exc})")
     return DatasetError(f"{path}: could not be parsed as comma-separated numbers")
+
+
+def _read_rows(
+    path: Path, ncols: int | None
+) -> tuple[np.ndarray, list[str], Sequence[int]]:
+    """``read_matrix``'s array, plus the data lines and their 1-based line numbers."""
+    rows, linenos = _data_rows(read_text(path).splitlines())
+    if not rows:
+        raise DatasetError(f"{path} is empty")
+    try:
+        arr = _loadtxt(rows)
+    except ValueError:
+        raise _scan_for_error(rows, linenos, path, ncols) from None
+    if ncols is not None and arr.shape[1] != ncols:
+        raise _scan_for_error(rows, linenos, path, ncols)
+    if not np.isfinite(arr).all():
+        row = int(np.argwhere(~np.isfinite(arr))[0][0])
+        raise DatasetError(f"{path} line {linenos[row]}: value is NaN or infinite")
+    return arr, rows, linenos
 
 
 def read_matrix(path: Path, ncols: int | None = None) -> np.ndarray:
     """A comma-separated numeric file as float32 ``(rows, cols)``.
 
-    Blank lines are skipped. Every row must have the same number of columns (``ncols`` when
-    given); values must be finite numbers. Errors name the file and the 1-based line.
+    Blank lines (empty or only whitespace) are skipped. Every row must have the same number of
+    columns (``ncols`` when given); values must be finite numbers. Errors name the file and the
+    1-based line.
     """
-    text = read_text(path)
-    lines = text.splitlines()
-    if not any(line.strip() for line in lines):
-        raise DatasetError(f"{path} is empty")
-    try:
-        arr = np.loadtxt(lines, delimiter=",", dtype=np.float32, ndmin=2, comments=None)
-    except ValueError:
-        raise _scan_for_error(lines, path, ncols) from None
-    if ncols is not None and arr.shape[1] != ncols:
-        raise _scan_for_error(lines, path, ncols)
-    if not np.isfinite(arr).all():
-        row = int(np.argwhere(~np.isfinite(arr))[0][0])
-        lineno = [i for i, line in enumerate(lines, start=1) if line.strip()][row]
-        raise DatasetError(f"{path} line {lineno}: value is NaN or infinite")
-    return arr
+    return _read_rows(path, ncols)[0]
 
 
 def read_labels(path: Path) -> np.ndarray:
-    """A one-value-per-line 0/1 label file as int8 ``(rows,)``."""
-    values = read_matrix(path, ncols=1)[:, 0]
+    """A one-value-per-line 0/1 label file as int8 ``(rows,)``; blank lines are skipped."""
+    arr, rows, linenos = _read_rows(path, ncols=1)
+    values = arr[:, 0]
     bad = np.flatnonzero((values != 0) & (values != 1))
     if bad.size:
-        lines = read_text(path).splitlines()
-        lineno = [i for i, line in enumerate(lines, start=1) if line.strip()][int(bad[0])]
+        row = int(bad[0])
         raise DatasetError(
-            f"{path} line {lineno}: labels must be 0 or 1, found {lines[lineno - 1].strip()!r}"
+            f"{path} line {linenos[row]}: labels must be 0 or 1, found {rows[row].strip()!r}"
         )
     return values.astype(np.int8)
 
