@@ -14,6 +14,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from stream_detector.datasets.base import Entity
 from stream_detector.detector import Scorer
+from stream_detector.errors import DatasetError
 from stream_detector.manifest import Manifest
 from stream_detector.scoring import ScoreFunction, smooth
 
@@ -31,7 +32,16 @@ class EntityScores:
 
 
 def stream_rows(entity: Entity, window: int) -> tuple[np.ndarray, int]:
-    """Rows a replay sends for ``entity``: ``W - 1`` train rows of context, then the test rows."""
+    """Rows a replay sends for ``entity``: ``W - 1`` train rows of context, then the test rows.
+
+    Raises DatasetError when the entity has fewer than ``W - 1`` train rows: its first test rows
+    could not complete a window, so scores and labels would not line up.
+    """
+    if len(entity.train) < window - 1:
+        raise DatasetError(
+            f"entity {entity.name} has {len(entity.train)} train rows; scoring its test rows "
+            f"needs at least {window - 1} (window {window} - 1) as context"
+        )
     ctx = entity.train[len(entity.train) - (window - 1) :]
     return np.concatenate([ctx, entity.test]).astype(np.float32), len(ctx)
 

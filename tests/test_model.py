@@ -334,6 +334,20 @@ def test_model_version_is_the_same_for_the_same_training_in_another_process(arti
     assert content_digest(model, other) != same
 
 
+def test_entity_too_short_for_a_context_is_refused_clearly(artifact) -> None:
+    """Fewer than W-1 train rows: the first test rows cannot complete a window. Before, the
+    context silently came from the wrong rows and only the last scores were returned."""
+    from stream_detector.errors import DatasetError
+
+    root, manifest, entities = artifact
+    e = entities[0]
+    ok = dataclasses.replace(e, train=e.train[-(manifest.window - 1):])
+    assert batch_score(TorchScorer.load(root), manifest, ok).score.shape == (len(e.test),)
+    short = dataclasses.replace(e, train=e.train[: manifest.window - 2])
+    with pytest.raises(DatasetError, match=rf"{e.name} has {manifest.window - 2} train rows"):
+        batch_score(TorchScorer.load(root), manifest, short)
+
+
 def test_scorer_scales_and_clips_like_training(artifact) -> None:
     root, manifest, _ = artifact
     scorer = TorchScorer.load(root)
