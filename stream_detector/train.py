@@ -56,8 +56,9 @@ class TrainConfig:
     w_rec: float = 0.5
     w_fc: float = 0.5
     scale_floor_ratio: float = 0.5
-    # error scales per sensor from its own validation rows (sensors with fewer validation
-    # windows than min_sensor_windows, and sensors unseen in training, use the global scales)
+    # error scales and thresholds per sensor from its own validation rows (sensors with fewer
+    # validation windows than min_sensor_windows, and sensors unseen in training, use the
+    # global scales and threshold)
     per_sensor_scales: bool = True
     min_sensor_windows: int = 100
     # features that enter the score ("" = the dataset's choice: all, or for SMAP/MSL only the
@@ -309,7 +310,9 @@ def train(
     for i, name in enumerate(names):
         s = smooth(raw[val.owner == i], cfg.smoothing)
         smoothed_all.append(s)
-        if cfg.per_sensor_thresholds:
+        # a 99.5 % quantile of a few dozen windows is their maximum: such a sensor gets the
+        # threshold fitted on all sensors, as it gets the global error scales
+        if cfg.per_sensor_thresholds and s.size >= cfg.min_sensor_windows:
             per_sensor[name] = fit_threshold(
                 s, cfg.threshold_method, cfg.threshold_q, cfg.threshold_margin
             )

@@ -194,6 +194,22 @@ def test_manifest_describes_the_training(artifact) -> None:
     assert not list(root.glob("*.tmp"))
 
 
+def test_sensors_with_few_validation_windows_get_the_global_threshold_and_scales(tmp_path):
+    """A 99.5 % quantile of a few dozen windows is just their maximum: a sensor with fewer
+    than min_sensor_windows validation windows gets the global threshold and scales."""
+    a, b = _entities()
+    b = dataclasses.replace(b, train=b.train[:400])  # 80 validation rows, 73 windows of 8
+    cfg = dataclasses.replace(CFG, epochs=1, min_sensor_windows=100)
+    manifest = train([a, b], cfg, tmp_path / "a", dataset="synthetic")
+    assert set(manifest.thresholds.per_sensor) == {a.name}  # a: 120 rows, 113 windows
+    assert set(manifest.score.per_sensor) == {a.name}
+    assert manifest.thresholds.for_sensor(b.name) == manifest.thresholds.default
+    manifest = train([a, b], dataclasses.replace(cfg, min_sensor_windows=50), tmp_path / "b",
+                     dataset="synthetic")
+    assert set(manifest.thresholds.per_sensor) == set(manifest.score.per_sensor) == {a.name,
+                                                                                       b.name}
+
+
 def test_trainer_refuses_mixed_feature_sets_and_short_entities(tmp_path) -> None:
     from stream_detector.errors import DatasetError
 
