@@ -18,16 +18,23 @@
 
 Timestamps: every dataset is replayed on a regular clock (row ``i`` of a stream at
 ``T0 + i`` seconds). NAB's wall-clock timestamps are not monotonic (daylight-saving repeats), and
-the consumer's late-reading policy would rightly reject those rows.
+the consumer's late-reading policy would rightly reject those rows. With the embedded broker (a
+fresh consumer) ``T0`` is the fixed :data:`T0_MS`. A running deployment keeps each sensor's last
+timestamp and rejects readings at or before it, so there every run starts after the latest
+reading of its sensors found on the input topic (and no earlier than now): see
+:func:`first_timestamp`. Sensors keep their names (the artifact's per-sensor thresholds and error
+scales are looked up by name).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +51,11 @@ log = structlog.get_logger(__name__)
 
 T0_MS = 1_700_000_000_000
 STEP_MS = 1000
+#: ``--rate`` pacing: a reading ahead of its schedule by less than this is sent without sleeping
+MIN_SLEEP_S = 1e-4
+#: before a replay into a running deployment: the last records of each input partition that
+#: are searched for earlier readings of the replayed sensors
+SCAN_RECORDS = 200_000
 
 
 class ReplayError(StreamDetectorError):
@@ -92,9 +104,27 @@ def interleave(streams: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return e[keep], t[keep]
 
 
+def _pace(i: int, rate: float, elapsed_s: float, sleep: Callable[[float], None]) -> bool:
+    """``--rate``: after sending reading ``i`` (0-based), sleep until reading ``i + 1`` is due.
+
+    Reading ``i`` is due ``i / rate`` seconds after the first. Behind schedule (a producer slower
+    than ``rate``), or less than :data:`MIN_SLEEP_S` ahead, the next reading goes at once: no
+    busy-waiting and no sleep calls for next to nothing. Returns whether it slept.
+    """
+    if rate <= 0:
+        return False
+    ahead = (i + 1) / rate - elapsed_s
+    if ahead < MIN_SLEEP_S:
+        return False
+    sleep(ahead)
+    return True
+
+
 def _producer_loop(bootstrap: str, topic: str, names: list[str], streams: list[np.ndarray],
                    order_e: np.ndarray, order_t: np.ndarray, rate: float,
-                   sent_at: list[np.ndarray], progress: bool, error: list[str]) -> None:
+                   sent_at: list[np.ndarray], progress: bool, error: list[str],
+                   t0_ms: int = T0_MS, clock: Callable[[], float] = time.monotonic,
+                   sleep: Callable[[float], None] = time.sleep) -> None:
     from confluent_kafka import Producer
 
     producer = Producer({
@@ -104,13 +134,14 @@ def _producer_loop(bootstrap: str, topic: str, names: list[str], streams: list[n
     })
     keys = [n.encode() for n in names]
     prefix = [b'{"schema_version":1,"sensor":' + orjson.dumps(n) + b',"ts":' for n in names]
-    t_start = time.monotonic()
+    t_start = last_poll = clock()
     bar = tqdm(total=len(order_e), desc="produce", unit="rd", disable=not progress,
                mininterval=0.5, leave=False)
+    shown = 0
     try:
         for i in range(len(order_e)):
             e, t = int(order_e[i]), int(order_t[i])
-            value = (prefix[e] + str(T0_MS + t * STEP_MS).encode() + b',"values":'
+            value = (prefix[e] + str(t0_ms + t * STEP_MS).encode() + b',"values":'
                      + orjson.dumps(streams[e][t], option=orjson.OPT_SERIALIZE_NUMPY) + b"}")
             while True:
                 try:
@@ -119,16 +150,17 @@ def _producer_loop(bootstrap: str, topic: str, names: list[str], streams: list[n
                 except BufferError:
                     producer.poll(0.05)
             sent_at[e][t] = time.time() * 1000.0
-            if i % 1000 == 999:
+            # serve delivery reports and the progress bar every 1000 readings, and at least
+            # twice a second when --rate paces slower than that
+            if i % 1000 == 999 or (rate > 0 and clock() - last_poll >= 0.5):
                 producer.poll(0)
-                bar.update(1000)
-                if rate > 0:
-                    ahead = (i + 1) / rate - (time.monotonic() - t_start)
-                    if ahead > 0:
-                        time.sleep(ahead)
+                bar.update(i + 1 - shown)
+                shown, last_poll = i + 1, clock()
+            if rate > 0:
+                _pace(i, rate, clock() - t_start, sleep)
         if producer.flush(120) != 0:
             error.append("producer could not deliver every reading within 120 s")
-        bar.update(len(order_e) % 1000)
+        bar.update(len(order_e) - shown)
     except Exception as exc:  # noqa: BLE001 - reported by the main thread
         error.append(f"producer failed: {exc}")
     finally:
@@ -150,10 +182,83 @@ def _start_offsets(consumer: Any, topics: list[str]) -> list[Any]:
     return parts
 
 
+def first_timestamp(last_seen: dict[str, int], now_ms: int) -> int:
+    """``T0`` of a replay into a running consumer (``--bootstrap-servers``).
+
+    The consumer keeps every sensor's last timestamp and rejects readings at or before it (late
+    or duplicate), so a second replay of the same sensors on the same clock would be rejected
+    whole. The run starts one step after the latest earlier reading of its sensors
+    (``last_seen``, from :func:`_latest_readings`) and no earlier than ``now_ms`` (whole
+    seconds), which also covers earlier runs whose readings the input topic no longer holds.
+    """
+    t0 = max(T0_MS, now_ms // STEP_MS * STEP_MS)
+    if last_seen:
+        t0 = max(t0, max(last_seen.values()) + STEP_MS)
+    return t0
+
+
+def _latest_readings(bootstrap: str, topic: str, sensors: list[str],
+                     max_records: int = SCAN_RECORDS) -> dict[str, int]:
+    """Latest ``ts`` of each of ``sensors`` among the last ``max_records`` records of every
+    partition of ``topic`` (records keyed by sensor, as replay produces them). Sensors not seen
+    there are left out."""
+    from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+    keys = {s.encode(): s for s in sensors}
+    found: dict[str, int] = {}
+    consumer = Consumer({"bootstrap.servers": bootstrap,
+                         "group.id": f"replay-scan-{uuid.uuid4().hex[:8]}",
+                         "enable.auto.commit": False, "enable.partition.eof": True})
+    try:
+        md = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if md is None or md.error is not None or not md.partitions:
+            return found
+        parts = []
+        for p in sorted(md.partitions):
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            parts.append(TopicPartition(topic, p, max(low, high - max_records)))
+        # read forward to the end each fetch reports (not to the listed high watermark: a
+        # partition of the embedded broker can list less than it holds)
+        consumer.assign(parts)
+        left = {tp.partition for tp in parts}
+        idle_until = time.monotonic() + 5.0
+        while left and time.monotonic() < idle_until:
+            msgs = consumer.consume(10_000, 0.5)
+            if msgs:
+                idle_until = time.monotonic() + 5.0
+            for m in msgs:
+                err = m.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        left.discard(m.partition())
+                    continue
+                s, value = keys.get(m.key() or b""), m.value()
+                if s is None or not value:
+                    continue
+                with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
+                    rec = orjson.loads(value)
+                    ts = rec.get("ts")
+                    if rec.get("sensor") == s and type(ts) is int:
+                        found[s] = max(found.get(s, ts), ts)
+    finally:
+        consumer.close()
+    return found
+
+
+def _check_options(opts: ReplayOptions) -> None:
+    """Refuse option values that make no sense (a ReplayError: the CLI exits 2)."""
+    if not (math.isfinite(opts.rate) and opts.rate >= 0):
+        raise ReplayError(f"--rate must be a number of readings per second >= 0 (0 = as fast "
+                          f"as possible), got {opts.rate}")
+    if not opts.max_parity_error >= 0:  # also refuses NaN
+        raise ReplayError(f"--max-parity-error must be >= 0, got {opts.max_parity_error}")
+
+
 # -- main entry ------------------------------------------------------------------------------
 def run_replay(opts: ReplayOptions) -> ReplayReport:
     from stream_detector.datasets import load_dataset
 
+    _check_options(opts)
     t_begin = time.time()
     artifact = Path(opts.artifact_dir or Path("artifacts") / opts.dataset)
     out_dir = Path(opts.out_dir or Path("reports") / f"replay-{opts.dataset}")
@@ -187,7 +292,9 @@ def run_replay(opts: ReplayOptions) -> ReplayReport:
     log.info("replay", dataset=opts.dataset, entities=len(entities), readings=n_readings,
              windows=expected, artifact=str(artifact), model_version=manifest.model_version)
 
-    stream_result = _stream(opts, manifest, scorer, names, streams, expected)
+    stream_result = _stream(opts, manifest, scorer, names, streams, expected, n_ctx)
+    t0 = stream_result["t0_ms"]
+    k_smooth = max(1, int(manifest.score.smoothing))
 
     # offline reference and parity
     rows: list[dict[str, Any]] = []
@@ -206,15 +313,19 @@ def run_replay(opts: ReplayOptions) -> ReplayReport:
         missing = int(np.isnan(s_stream).sum())
         if missing:
             raise ReplayError(f"{e.name}: {missing} test rows never got a score")
-        err = float(max(np.abs(s_stream - ref.score).max(),
-                        np.abs(rec[off:] - ref.reconstruction).max(),
-                        np.abs(fc[off:] - ref.forecast).max()))
+        # a sensor the running consumer already knew (an earlier replay): its first k - 1
+        # smoothed scores also average windows before this run, which the offline reference
+        # cannot know; both error terms are still compared on every row
+        skip = k_smooth - 1 if stream_result["earlier_state"][i] else 0
+        err = float(max(np.abs(s_stream[skip:] - ref.score[skip:]).max(initial=0.0),
+                        np.abs(rec[off:] - ref.reconstruction).max(initial=0.0),
+                        np.abs(fc[off:] - ref.forecast).max(initial=0.0)))
         max_err = max(max_err, err)
         m = entity_metrics(s_stream, e.labels, ref.threshold)
         rnd = entity_metrics(rng.random(len(e.labels)), e.labels, float("inf"))
         alerts = [a for a in stream_result["alerts"] if a["sensor"] == e.name]
         opens = [a for a in alerts if a["event"] == "open"]
-        hits = _root_cause(e, alerts, ref.contributions, off)
+        hits = _root_cause(e, alerts, ref.contributions, off, t0)
         row = {
             "entity": e.name,
             "rows": len(e.test),
@@ -224,14 +335,14 @@ def run_replay(opts: ReplayOptions) -> ReplayReport:
             "random_pa_best_f1": rnd["pa_best_f1"],
             "alerts": len(opens),
             "alerts_in_anomaly": sum(
-                1 for a in opens if _row_of(a["window_end"], off) < len(e.labels)
-                and e.labels[_row_of(a["window_end"], off)] == 1),
+                1 for a in opens if 0 <= _row_of(a["window_end"], off, t0) < len(e.labels)
+                and e.labels[_row_of(a["window_end"], off, t0)] == 1),
             "parity_max_abs": err,
             **hits,
         }
         rows.append(row)
         data[e.name] = {"score": s_stream, "ref": ref, "alerts": alerts, "entity": e,
-                        "n_ctx": off}
+                        "n_ctx": off, "t0_ms": t0}
 
     parity_ok = max_err <= opts.max_parity_error
     summary = _summary(rows, stream_result, n_readings, expected, max_err, parity_ok, opts,
@@ -248,9 +359,9 @@ def run_replay(opts: ReplayOptions) -> ReplayReport:
     return ReplayReport(out_dir, md, parity_ok, max_err, rows, summary, data)
 
 
-def _row_of(window_end_ms: int, n_ctx: int) -> int:
-    """Test row index of a window ending at ``window_end_ms``."""
-    return (window_end_ms - T0_MS) // STEP_MS - n_ctx
+def _row_of(window_end_ms: int, n_ctx: int, t0_ms: int = T0_MS) -> int:
+    """Test row index of a window ending at ``window_end_ms`` (stream row 0 at ``t0_ms``)."""
+    return (window_end_ms - t0_ms) // STEP_MS - n_ctx
 
 
 def _ensure_artifact(opts: ReplayOptions, artifact: Path) -> None:
@@ -270,8 +381,14 @@ def _ensure_artifact(opts: ReplayOptions, artifact: Path) -> None:
 
 
 def _stream(opts: ReplayOptions, manifest: Any, scorer: Any, names: list[str],
-            streams: list[np.ndarray], expected: int) -> dict[str, Any]:
-    """Produce, drive the consumer, collect. Returns per-entity arrays indexed by stream row."""
+            streams: list[np.ndarray], expected: int, n_ctx: list[int]) -> dict[str, Any]:
+    """Produce, drive the consumer, collect. Returns per-entity arrays indexed by stream row.
+
+    Only records of this run's test rows count: a window ending at stream row ``t`` belongs to
+    it when ``n_ctx <= t < len(stream)`` on this run's clock. ``earlier_state``: the consumer
+    already held the sensor's state (the input topic has earlier readings of it, or a context
+    row got a score: a fresh consumer is still warming up there).
+    """
     from confluent_kafka import Consumer
 
     from stream_detector.config import Settings, load_settings
@@ -286,8 +403,10 @@ def _stream(opts: ReplayOptions, manifest: Any, scorer: Any, names: list[str],
     sent_at = [np.zeros(len(s)) for s in streams]
     latency_ms = [np.full(len(s), np.nan) for s in streams]
     alerts: dict[str, dict[str, Any]] = {}
+    earlier_state = [False] * len(streams)
     duplicates = 0
     order_e, order_t = interleave(dict(zip(names, streams, strict=True)))
+    t0_ms = T0_MS  # this run's clock: stream row t at t0_ms + t * STEP_MS
 
     with broker_or_existing(opts.bootstrap_servers) as bootstrap:
         service = None
@@ -299,6 +418,10 @@ def _stream(opts: ReplayOptions, manifest: Any, scorer: Any, names: list[str],
                 raise ReplayError("the deployment's SD_KAFKA__SCORE_TOPIC is empty: replay needs "
                                   "the score topic for parity; enable it for the backtest")
             topics = {"input": k.input_topic, "alerts": k.alert_topic, "scores": k.score_topic}
+            last_seen = _latest_readings(bootstrap, topics["input"], names)
+            t0_ms = first_timestamp(last_seen, int(time.time() * 1000))
+            earlier_state = [n in last_seen for n in names]
+            log.info("replay clock", t0_ms=t0_ms, sensors_seen_before=len(last_seen))
         else:
             topics = {"input": f"replay-{run}-readings", "alerts": f"replay-{run}-alerts",
                       "scores": f"replay-{run}-scores", "dlq": f"replay-{run}-dlq"}
@@ -324,7 +447,7 @@ def _stream(opts: ReplayOptions, manifest: Any, scorer: Any, names: list[str],
         producer = threading.Thread(
             target=_producer_loop, name="replay-producer",
             args=(bootstrap, topics["input"], names, streams, order_e, order_t, opts.rate,
-                  sent_at, opts.progress, errors), daemon=True)
+                  sent_at, opts.progress, errors, t0_ms), daemon=True)
         t0 = time.time()
         producer.start()
         got = 0
@@ -332,6 +455,19 @@ def _stream(opts: ReplayOptions, manifest: Any, scorer: Any, names: list[str],
         t_last_score = t0
         bar = tqdm(total=expected, desc="scored", unit="win", disable=not opts.progress,
                    mininterval=0.5)
+
+        def test_row(rec: dict[str, Any], is_score: bool) -> tuple[int, int] | None:
+            """(entity, stream row) of a record of one of this run's test rows, else None."""
+            i = index.get(str(rec.get("sensor")))
+            if i is None:
+                return None
+            t = (rec["window_end"] - t0_ms) // STEP_MS
+            if not n_ctx[i] <= t < len(scores[i]):
+                if is_score and 0 <= t < n_ctx[i]:
+                    earlier_state[i] = True  # a context window was scored
+                return None
+            return i, t
+
         try:
             while got < expected:
                 msgs = reader.consume(2000, 0.2)
@@ -340,13 +476,12 @@ def _stream(opts: ReplayOptions, manifest: Any, scorer: Any, names: list[str],
                     if m.error() is not None or not value:  # an error event or a tombstone
                         continue
                     rec = orjson.loads(value)
-                    i = index.get(rec.get("sensor"))
-                    if i is None:
+                    is_score = m.topic() == topics["scores"]
+                    it = test_row(rec, is_score)
+                    if it is None:
                         continue
-                    t = (rec["window_end"] - T0_MS) // STEP_MS
-                    if not 0 <= t < len(scores[i]):
-                        continue
-                    if m.topic() == topics["scores"]:
+                    i, t = it
+                    if is_score:
                         if not np.isnan(scores[i][t]):
                             duplicates += 1
                             continue
@@ -370,7 +505,10 @@ def _stream(opts: ReplayOptions, manifest: Any, scorer: Any, names: list[str],
                     raise ReplayError(
                         f"no scores for {opts.idle_timeout_s:.0f} s with {expected - got} of "
                         f"{expected} windows missing; is the consumer running and its score "
-                        "topic on?"
+                        "topic on?" + ("" if service is not None else
+                                       " Readings at or before a sensor's last reading are "
+                                       "rejected as late (see the consumer's dead-letter topic "
+                                       "and its sd_dead_letters_total metric).")
                     )
             # alerts are produced alongside the scores; give stragglers a moment
             deadline = time.monotonic() + 2.0
@@ -379,7 +517,7 @@ def _stream(opts: ReplayOptions, manifest: Any, scorer: Any, names: list[str],
                     value = m.value()
                     if m.error() is None and m.topic() == topics["alerts"] and value:
                         rec = orjson.loads(value)
-                        if rec.get("sensor") in index:
+                        if test_row(rec, False) is not None:
                             alerts.setdefault(rec["event_id"], rec)
         finally:
             bar.close()
@@ -396,6 +534,7 @@ def _stream(opts: ReplayOptions, manifest: Any, scorer: Any, names: list[str],
         "scores": scores, "rec": recs, "fc": fcs, "latency_ms": lat,
         "alerts": sorted(alerts.values(), key=lambda a: (a["sensor"], a["window_end"])),
         "duplicates": duplicates, "elapsed_s": elapsed, "service": metrics_snapshot,
+        "t0_ms": t0_ms, "earlier_state": earlier_state,
     }
 
 
@@ -414,7 +553,7 @@ def _service_metrics(service: Any) -> dict[str, Any]:
 
 
 def _root_cause(e: Entity, alerts: list[dict[str, Any]], contributions: np.ndarray,
-                n_ctx: int) -> dict[str, Any]:
+                n_ctx: int, t0_ms: int = T0_MS) -> dict[str, Any]:
     """HitRate@100/150% (OmniAnomaly) over alert events inside interpretable anomaly ranges.
 
     The ranking is the full per-feature contribution of the alert's window (the same numbers
@@ -428,7 +567,7 @@ def _root_cause(e: Entity, alerts: list[dict[str, Any]], contributions: np.ndarr
     for a in alerts:
         if a["event"] == "resolve":
             continue
-        r = _row_of(a["window_end"], n_ctx)
+        r = _row_of(a["window_end"], n_ctx, t0_ms)
         if not 0 <= r < len(contributions):
             continue
         for it in e.interpretation:
@@ -471,6 +610,8 @@ def _summary(rows: list[dict[str, Any]], st: dict[str, Any], n_readings: int, ex
         "mean": summarize(rows),
         "embedded_broker": not bool(opts.bootstrap_servers),
         "rate": opts.rate,
+        "t0_ms": st["t0_ms"],
+        "sensors_with_earlier_state": int(sum(st["earlier_state"])),
         **st["service"],
     }
 
@@ -501,6 +642,16 @@ def _markdown(opts: ReplayOptions, rows: list[dict[str, Any]], s: dict[str, Any]
         f"- parity (stream vs offline batch scores): max |diff| = {s['parity_max_abs']:.2e} "
         f"(limit {s['parity_limit']:.0e}) -> **{'OK' if s['parity_ok'] else 'FAILED'}**",
         f"- duplicate score records dropped: {s['duplicate_scores_dropped']}",
+    ]
+    if s["sensors_with_earlier_state"]:
+        k = max(1, int(manifest.score.smoothing))
+        lines.append(
+            f"- {s['sensors_with_earlier_state']} sensors already had state in the running "
+            "consumer (an earlier replay)"
+            + (f": their first {k - 1} smoothed scores also average earlier windows and are "
+               "left out of the score parity (both error terms are compared on every row)"
+               if k > 1 else ""))
+    lines += [
         "",
         "Metrics are computed on the streamed scores. best-F1 and AUC-PR use no point "
         "adjustment; `f1_at_threshold` uses the deployed, label-free threshold; point-adjusted "
@@ -521,14 +672,36 @@ def _plot_name(entity: str) -> str:
     return f"{safe}.png"
 
 
+def alert_ranges(alerts: list[dict[str, Any]], n_ctx: int, n_rows: int,
+                 t0_ms: int = T0_MS) -> list[tuple[int, int]]:
+    """Alert episodes as ``(start, end_exclusive)`` test-row ranges, for the plots.
+
+    An episode runs from its ``open`` to its ``resolve`` (same ``alert_id``), the resolving
+    window included; one still open at the end runs to the last row. A resolve without its
+    open (the episode began before this run's rows) starts at the episode's start, clipped.
+    """
+    def row(ms: int) -> int:
+        return min(max(_row_of(ms, n_ctx, t0_ms), 0), n_rows)
+
+    starts: dict[str, int] = {}
+    out: list[tuple[int, int]] = []
+    for a in sorted(alerts, key=lambda a: (a["window_end"], a["event"] != "open")):
+        aid = a["alert_id"]
+        if a["event"] == "open":
+            starts.setdefault(aid, row(a["window_end"]))
+        elif a["event"] == "resolve":
+            start = starts.pop(aid, row(a["episode_start"]))
+            out.append((start, max(start, row(a["window_end"] + STEP_MS))))
+    out += [(start, n_rows) for start in starts.values()]
+    return sorted(r for r in out if r[1] > r[0])
+
+
 def _plots(out_dir: Path, data: dict[str, Any], manifest: Any, progress: bool) -> None:
     from stream_detector.plots import plot_entity
 
     for name, d in tqdm(data.items(), desc="plots", disable=not progress, leave=False):
         e: Entity = d["entity"]
-        off = d["n_ctx"]
-        alert_rows = [(_row_of(a["episode_start"], off), _row_of(a["window_end"], off))
-                      for a in d["alerts"] if a["event"] == "open"]
+        alert_rows = alert_ranges(d["alerts"], d["n_ctx"], len(e.labels), d["t0_ms"])
         plot_entity(out_dir / _plot_name(name), name, d["score"], e.labels, d["ref"].threshold,
                     signal=e.test, feature_names=list(e.features), alerts=alert_rows,
                     title=f"{name}: streamed score, threshold, labelled anomalies, alerts")

@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -100,3 +103,184 @@ def test_replay_without_artifact_says_how_to_train(tmp_path: Path) -> None:
              "--out", str(tmp_path / "o"))
     assert r.returncode == 2
     assert "--train-if-missing" in r.stderr and "stream-detector train" in r.stderr
+
+
+# -- --rate pacing -----------------------------------------------------------------------------
+class _FakeProducer:
+    """Stands in for confluent_kafka.Producer: records when each reading leaves."""
+
+    sent: list[float] = []
+    polls = 0
+    clock: Any = time.monotonic
+
+    def __init__(self, conf: dict) -> None:
+        pass
+
+    def produce(self, topic: str, key: bytes | None = None, value: bytes | None = None) -> None:
+        type(self).sent.append(type(self).clock())
+
+    def poll(self, timeout: float) -> int:
+        type(self).polls += 1
+        return 0
+
+    def flush(self, timeout: float) -> int:
+        return 0
+
+
+def _produce(monkeypatch: pytest.MonkeyPatch, n: int, rate: float, **kw: Any) -> list[float]:
+    import confluent_kafka
+
+    from stream_detector.replay import _producer_loop
+
+    monkeypatch.setattr(confluent_kafka, "Producer", _FakeProducer)
+    _FakeProducer.sent, _FakeProducer.polls = [], 0
+    _FakeProducer.clock = kw.get("clock", time.monotonic)
+    streams = [np.zeros((n, 2), np.float32)]
+    errors: list[str] = []
+    _producer_loop("x", "t", ["s"], streams, np.zeros(n, np.int64), np.arange(n), rate,
+                   [np.zeros(n)], False, errors, **kw)
+    assert not errors
+    return list(_FakeProducer.sent)
+
+
+def test_rate_paces_every_reading_not_bursts_of_1000(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fake clock: each reading leaves at i / rate, after one sleep per reading."""
+    now = [0.0]
+    sleeps: list[float] = []
+
+    def sleep(s: float) -> None:
+        sleeps.append(s)
+        now[0] += s
+
+    rate, n = 100.0, 250  # fewer than 1000 readings: they used to leave unpaced, at once
+    sent = _produce(monkeypatch, n, rate, clock=lambda: now[0], sleep=sleep)
+    assert len(sent) == n
+    np.testing.assert_allclose(sent, np.arange(n) / rate, atol=1e-9)
+    assert len(sleeps) == n and min(sleeps) > 0
+    assert _FakeProducer.polls >= 4  # delivery reports are served while pacing (2.5 s)
+
+
+def test_rate_behind_schedule_sends_without_sleeping(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A producer slower than --rate never sleeps (and never busy-waits or sleeps ~0 s)."""
+    from stream_detector.replay import MIN_SLEEP_S, _pace
+
+    now = [0.0]
+    sleeps: list[float] = []
+
+    def clock() -> float:
+        now[0] += 0.003  # every look at the clock costs 3 ms: slower than 1000/s
+        return now[0]
+
+    _produce(monkeypatch, 50, 1000.0, clock=clock, sleep=sleeps.append)
+    assert sleeps == []
+    assert not _pace(0, 1e6, 0.0, sleeps.append)  # 1 us ahead: not worth a sleep call
+    assert _pace(0, 1e3, 0.0, sleeps.append) and sleeps == [pytest.approx(1e-3)]
+    assert MIN_SLEEP_S <= 1e-3
+
+
+def test_rate_spreads_a_short_real_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real clock: no reading leaves before its schedule (a lower bound: load cannot break it)."""
+    rate, n = 200.0, 60
+    sent = np.asarray(_produce(monkeypatch, n, rate))
+    t = sent - sent[0]
+    assert np.all(t >= np.arange(n) / rate - 2e-3), t[:5]
+    assert t[-1] >= (n - 1) / rate - 2e-3
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("rate", -5.0), ("rate", float("nan")), ("rate", float("inf")),
+    ("max_parity_error", -1e-4), ("max_parity_error", float("nan")),
+])
+def test_replay_refuses_bad_rate_and_parity_limit(field: str, value: float,
+                                                  tmp_path: Path) -> None:
+    from stream_detector.replay import ReplayError, ReplayOptions, run_replay
+
+    opts = ReplayOptions(dataset="synthetic", artifact_dir=tmp_path / "none",
+                         out_dir=tmp_path / "o", progress=False, **{field: value})
+    with pytest.raises(ReplayError, match=f"--{field.replace('_', '-')} must be"):
+        run_replay(opts)
+
+
+def test_replay_cli_negative_rate_is_a_usage_error(tmp_path: Path) -> None:
+    r = _cli("replay", "--dataset", "synthetic", "--rate", "-5", "--artifact",
+             str(tmp_path / "none"), "--out", str(tmp_path / "o"), timeout=120)
+    assert r.returncode == 2
+    assert "--rate must be" in r.stderr and "Traceback" not in r.stderr
+
+
+# -- replaying into a running consumer -----------------------------------------------------------
+def test_first_timestamp_starts_after_earlier_readings() -> None:
+    from stream_detector.replay import STEP_MS, first_timestamp
+
+    now = 1_800_000_000_123
+    assert first_timestamp({}, now) == 1_800_000_000_000  # no earlier run: now, whole seconds
+    assert first_timestamp({}, 5) == T0_MS
+    later = now + 7_000_000
+    assert first_timestamp({"a": now - 10, "b": later}, now) == later + STEP_MS
+    assert first_timestamp({"a": T0_MS + 5_000}, now) == 1_800_000_000_000
+
+
+def test_replay_twice_into_one_running_consumer(kafka_broker, make_topic, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--bootstrap-servers`` twice against the same long-lived consumer: both runs are fully
+    scored with parity (the second used to be rejected as late, then time out)."""
+    import stream_detector.datasets
+    from stream_detector.consumer import DetectorService
+    from stream_detector.model.runtime import TorchScorer
+    from stream_detector.replay import ReplayOptions, run_replay
+    from tests.kafka_helpers import settings_for, tiny_entities, train_tiny
+
+    art = train_tiny(tmp_path / "art")
+    bs = kafka_broker.bootstrap_servers
+    topics = {"input": make_topic(partitions=2), "alerts": make_topic(), "scores": make_topic(),
+              "dlq": make_topic(), "group": f"g-{time.time_ns()}"}
+    settings = settings_for(bs, topics, art)
+    entities = tiny_entities(2)
+    monkeypatch.setattr(stream_detector.datasets, "load_dataset",
+                        lambda name, data_dir=None, wanted=None: entities)
+    scorer = TorchScorer.load(art)
+    service = DetectorService(settings, scorer.manifest, scorer, serve_http=False)
+    thread = threading.Thread(target=service.run, daemon=True)
+    thread.start()
+    try:
+        reports = [run_replay(ReplayOptions(
+            dataset="tiny", artifact_dir=art, out_dir=tmp_path / f"run{k}", bootstrap_servers=bs,
+            settings=settings, plots=False, progress=False, idle_timeout_s=20))
+            for k in (1, 2)]
+    finally:
+        service.stop()
+        thread.join(30)
+    n_test = sum(len(e.test) for e in entities)
+    for rep in reports:
+        assert rep.parity_ok, rep.max_parity_error
+        assert rep.summary["windows_scored"] == n_test
+        assert all(not np.isnan(d["score"]).any() for d in rep.data.values())
+    s1, s2 = reports[0].summary, reports[1].summary
+    n_stream = max(len(e.test) for e in entities) + scorer.manifest.window - 1
+    assert s2["t0_ms"] >= s1["t0_ms"] + n_stream * 1000  # after every reading of run 1
+    assert s1["sensors_with_earlier_state"] == 0 and s2["sensors_with_earlier_state"] == 2
+    assert "already had state" in reports[1].markdown
+    dead = sum(s.value for s in service.metrics.dead_letters.collect()[0].samples
+               if s.name.endswith("_total"))
+    assert dead == 0
+
+
+# -- plots ----------------------------------------------------------------------------------------
+def test_alert_ranges_pair_open_and_resolve() -> None:
+    from stream_detector.replay import STEP_MS, alert_ranges
+
+    n_ctx, t0, n = 3, T0_MS + 5_000, 100
+
+    def ev(kind: str, aid: str, start_row: int, row: int) -> dict:
+        ms = t0 + (n_ctx + row) * STEP_MS
+        return {"event": kind, "alert_id": aid, "sensor": "s", "window_end": ms,
+                "episode_start": t0 + (n_ctx + start_row) * STEP_MS}
+
+    alerts = [
+        ev("open", "a", 5, 5), ev("update", "a", 5, 20), ev("resolve", "a", 5, 54),
+        ev("resolve", "z", -2, 2),                  # opened before this run's first test row
+        ev("open", "b", 70, 70), ev("resolve", "b", 70, 80),
+        ev("open", "c", 95, 95),                    # still open at the end
+    ]
+    assert alert_ranges(alerts, n_ctx, n, t0) == [(0, 3), (5, 55), (70, 81), (95, 100)]
+    assert alert_ranges([], n_ctx, n, t0) == []
