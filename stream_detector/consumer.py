@@ -67,6 +67,10 @@ log = structlog.get_logger(__name__)
 TP = tuple[str, int]
 
 GIL_SWITCH_INTERVAL_S = 0.0005
+#: Most bytes of an input record a dead letter carries (base64: 4/3 as many): a whole record
+#: near the broker's size limit would make the dead letter too large for the producer
+#: (``message.max.bytes``, 1,000,000 by default), and the record could then never be passed on.
+DEAD_LETTER_MAX_ORIGINAL_BYTES = 512 * 1024
 
 _gc_lock = threading.Lock()
 _gc_users = 0
@@ -271,6 +275,9 @@ class DetectorService:
         self.tracker = OffsetTracker()
         self._silent_until: dict[TP, int] = {}
         self._sensor_tp: dict[str, TP] = {}
+        self._owned: set[TP] = set()  # partitions assigned to this instance now
+        self._touched: set[TP] = set()  # partitions a rebalance callback changed (see _loop)
+        self._drain_deadline: float | None = None  # shutdown: when the grace period ends
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
 
@@ -362,7 +369,17 @@ class DetectorService:
             if not messages and timeout > 0:
                 messages = consumer.consume(1, timeout)
                 if messages and k.consume_batch > 1:
-                    messages.extend(consumer.consume(k.consume_batch - 1, 0))
+                    self._touched.clear()
+                    more = consumer.consume(k.consume_batch - 1, 0)
+                    if self._touched:
+                        # a rebalance callback ran inside that call: the message(s) of the
+                        # previous call from a partition it revoked, lost or reassigned are
+                        # outdated (librdkafka drops those only within one call). Not ingested
+                        # and not stored: the partition's owner reads them again.
+                        touched = self._touched
+                        messages = [m for m in messages if m.error() is not None
+                                    or (m.topic(), m.partition()) not in touched]
+                    messages.extend(more)
             if messages:
                 self._ingest(messages, decoder, detector)
             self._publish(detector.poll_batches())
@@ -463,7 +480,12 @@ class DetectorService:
     def _dead_letter(self, reason: str, detail: str, msg: Message, chunk: Chunk) -> None:
         assert self._producer is not None
         self.metrics.dead_letters.labels(reason).inc()
-        payload = dead_letter(reason, detail, msg.value(), cast(str, msg.topic()),
+        raw = msg.value()
+        if raw is not None and len(raw) > DEAD_LETTER_MAX_ORIGINAL_BYTES:
+            detail = (f"{detail}; original_b64 holds the first {DEAD_LETTER_MAX_ORIGINAL_BYTES} "
+                      f"of {len(raw)} bytes (read the record itself at topic/partition/offset)")
+            raw = raw[:DEAD_LETTER_MAX_ORIGINAL_BYTES]
+        payload = dead_letter(reason, detail, raw, cast(str, msg.topic()),
                               cast(int, msg.partition()), cast(int, msg.offset()))
         self._produce(self.settings.kafka.dead_letter_topic, msg.key(), payload, chunk, None)
 
@@ -523,6 +545,8 @@ class DetectorService:
                 return
             except BufferError:
                 self._producer.poll(0.05)  # local queue full: serve callbacks, then retry
+            except KafkaException as exc:  # refused at once (too large, unknown topic, ...)
+                raise FatalError(f"cannot produce to {topic}: {exc}") from None
 
     def _store_offsets(self) -> None:
         assert self._consumer is not None
@@ -540,9 +564,12 @@ class DetectorService:
             except KafkaException as exc:  # partition no longer assigned: harmless
                 log.debug("store_offsets failed", error=str(exc))
 
-    def _drain_all(self, timeout_s: float) -> None:
-        """Score what is pending, deliver everything, store offsets."""
+    def _drain_all(self, timeout_s: float) -> int:
+        """Score what is pending, deliver everything, store offsets. Returns how many records
+        are still undelivered (their readings' offsets are not stored)."""
         assert self._producer is not None and self.detector is not None
+        if self._drain_deadline is not None:  # shutting down: within what is left of the grace
+            timeout_s = min(timeout_s, max(0.0, self._drain_deadline - time.monotonic()))
         self._publish(self.detector.flush_batches())
         remaining = self._producer.flush(timeout_s)
         if remaining:
@@ -551,14 +578,19 @@ class DetectorService:
             log.error("delivery failed; offsets of undelivered readings not stored",
                       error=self._fatal)
         self._store_offsets()
+        return remaining
 
     def _shutdown(self) -> int:
+        """Drain within ``grace_period_s`` in all (the revoke callback that ``close()`` runs
+        gets only what is left). Exit code 0 only when everything was delivered; 1 when
+        records were left undelivered (their readings are read again after a restart)."""
         assert self._consumer is not None
         grace = self.settings.service.grace_period_s
         t0 = time.monotonic()
+        self._drain_deadline = t0 + grace * 0.9  # the rest: commit and close
         log.info("draining", pending=self.detector.pending if self.detector else 0)
-        self._drain_all(grace * 0.8)
-        code = 0 if not self._fatal else 2
+        remaining = self._drain_all(grace * 0.8)
+        code = 2 if self._fatal else 1 if remaining else 0
         try:
             self._consumer.commit(asynchronous=False)
         except KafkaException as exc:
@@ -570,12 +602,24 @@ class DetectorService:
 
     # -- rebalance callbacks -----------------------------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        assigned = {(p.topic, p.partition) for p in partitions}
+        self._owned |= assigned
+        self._touched |= assigned
         if self.settings.service.rebuild_windows and partitions:
             committed = consumer.committed(partitions, timeout=10)
             for p, c in zip(partitions, committed, strict=True):
                 if c.offset is None or c.offset < 0 or c.offset == OFFSET_INVALID:
                     continue
-                low, _high = consumer.get_watermark_offsets(p, timeout=10, cached=False)
+                low, high = consumer.get_watermark_offsets(p, timeout=10, cached=False)
+                if c.offset > high:
+                    # the log ends before the committed offset (truncated, or the topic was
+                    # recreated): no rebuild, and auto.offset.reset decides where to start.
+                    # A rebuild from here would read every new record silently up to the
+                    # committed offset.
+                    log.warning("committed offset beyond the end of the partition; not "
+                                "rebuilding", topic=p.topic, partition=p.partition,
+                                committed=c.offset, end=high)
+                    continue
                 start = max(low, c.offset - self.rebuild_lookback)
                 if start < c.offset:
                     self._silent_until[(p.topic, p.partition)] = c.offset
@@ -610,9 +654,13 @@ class DetectorService:
 
     def _forget(self, partitions: list[TopicPartition]) -> None:
         gone = {(p.topic, p.partition) for p in partitions}
+        self._owned -= gone
+        self._touched |= gone
         for tp in gone:
             self.tracker.drop(tp)
             self._silent_until.pop(tp, None)
+            with contextlib.suppress(KeyError):  # its lag is its new owner's to report
+                self.metrics.lag.remove(tp[0], str(tp[1]))
         sensors = [s for s, tp in self._sensor_tp.items() if tp in gone]
         for s in sensors:
             del self._sensor_tp[s]
@@ -627,10 +675,14 @@ class DetectorService:
 
     def _on_stats(self, stats_json: str) -> None:
         stats = orjson.loads(stats_json)
+        owned = self._owned
         for topic, t in stats.get("topics", {}).items():
             for pid, p in t.get("partitions", {}).items():
                 lag = p.get("consumer_lag", -1)
-                if pid != "-1" and lag is not None and lag >= 0:
+                # librdkafka keeps reporting revoked partitions (fetch_state "stopped") with
+                # a lag from their last position: only the owner reports a partition's lag
+                if (pid != "-1" and lag is not None and lag >= 0
+                        and (topic, int(pid)) in owned):
                     self.metrics.lag.labels(topic, pid).set(lag)
         if self.detector is not None:
             self.metrics.sensors.set(len(self.detector.sensors()))

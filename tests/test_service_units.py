@@ -9,7 +9,7 @@ from http.client import HTTPConnection
 from pathlib import Path
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 import stream_detector.consumer as consumer_mod
@@ -538,3 +538,229 @@ def test_stop_frees_the_port() -> None:
     finally:
         again.stop()
     srv.stop()  # stopping twice is harmless
+
+
+# ----------------------------------------------------------------------------- consumer edges
+
+
+class _RecordingProducer:
+    """Producer stand-in: records what is produced; flush() can take time and leave records."""
+
+    def __init__(self, refuse: Exception | None = None, flush_left: int = 0) -> None:
+        self.sent: list[tuple[str, bytes]] = []
+        self.callbacks: list = []
+        self.flush_timeouts: list[float] = []
+        self.refuse, self.flush_left = refuse, flush_left
+
+    def produce(self, topic, value, key, on_delivery) -> None:
+        if self.refuse is not None:
+            raise self.refuse
+        self.sent.append((topic, value))
+        self.callbacks.append(on_delivery)
+
+    def poll(self, timeout: float = 0) -> int:
+        return 0
+
+    def flush(self, timeout: float = 0) -> int:
+        self.flush_timeouts.append(timeout)
+        if self.flush_left:
+            time.sleep(timeout)  # the broker does not answer: flush uses its whole budget
+        return self.flush_left
+
+
+class _ScriptedConsumer:
+    """Consumer stand-in for DetectorService._loop: each consume() call takes the next step of
+    a script; rebalance steps run the service's callbacks inside the call, as librdkafka does."""
+
+    def __init__(self, service, script, committed: int | None = None,
+                 watermarks: tuple[int, int] = (0, 100)) -> None:
+        self.svc, self.script = service, list(script)
+        self.assigned: set = set()
+        self.committed_offset, self.watermarks = committed, watermarks
+        self.stored: dict = {}
+
+    def consume(self, num_messages: int = 1, timeout: float = -1):
+        step = self.script.pop(0) if self.script else ("stop",)
+        if step[0] == "stop":
+            self.svc.stop()
+            return []
+        if step[0] == "revoke":
+            self.svc._on_revoke(self, [TopicPartition("readings", 0)])
+            return list(step[1]) if len(step) > 1 else []
+        if step[0] == "assign":
+            self.svc._on_assign(self, [TopicPartition("readings", 0)])
+            return []
+        return list(step[1])
+
+    def committed(self, partitions, timeout=None):
+        off = self.committed_offset if self.committed_offset is not None else -1001
+        return [TopicPartition(p.topic, p.partition, off) for p in partitions]
+
+    def get_watermark_offsets(self, partition, timeout=None, cached=False):
+        return self.watermarks
+
+    def assign(self, partitions) -> None:
+        self.assigned = {(p.topic, p.partition) for p in partitions}
+        self.positions = {(p.topic, p.partition): p.offset for p in partitions}
+
+    incremental_assign = assign
+
+    def unassign(self, *partitions) -> None:
+        self.assigned = set()
+
+    incremental_unassign = unassign
+
+    def assignment(self):
+        return [TopicPartition(t, p) for t, p in self.assigned]
+
+    def store_offsets(self, offsets) -> None:
+        for o in offsets:
+            if (o.topic, o.partition) not in self.assigned:
+                raise KafkaException(KafkaError(KafkaError._STATE))
+            self.stored[(o.topic, o.partition)] = o.offset
+
+    def commit(self, asynchronous: bool = True) -> None:
+        if A in self.stored:
+            self.committed_offset = self.stored[A]
+
+    def close(self) -> None:
+        if self.assigned:
+            self.svc._on_revoke(self, [TopicPartition(t, p) for t, p in self.assigned])
+
+
+def _service(producer=None, **kafka):
+    from stream_detector.consumer import DetectorService
+    from stream_detector.detector import Detector
+    from stream_detector.testing import NumpyScorer, make_manifest
+
+    manifest = make_manifest(window=3)
+    settings = Settings(kafka={"input_topic": "readings", "score_topic": "", **kafka},
+                        detector={"max_batch": 1000}, service={"grace_period_s": 1.0})
+    service = DetectorService(settings, manifest, NumpyScorer(), serve_http=False)
+    service.detector = Detector(manifest, NumpyScorer(), settings.detector)
+    service._producer = producer if producer is not None else _RecordingProducer()
+    return service
+
+
+def _msg(offset: int, value: bytes | None = None, partition: int = 0):
+    from confluent_kafka import Message
+
+    from stream_detector.records import encode_reading
+
+    if value is None:
+        value = encode_reading("s", 1000 + offset, [float(offset % 3), 1.0, 2.0])
+    return Message(topic="readings", partition=partition, offset=offset, key=b"s", value=value,
+                   timestamp=(1, 1))
+
+
+def test_an_oversized_record_is_dead_lettered_with_a_prefix_not_a_crash() -> None:
+    """A record near the broker's limit, base64-encoded whole, made a dead letter the producer
+    refused at once (MSG_SIZE_TOO_LARGE): the service died on it at every restart."""
+    import base64
+
+    import orjson
+
+    from stream_detector.consumer import DEAD_LETTER_MAX_ORIGINAL_BYTES
+    from stream_detector.records import ReadingDecoder
+
+    service = _service()
+    big = b'{"sensor": "x", "ts": 1, "values": [' + b"1," * 400_000 + b"1]}"
+    decoder = ReadingDecoder(service.manifest.features, 65536)
+    service._ingest([_msg(0), _msg(1, big), _msg(2)], decoder, service.detector)
+    [(topic, payload)] = service._producer.sent
+    dead = orjson.loads(payload)
+    assert topic == service.settings.kafka.dead_letter_topic and dead["reason"] == "oversized"
+    kept = base64.b64decode(dead["original_b64"])
+    assert kept == big[:DEAD_LETTER_MAX_ORIGINAL_BYTES] and len(payload) < 1_000_000
+    assert f"first {DEAD_LETTER_MAX_ORIGINAL_BYTES} of {len(big)} bytes" in dead["detail"]
+    assert dead["offset"] == 1
+    # small bad records are still carried whole
+    service._ingest([_msg(3, b"{nope")], decoder, service.detector)
+    assert base64.b64decode(orjson.loads(service._producer.sent[1][1])["original_b64"]) == b"{nope"
+
+
+def test_a_record_the_producer_refuses_at_once_stops_the_service_cleanly() -> None:
+    refused = KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
+    service = _service(_RecordingProducer(refuse=refused))
+    from stream_detector.records import ReadingDecoder
+
+    decoder = ReadingDecoder(service.manifest.features, 65536)
+    with pytest.raises(FatalError, match="cannot produce to sensor-readings-dlq"):
+        service._ingest([_msg(0, b"{nope")], decoder, service.detector)
+
+
+def test_messages_outdated_by_a_rebalance_between_consume_calls_are_not_ingested() -> None:
+    """The loop's third consume() call can run the revoke callback after the second returned
+    a message of that partition. Ingested after the revoke, that reading gave its sensor fresh
+    state; when the partition came back, the rebuild's readings were all late and the valid
+    reading was dead-lettered as a duplicate."""
+    service = _service(partition_assignment_strategy="range")
+    script = [
+        ("assign",), ("msgs", []), ("msgs", [_msg(o) for o in range(10)]),  # turn 1
+        ("msgs", []), ("msgs", [_msg(10)]), ("revoke",),  # turn 2: call 3 revokes
+        ("assign",), ("msgs", [_msg(o) for o in range(12)]),  # rebuild re-reads 0..11
+        ("msgs", []), ("msgs", []), ("stop",),
+    ]
+    fake = _ScriptedConsumer(service, script)
+    service._consumer = fake
+    service._loop()
+    service._publish(service.detector.flush_batches())  # what the drain at shutdown does
+    service._store_offsets()
+    assert service._producer.sent == []  # no dead letter
+    m = service.metrics
+    assert m.windows._value.get() == 8 + 2  # offsets 2..9, then 10 and 11 once each
+    assert m.rebuilt._value.get() == 10  # offsets 0..9 re-read silently
+    assert fake.stored == {A: 12}
+
+
+def test_a_committed_offset_beyond_the_log_end_does_not_start_a_silent_rebuild() -> None:
+    """Truncated log or recreated topic: a rebuild from max(low, committed - lookback) would
+    read every new record silently until the old committed offset."""
+    service = _service()
+    fake = _ScriptedConsumer(service, [], committed=1000, watermarks=(0, 50))
+    service._on_assign(fake, [TopicPartition("readings", 0)])
+    assert service._silent_until == {}
+    assert fake.positions[A] < 0  # left to the committed offset / auto.offset.reset
+    fake = _ScriptedConsumer(service, [], committed=40, watermarks=(0, 50))
+    service._on_assign(fake, [TopicPartition("readings", 0)])
+    assert service._silent_until == {A: 40} and fake.positions[A] == 0
+
+
+def test_consumer_lag_is_reported_only_for_partitions_this_instance_owns() -> None:
+    import json
+
+    service = _service()
+    fake = _ScriptedConsumer(service, [])
+    service._consumer = fake
+    service._on_assign(fake, [TopicPartition("readings", 0)])
+    stats = {"topics": {"readings": {"partitions": {
+        "0": {"consumer_lag": 5, "fetch_state": "active"},
+        "1": {"consumer_lag": 230, "fetch_state": "stopped"},  # revoked earlier
+        "-1": {"consumer_lag": 0}}}}}
+    service._on_stats(json.dumps(stats))
+
+    def lag() -> dict[str, float]:
+        return {s.labels["partition"]: s.value for s in service.metrics.lag.collect()[0].samples}
+
+    assert lag() == {"0": 5.0}
+    service._on_revoke(fake, [TopicPartition("readings", 0)])
+    assert lag() == {}  # the series goes with the partition
+    service._on_stats(json.dumps(stats))
+    assert lag() == {}
+
+
+def test_shutdown_drains_within_the_grace_period_and_reports_undelivered_records() -> None:
+    """The close() after the drain runs the revoke callback, which drained again for half the
+    grace period: 1.3x the grace in all, and exit code 0 although records were undelivered."""
+    service = _service(_RecordingProducer(flush_left=3))
+    fake = _ScriptedConsumer(service, [])
+    service._consumer = fake
+    service._on_assign(fake, [TopicPartition("readings", 0)])
+    grace = service.settings.service.grace_period_s
+    assert service._shutdown() == 1
+    timeouts = service._producer.flush_timeouts
+    assert len(timeouts) == 2 and sum(timeouts) <= 0.95 * grace, timeouts
+    ok = _service()
+    fake = _ScriptedConsumer(ok, [])
+    ok._consumer = fake
+    assert ok._shutdown() == 0
