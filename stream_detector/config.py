@@ -12,9 +12,19 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from stream_detector.errors import ConfigError
@@ -24,10 +34,19 @@ class _Group(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+# what the brokers accept as a topic name (Kafka's Topic.validate); anything else, the empty
+# name included, fails every produce or subscribe with "Broker: Invalid topic"
+_TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
+
+
 class KafkaSettings(_Group):
     """Where to read readings from and write alerts to, and how to talk to the brokers."""
 
-    bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers.")
+    # the names below cannot be empty: the brokers refuse an empty topic, group or client id,
+    # and the service would stop on the first record (or at start) of every restart
+    bootstrap_servers: str = Field(
+        "127.0.0.1:9092", min_length=1, description="Kafka bootstrap servers."
+    )
     input_topic: str = Field("sensor-readings", description="Topic of input readings.")
     alert_topic: str = Field("sensor-alerts", description="Topic alerts are published to.")
     score_topic: str = Field(
@@ -36,8 +55,8 @@ class KafkaSettings(_Group):
     dead_letter_topic: str = Field(
         "sensor-readings-dlq", description="Topic for records that cannot be processed."
     )
-    group_id: str = Field("stream-detector", description="Consumer group id.")
-    client_id: str = Field("stream-detector", description="Client id prefix.")
+    group_id: str = Field("stream-detector", min_length=1, description="Consumer group id.")
+    client_id: str = Field("stream-detector", min_length=1, description="Client id prefix.")
     auto_offset_reset: Literal["earliest", "latest"] = Field(
         "earliest", description="Where a new group starts reading."
     )
@@ -60,6 +79,16 @@ class KafkaSettings(_Group):
         default_factory=dict,
         description="Extra librdkafka properties for every client (JSON object in env).",
     )
+
+    @field_validator("input_topic", "alert_topic", "dead_letter_topic", "score_topic")
+    @classmethod
+    def _topic_name(cls, value: str, info: ValidationInfo) -> str:
+        if value == "" and info.field_name == "score_topic":
+            return value  # empty = score records off
+        if not _TOPIC_NAME.fullmatch(value) or value in (".", ".."):
+            raise ValueError(f"{value!r} is not a Kafka topic name (1-249 characters of "
+                             "a-z, A-Z, 0-9, '.', '_', '-')")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> KafkaSettings:
@@ -225,12 +254,7 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"])
-            env = "SD_" + "__".join(str(p) for p in err["loc"]).upper()
-            problems.append(f"  {loc} (env {env}): {err['msg']}")
-        raise ConfigError("invalid settings:\n" + "\n".join(problems)) from None
+        raise ConfigError("invalid settings:\n" + "\n".join(_problems(exc))) from None
     except SettingsError as exc:
         # raised before validation when a value that must be JSON (an object such as
         # SD_KAFKA__EXTRA, or a whole group such as SD_KAFKA) does not parse
@@ -242,6 +266,65 @@ def load_settings(**overrides: Any) -> Settings:
             f"({exc.__cause__ or exc}); objects are JSON, e.g. "
             "SD_KAFKA__EXTRA='{\"fetch.max.bytes\": 52428800}'"
         ) from None
+
+
+_TYPE_WORDS = {str: "string", int: "number", float: "number", bool: "boolean"}
+
+
+def _problems(exc: ValidationError) -> list[str]:
+    """One line per setting at fault, naming its env variable.
+
+    A pydantic error location is the path of model fields (``kafka``, ``extra``), then, inside
+    a field's value, dict keys or list positions and the union branch tried (``str``,
+    ``int``...). Only the field path makes the env name (``SD_KAFKA__EXTRA``); the key is
+    named in the message, and the errors of the union branches of one value make one line."""
+    grouped: dict[tuple[tuple[str, ...], str | None], list[str]] = {}
+    inner_types: dict[tuple[str, ...], Any] = {}
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        fields: list[str] = []
+        model: Any = Settings
+        for part in loc:
+            if model is None:
+                break
+            fields.append(part)
+            info = model.model_fields.get(part)
+            if info is None:  # not a field of the group (extra_forbidden): its own env name
+                model = None
+                break
+            ann = info.annotation
+            model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+            if model is None:
+                inner_types[tuple(fields)] = ann
+        path = tuple(fields)
+        inner = loc[len(path):]
+        # inside a dict or list the first part is the key / position; the rest are branches
+        key = inner[0] if inner and get_origin(inner_types.get(path)) in (dict, list) else None
+        grouped.setdefault((path, key), []).append(err["msg"])
+    problems = []
+    for (path, key), msgs in grouped.items():
+        name = ".".join(path)
+        env = "SD_" + "__".join(path).upper()
+        if key is None:
+            text = "; ".join(msgs)
+        else:
+            args = get_args(inner_types[path])
+            allowed = _type_words(args[-1]) if args else None
+            if len(msgs) > 1 and allowed:
+                text = f"value of {key!r} must be {allowed}"
+            else:
+                text = f"value of {key!r}: " + "; ".join(msgs)
+        problems.append(f"  {name} (env {env}): {text}")
+    return problems
+
+
+def _type_words(tp: Any) -> str | None:
+    """``str | int | float | bool`` -> "a string, number or boolean" (None if not plain)."""
+    members = get_args(tp) if get_origin(tp) in (Union, UnionType) else (tp,)
+    words = list(dict.fromkeys(_TYPE_WORDS.get(m, "") for m in members))
+    if "" in words:
+        return None
+    return "a " + (", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else words[0])
 
 
 def settings_reference() -> list[tuple[str, str, str, str]]:

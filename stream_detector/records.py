@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,6 +69,24 @@ class Reading:
 
 _F32_MAX = float(np.finfo(np.float32).max)
 _NUMBER_TYPES = frozenset((int, float))
+# how orjson words its refusal of a number beyond double range, e.g. 1e400 (orjson 3.x)
+_ORJSON_OVERFLOW = "number is infinity when parsed as double"
+
+
+def _not_json(token: str) -> Any:
+    raise ValueError(f"{token} is not JSON")
+
+
+def _loads_overflowing(raw: bytes) -> Any:
+    """Parse a record orjson refused for a number beyond double range, with such numbers as
+    infinity (json reads them so; longer integers become floats, as orjson makes them), so that
+    the usual checks name the record's problem. Only ever used to pick a :class:`BadRecord`
+    reason, never to accept a record. Not JSON beyond the overflow either: ``malformed_json``."""
+    try:
+        return json.loads(raw, parse_constant=_not_json,
+                          parse_int=lambda s: int(s) if len(s) <= 20 else float(s))
+    except Exception as err:  # noqa: BLE001 - not JSON (or nested too deep for json)
+        raise BadRecord("malformed_json", str(err)[:200]) from None
 
 
 class _CleanReading(msgspec.Struct, forbid_unknown_fields=True):
@@ -135,11 +154,20 @@ class ReadingDecoder:
         try:
             obj = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            raise BadRecord("malformed_json", str(exc)[:200]) from None
+            if not str(exc).startswith(_ORJSON_OVERFLOW):
+                raise BadRecord("malformed_json", str(exc)[:200]) from None
+            # a number beyond double range (1e400): valid JSON that orjson (and msgspec) refuse.
+            # Never accepted; checked as usual to name the problem: non_finite in the values
+            self._check(_loads_overflowing(raw), ref)
+            raise BadRecord("non_finite", "a number is beyond double range") from None
+        return self._check(obj, ref)
+
+    def _check(self, obj: Any, ref: Any) -> Reading:
         if not isinstance(obj, dict):
             raise BadRecord("not_an_object", f"top level is {type(obj).__name__}")
         version = obj.get("schema_version", SCHEMA_VERSION)
-        if version != SCHEMA_VERSION:
+        # type check first: True == 1.0 == 1 in Python, yet neither is schema version 1
+        if type(version) is not int or version != SCHEMA_VERSION:
             raise BadRecord("unknown_schema_version", f"{version!r}, expected {SCHEMA_VERSION}")
         for key in ("sensor", "ts", "values"):
             if key not in obj:
@@ -173,7 +201,8 @@ class ReadingDecoder:
                 if raw is None or len(raw) > max_bytes:
                     raise ValueError
                 obj = loads(raw)
-                if obj.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
+                version = obj.get("schema_version", SCHEMA_VERSION)
+                if type(version) is not int or version != SCHEMA_VERSION:
                     raise ValueError
                 sensor, ts, values = obj["sensor"], obj["ts"], obj["values"]
                 if not (type(sensor) is str and 0 < len(sensor) <= 256 and type(ts) is int

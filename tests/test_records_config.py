@@ -86,16 +86,20 @@ BAD = [
     ("malformed_json", b"\xff\xfe not utf-8"),
     ("malformed_json", b""),
     ("malformed_json", None),  # tombstone
-    # orjson rejects the non-standard NaN / Infinity tokens and numbers that overflow double,
-    # so such readings are malformed_json rather than non_finite
+    # the non-standard NaN / Infinity tokens are not JSON
     ("malformed_json", b'{"sensor":"m-1","ts":1,"values":[NaN,1,2]}'),
     ("malformed_json", b'{"sensor":"m-1","ts":1,"values":[Infinity,1,2]}'),
-    ("malformed_json", b'{"sensor":"m-1","ts":1,"values":[1e400,1,2]}'),
+    ("malformed_json", b'{"sensor":"m-1","ts":1,"values":[NaN,1,1e400]}'),
+    ("malformed_json", b'{"sensor":"m-1","ts":1,"values":[1,2,1e400]'),  # cut short
     ("not_an_object", b"[1, 2, 3]"),
     ("not_an_object", b'"a string"'),
     ("not_an_object", b"null"),
     ("unknown_schema_version", _msg(schema_version=2)),
     ("unknown_schema_version", _msg(schema_version="1")),
+    # True == 1.0 == 1 in Python, but neither is schema version 1
+    ("unknown_schema_version", _msg(schema_version=True)),
+    ("unknown_schema_version", b'{"schema_version":1.0,"sensor":"m-1","ts":1,"values":[1,2,3]}'),
+    ("unknown_schema_version", b'{"schema_version":2,"sensor":"m-1","ts":1,"values":[1e400,1,2]}'),
     ("missing_field", _msg(sensor=_DROP)),
     ("missing_field", _msg(ts=_DROP)),
     ("missing_field", _msg(values=_DROP)),
@@ -108,6 +112,7 @@ BAD = [
     ("bad_timestamp", _msg(ts="1700000000000")),
     ("bad_timestamp", _msg(ts=True)),
     ("bad_timestamp", _msg(ts=None)),
+    ("bad_timestamp", b'{"sensor":"m-1","ts":1e400,"values":[1,2,3]}'),
     ("wrong_value_count", _msg(values=[1.0, 2.0])),
     ("wrong_value_count", _msg(values=[1.0, 2.0, 3.0, 4.0])),
     ("wrong_value_count", _msg(values=[])),
@@ -126,6 +131,13 @@ BAD = [
     ("non_finite", _msg(values=[1.0, -1e39, 3.0])),
     # a big JSON integer: orjson turns it into a double, 1e40 overflows float32
     ("non_finite", b'{"sensor":"m-1","ts":1,"values":[1,2,1' + b"0" * 40 + b"]}"),
+    # beyond double range: valid JSON, which orjson and msgspec refuse to parse
+    ("non_finite", b'{"sensor":"m-1","ts":1,"values":[1e400,1,2]}'),
+    ("non_finite", b'{"sensor":"m-1","ts":1,"values":[1,2,-1e400]}'),
+    ("non_finite", b'{"sensor":"m-1","ts":1,"values":[1,2,1' + b"0" * 400 + b"]}"),
+    ("non_finite",
+     b'{"sensor":"m-1","ts":1,"values":{"temperature":1,"pressure":2,"vibration":1e400}}'),
+    ("non_finite", b'{"sensor":"m-1","ts":1,"values":[1,2,3],"note":1e400}'),  # anywhere
 ]
 
 
@@ -427,6 +439,13 @@ def test_dotenv_in_cwd_is_read_and_env_wins(clean_env, monkeypatch) -> None:
         ("SD_KAFKA__EXTRA", "not json", ["kafka", "SD_KAFKA__", "not valid JSON"]),
         ("SD_KAFKA__EXTRA", '["a"]', ["kafka.extra", "SD_KAFKA__EXTRA"]),
         ("SD_KAFKA__TYPO_FIELD", "1", ["kafka.typo_field", "Extra inputs are not permitted"]),
+        # the brokers refuse these empty ("Broker: Invalid topic" on the first record)
+        *[(f"SD_KAFKA__{name.upper()}", "", [f"kafka.{name}", f"SD_KAFKA__{name.upper()}"])
+          for name in ("input_topic", "alert_topic", "dead_letter_topic", "bootstrap_servers",
+                       "group_id", "client_id")],
+        ("SD_KAFKA__ALERT_TOPIC", "sensor alerts",
+         ["SD_KAFKA__ALERT_TOPIC", "'sensor alerts' is not a Kafka topic name"]),
+        ("SD_KAFKA__SCORE_TOPIC", " ", ["SD_KAFKA__SCORE_TOPIC", "not a Kafka topic name"]),
     ],
 )
 def test_invalid_value_names_the_field(clean_env, monkeypatch, env, value, names) -> None:
@@ -437,6 +456,25 @@ def test_invalid_value_names_the_field(clean_env, monkeypatch, env, value, names
     assert msg.startswith("invalid settings:")
     for name in names:
         assert name in msg, msg
+
+
+def test_empty_score_topic_means_off(clean_env, monkeypatch) -> None:
+    monkeypatch.setenv("SD_KAFKA__SCORE_TOPIC", "")
+    assert load_settings().kafka.score_topic == ""
+    monkeypatch.setenv("SD_KAFKA__SCORE_TOPIC", "sensor-scores.v1_a")
+    assert load_settings().kafka.score_topic == "sensor-scores.v1_a"
+
+
+@pytest.mark.parametrize("value", ["[1]", "null", '{"x": 1}'])
+def test_bad_extra_value_names_the_real_env_variable_once(clean_env, monkeypatch, value) -> None:
+    """A bad value inside SD_KAFKA__EXTRA: one line, naming SD_KAFKA__EXTRA and the key, not
+    four lines with made-up names built from the key and the union's branches."""
+    monkeypatch.setenv("SD_KAFKA__EXTRA", f'{{"fetch.max.bytes": {value}, "debug": "all"}}')
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert str(info.value) == (
+        "invalid settings:\n  kafka.extra (env SD_KAFKA__EXTRA): "
+        "value of 'fetch.max.bytes' must be a string, number or boolean")
 
 
 def test_ratio_ordering_is_validated(clean_env, monkeypatch) -> None:
