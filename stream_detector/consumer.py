@@ -341,6 +341,7 @@ class DetectorService:
             return self._shutdown()
         except FatalError as exc:
             log.error("fatal", error=str(exc))
+            self._close_after_fatal()
             return 2
         finally:
             if self.http is not None:
@@ -599,6 +600,18 @@ class DetectorService:
         self._consumer.close()
         log.info("stopped", seconds=round(time.monotonic() - t0, 3), exit_code=code)
         return code
+
+    def _close_after_fatal(self) -> None:
+        """Leave the group after a fatal error, so the partitions move to another replica now
+        rather than after a session timeout. close() runs the revoke callback: what was
+        delivered has its offsets committed (never more), within half the grace period."""
+        if self._consumer is None:
+            return
+        self._drain_deadline = time.monotonic() + self.settings.service.grace_period_s / 2
+        try:
+            self._consumer.close()
+        except Exception as exc:  # noqa: BLE001 - already failing; the exit code says so
+            log.warning("close after fatal error failed", error=str(exc)[:300])
 
     # -- rebalance callbacks -----------------------------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:

@@ -624,6 +624,7 @@ class _ScriptedConsumer:
             self.committed_offset = self.stored[A]
 
     def close(self) -> None:
+        self.closed = True
         if self.assigned:
             self.svc._on_revoke(self, [TopicPartition(t, p) for t, p in self.assigned])
 
@@ -764,3 +765,34 @@ def test_shutdown_drains_within_the_grace_period_and_reports_undelivered_records
     fake = _ScriptedConsumer(ok, [])
     ok._consumer = fake
     assert ok._shutdown() == 0
+
+
+def test_after_a_fatal_error_the_service_leaves_the_group_committing_only_what_was_done() -> None:
+    """Before, a fatal error returned without closing the consumer: its partitions waited a
+    session timeout for another replica, and offsets stored in the last second were lost."""
+    from stream_detector.records import ReadingDecoder
+
+    producer = _RecordingProducer()
+    service = _service(producer, score_topic="scores")
+    fake = _ScriptedConsumer(service, [])
+    service._consumer = fake
+    service._on_assign(fake, [TopicPartition("readings", 0)])
+    decoder = ReadingDecoder(service.manifest.features, 65536)
+    for batch in ((0, 1, 2, 3), (4, 5)):  # two consume() batches: two chunks
+        service._ingest([_msg(o) for o in batch], decoder, service.detector)
+        service._publish(service.detector.flush_batches())
+    for callback in producer.callbacks[:2]:  # the score records of offsets 2 and 3 delivered
+        callback(None, None)
+    producer.callbacks[2](KafkaError(KafkaError._MSG_TIMED_OUT), None)  # offset 4's failed
+    assert service.failure is not None
+    service._close_after_fatal()
+    assert fake.closed and fake.assigned == set()
+    assert fake.committed_offset == 4  # offsets 0-3 done; 4 and 5 are read again
+    assert service.metrics.lag.collect()[0].samples == []
+
+    class Broken(_ScriptedConsumer):
+        def close(self) -> None:
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT))
+
+    service._consumer = Broken(service, [])
+    service._close_after_fatal()  # logged, not raised: the exit code already says it failed
