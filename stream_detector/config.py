@@ -184,6 +184,12 @@ class DetectorSettings(_Group):
     late_policy: Literal["drop", "dead_letter"] = Field(
         "dead_letter", description="What to do with readings at or before the last timestamp."
     )
+    max_future_s: float = Field(
+        31_536_000.0, ge=0,
+        description="Readings with ts more than this many seconds ahead of the consumer's clock "
+                    "are dead-lettered as bad_timestamp (default 365 days: catches micro- or "
+                    "nanosecond timestamps); 0 = no limit.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DetectorSettings:

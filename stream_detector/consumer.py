@@ -59,7 +59,7 @@ from stream_detector.detector import Detector, ScoredBatch, Scorer
 from stream_detector.errors import StreamDetectorError
 from stream_detector.manifest import Manifest
 from stream_detector.observability import HealthServer, HealthState, Metrics
-from stream_detector.records import ReadingDecoder, dead_letter
+from stream_detector.records import DecodedBatch, ReadingDecoder, dead_letter
 from stream_detector.windows import FULL, LATE, READY, WARMING
 
 log = structlog.get_logger(__name__)
@@ -278,6 +278,7 @@ class DetectorService:
         self._owned: set[TP] = set()  # partitions assigned to this instance now
         self._touched: set[TP] = set()  # partitions a rebalance callback changed (see _loop)
         self._drain_deadline: float | None = None  # shutdown: when the grace period ends
+        self._max_future_ms = settings.detector.max_future_s * 1000.0
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
 
@@ -443,6 +444,9 @@ class DetectorService:
             chunk = refs[i][0]
             if chunk is not None:
                 self._dead_letter(bad.reason, bad.detail, messages[i], chunk)
+        if batch.index and self._max_future_ms and max(batch.ts_ms) > (
+                time.time() * 1000.0 + self._max_future_ms):
+            batch = self._drop_future(batch, messages, refs)
         if not batch.index:
             return
         index = batch.index
@@ -477,6 +481,27 @@ class DetectorService:
                                   messages[i], chunk)
         if n_warming:
             m.warming.inc(n_warming)
+
+    def _drop_future(self, batch: DecodedBatch, messages: list[Message],
+                     refs: list[Ref]) -> DecodedBatch:
+        """Dead-letter readings stamped too far ahead of this consumer's clock (a timestamp in
+        micro- or nanoseconds): accepted, one would make every later reading of its sensor late.
+        Rare, so this is off the per-batch fast path (one max() over the batch)."""
+        now_ms = time.time() * 1000.0
+        limit = now_ms + self._max_future_ms
+        keep = [j for j, ts in enumerate(batch.ts_ms) if ts <= limit]
+        for j, ts in enumerate(batch.ts_ms):
+            if ts > limit:
+                i = batch.index[j]
+                chunk = refs[i][0]
+                if chunk is not None:  # None: a rebuild re-read; dead-lettered when first read
+                    self._dead_letter(
+                        "bad_timestamp",
+                        f"ts {ts} is {(ts - now_ms) / 86_400_000:.0f} days ahead of this "
+                        f"consumer's clock (limit SD_DETECTOR__MAX_FUTURE_S); epoch "
+                        f"milliseconds expected", messages[i], chunk)
+        return DecodedBatch([batch.index[j] for j in keep], [batch.sensors[j] for j in keep],
+                            [batch.ts_ms[j] for j in keep], batch.values[keep], batch.bad)
 
     def _dead_letter(self, reason: str, detail: str, msg: Message, chunk: Chunk) -> None:
         assert self._producer is not None

@@ -629,14 +629,17 @@ class _ScriptedConsumer:
             self.svc._on_revoke(self, [TopicPartition(t, p) for t, p in self.assigned])
 
 
-def _service(producer=None, **kafka):
+def _service(producer=None, max_future_s: float | None = None, **kafka):
     from stream_detector.consumer import DetectorService
     from stream_detector.detector import Detector
     from stream_detector.testing import NumpyScorer, make_manifest
 
     manifest = make_manifest(window=3)
+    detector: dict = {"max_batch": 1000}
+    if max_future_s is not None:
+        detector["max_future_s"] = max_future_s
     settings = Settings(kafka={"input_topic": "readings", "score_topic": "", **kafka},
-                        detector={"max_batch": 1000}, service={"grace_period_s": 1.0})
+                        detector=detector, service={"grace_period_s": 1.0})
     service = DetectorService(settings, manifest, NumpyScorer(), serve_http=False)
     service.detector = Detector(manifest, NumpyScorer(), settings.detector)
     service._producer = producer if producer is not None else _RecordingProducer()
@@ -796,3 +799,35 @@ def test_after_a_fatal_error_the_service_leaves_the_group_committing_only_what_w
 
     service._consumer = Broken(service, [])
     service._close_after_fatal()  # logged, not raised: the exit code already says it failed
+
+
+def test_readings_stamped_far_in_the_future_are_dead_lettered_not_kept() -> None:
+    """A timestamp in microseconds was accepted, and every later (millisecond) reading of the
+    sensor was then late: the sensor was lost until the consumer restarted without it."""
+    import orjson
+
+    from stream_detector.records import ReadingDecoder, encode_reading
+
+    now_ms = int(time.time() * 1000)
+
+    def reading(offset: int, ts: int):
+        return _msg(offset, encode_reading("s", ts, [float(offset % 3), 1.0, 2.0]))
+
+    service = _service()
+    decoder = ReadingDecoder(service.manifest.features, 65536)
+    msgs = [reading(0, now_ms), reading(1, now_ms * 1000), reading(2, now_ms + 1000),
+            reading(3, now_ms + 2000)]
+    service._ingest(msgs, decoder, service.detector)
+    [(topic, payload)] = service._producer.sent
+    dead = orjson.loads(payload)
+    assert (dead["reason"], dead["offset"]) == ("bad_timestamp", 1)
+    assert "days ahead of this consumer's clock" in dead["detail"]
+    service._publish(service.detector.flush_batches())
+    assert service.metrics.windows._value.get() == 1  # offsets 0, 2, 3: one full window
+    # a day ahead is fine by default (clock skew, replays), and 0 turns the check off
+    service = _service()
+    service._ingest([reading(0, now_ms + 86_400_000)], decoder, service.detector)
+    assert service._producer.sent == []
+    off = _service(max_future_s=0.0)
+    off._ingest([reading(5, now_ms * 1000)], decoder, off.detector)
+    assert off._producer.sent == []
