@@ -153,10 +153,23 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"artifact ok: {settings.artifact_dir} model_version={m.model_version} "
           f"features={m.n_features} window={m.window}")
     if args.broker:
-        from stream_detector.consumer import wait_for_broker
+        return check_broker(settings)
+    return 0
 
-        wait_for_broker(settings)
-        print(f"broker ok: {settings.kafka.bootstrap_servers}")
+
+def check_broker(settings: Any) -> int:
+    """One metadata request (5 s at most), not the service's start-up retries: a probe must
+    answer quickly, and an unreachable broker is a failed check (1), not bad input (2)."""
+    from stream_detector.consumer import FatalError, wait_for_broker
+
+    once = settings.model_copy(
+        update={"service": settings.service.model_copy(update={"startup_retries": 0})})
+    try:
+        wait_for_broker(once)
+    except FatalError as exc:
+        print(f"FAIL broker: {exc}")
+        return 1
+    print(f"broker ok: {settings.kafka.bootstrap_servers}")
     return 0
 
 
@@ -303,12 +316,36 @@ def _add_replay_args(r: argparse.ArgumentParser) -> None:
     r.set_defaults(func=cmd_replay)
 
 
+#: Commands that start an embedded broker or a serve process: SIGTERM/SIGHUP (a cancelled CI
+#: job, `kill`, a closed terminal) must stop those too, as Ctrl-C does. serve and dev-broker
+#: handle SIGTERM themselves.
+_CLEANUP_ON_SIGTERM = frozenset({"demo", "replay", "bench"})
+
+
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM and SIGHUP raise KeyboardInterrupt, so the ``with`` blocks that own the broker
+    and the demo's serve process stop them (the default action killed us and left both)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def _raise(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _raise)
+    signal.signal(signal.SIGHUP, _raise)
+
+
 def _run(args: argparse.Namespace) -> int:
     """Run a parsed command; our own errors become a message and exit code 2."""
     if args.command != "serve":  # serve configures logging from its settings
         from stream_detector.logs import configure_logging
 
         configure_logging("console", "INFO")
+    if args.command in _CLEANUP_ON_SIGTERM:
+        _interrupt_on_sigterm()
     try:
         return int(args.func(args) or 0)
     except StreamDetectorError as exc:

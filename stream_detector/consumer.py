@@ -221,23 +221,38 @@ class FatalError(StreamDetectorError):
     """The service cannot keep its delivery guarantee and must stop (and be restarted)."""
 
 
-def wait_for_broker(settings: Settings, sleep: Callable[[float], None] = time.sleep) -> None:
-    """Retry the metadata request with exponential backoff; raise FatalError when out of tries."""
+def wait_for_broker(settings: Settings, sleep: Callable[[float], None] = time.sleep,
+                    *, beat: Callable[[], None] | None = None,
+                    stop: threading.Event | None = None) -> bool:
+    """Retry the metadata request with exponential backoff; raise FatalError when out of tries.
+
+    ``beat`` is called on every attempt (the liveness heartbeat: a pod waiting for its broker is
+    alive, not stuck); with ``stop``, the waits end early when it is set (SIGTERM) and False is
+    returned. True once the broker answered.
+    """
     svc = settings.service
     admin = AdminClient(settings.kafka.common())
     delay = svc.startup_backoff_s
     for attempt in range(svc.startup_retries + 1):
+        if beat is not None:
+            beat()
+        if stop is not None and stop.is_set():
+            return False
         try:
             md = admin.list_topics(timeout=5)
             if settings.kafka.input_topic not in md.topics:
                 log.warning("input topic not found yet", topic=settings.kafka.input_topic)
-            return
+            return True
         except KafkaException as exc:
             if attempt == svc.startup_retries:
                 break
             log.warning("broker unreachable, retrying", attempt=attempt + 1,
                         retry_in_s=delay, error=str(exc.args[0]))
-            sleep(delay)
+            if stop is not None:
+                if stop.wait(delay):
+                    return False
+            else:
+                sleep(delay)
             delay = min(delay * 2, 30.0)
     raise FatalError(
         f"broker {settings.kafka.bootstrap_servers} unreachable after "
@@ -317,7 +332,9 @@ class DetectorService:
                                      self.metrics, self.health)
             self.http.start()
         try:
-            wait_for_broker(s)
+            if not wait_for_broker(s, beat=self.health.beat, stop=self._stop):
+                log.info("stopped while waiting for the broker")
+                return 0
             self.detector = Detector(self.manifest, self.scorer, s.detector)
             self.detector.on_batch = self._observe_batch
             self._producer = Producer(s.kafka.producer_config())

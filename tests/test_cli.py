@@ -182,3 +182,80 @@ def test_demo_runs_the_whole_job_end_to_end(tmp_path: Path) -> None:
     assert assigned < started
     replay = (out / "replay" / "report.md").read_text()
     assert "16,000 windows scored through Kafka" in replay
+
+
+def test_embedded_broker_is_not_fooled_by_another_listener_on_its_port(monkeypatch) -> None:
+    """A port another process holds answered the readiness probe (tansu itself had failed to
+    bind and exited, with code 0): callers went on against the wrong broker."""
+    import socket
+
+    import stream_detector.devbroker as devbroker
+    from stream_detector.devbroker import BrokerError, EmbeddedBroker
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(BrokerError, match=f"port {port} is already in use"):
+            EmbeddedBroker(port).start(timeout=15)
+        # a port picked automatically and taken before tansu bound it: picked again
+        picks = iter([port])
+        real = devbroker.free_port
+        monkeypatch.setattr(devbroker, "free_port", lambda: next(picks, None) or real())
+        broker = EmbeddedBroker()
+        assert broker.port == port
+        with broker:
+            assert broker.port != port and broker.running
+
+
+def test_embedded_broker_removes_its_temporary_log_after_a_clean_stop() -> None:
+    from stream_detector.devbroker import EmbeddedBroker
+
+    broker = EmbeddedBroker().start()
+    log = broker._log_path
+    assert log is not None and log.exists()
+    broker.stop()
+    assert not log.exists() and not broker.running
+
+
+def _tansu_children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)
+            name = fields[0].split("(", 1)[1]
+            ppid = int(fields[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and name.startswith("tansu"):
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
+def test_replay_stops_its_broker_when_terminated(quick_artifact: Path, tmp_path: Path) -> None:
+    """SIGTERM (a cancelled CI job, `kill`) used to end the process at once, leaving its
+    embedded broker running forever; now it unwinds like Ctrl-C and stops the broker."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stream_detector.cli", "replay", "--dataset", "synthetic",
+         "--entities", "sensor-000", "--artifact", str(quick_artifact), "--rate", "20",
+         "--no-plots", "--out", str(tmp_path / "r")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        brokers: list[int] = []
+        while not brokers and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            brokers = _tansu_children(proc.pid)
+        assert brokers, "the replay did not start its broker"
+        time.sleep(1.0)  # well inside the replay: producing at 20 readings/s
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 130
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{brokers[0]}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not Path(f"/proc/{brokers[0]}").exists(), "the broker outlived the replay"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

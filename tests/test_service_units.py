@@ -445,6 +445,38 @@ def test_zero_retries_means_one_attempt(clean_env, fake_admin) -> None:
     assert delays == []
 
 
+def test_waiting_for_the_broker_beats_the_heartbeat_and_stops_on_sigterm(clean_env,
+                                                                       fake_admin) -> None:
+    """The pod is alive while it retries (before, liveness killed it at ~90 s, during the
+    documented minutes of retries), and SIGTERM ends the wait at once instead of after it."""
+    import threading
+
+    fake_admin.fail = 100
+    beats: list[int] = []
+    stop = threading.Event()
+    settings = _settings("b:9092", retries=5, backoff=0.01)
+    with pytest.raises(FatalError):
+        wait_for_broker(settings, beat=lambda: beats.append(1), stop=stop)
+    assert len(beats) == 6  # every attempt
+    stop.set()
+    assert wait_for_broker(settings, beat=lambda: beats.append(1), stop=stop) is False
+    fake_admin.fail = 0
+    assert wait_for_broker(settings, stop=threading.Event()) is True
+
+
+def test_check_broker_answers_once_and_fails_with_1(clean_env, fake_admin, capsys) -> None:
+    """`check --broker` is a probe: one attempt and exit 1 on failure (it used the service's
+    start-up retries, about 4 minutes, and exited 2 as if the input were bad)."""
+    from stream_detector.cli import check_broker
+
+    fake_admin.fail = 100
+    assert check_broker(_settings("b:9092", retries=10, backoff=30.0)) == 1
+    assert "FAIL broker" in capsys.readouterr().out
+    assert fake_admin.instances[0].calls == 1
+    fake_admin.fail = 0
+    assert check_broker(_settings("b:9092", retries=10, backoff=30.0)) == 0
+
+
 # ----------------------------------------------------------------------------- HealthServer
 
 
