@@ -16,12 +16,21 @@ DEMO_ARGS = --dataset $(DATASET) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) \
 
 .PHONY: install demo test lint bench backtest dev-broker serve clean
 
+# torch as pinned in pyproject.toml, and where its CPU build comes from: PyPI's Linux wheel is
+# the multi-GB CUDA build, so torch is installed first, alone: from a local wheel when pip is
+# configured with one (find-links; our CI machines), else from PyTorch's CPU index.
+TORCH       := $(shell grep -o '"torch==[^"]*"' pyproject.toml | tr -d '"')
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+PIP          = $(BIN)/python -m pip install --quiet --disable-pip-version-check
+
 # Creates the virtual environment and installs the package with its test/dev tools.
-# torch is pinned (pyproject.toml) to the CPU build; see README "Installing".
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required (set PYTHON=...)")'
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PIP) --no-deps --no-index '$(TORCH)' 2>/dev/null \
+	  || $(PIP) --no-deps --index-url $(TORCH_INDEX) '$(TORCH)' \
+	  || echo "note: no CPU build of $(TORCH) found; pip installs torch from the default index"
+	$(PIP) -e '.[dev]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -48,6 +57,10 @@ backtest: $(STAMP)
 
 dev-broker: $(STAMP)
 	$(BIN)/stream-detector dev-broker
+
+## serve: the consumer, settings from ./.env and SD_* variables (e.g. a `make dev-broker` beside it)
+serve: $(STAMP)
+	$(BIN)/stream-detector serve
 
 clean:
 	rm -rf reports artifacts .pytest_cache

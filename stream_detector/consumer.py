@@ -711,6 +711,7 @@ class DetectorService:
         gone = {(p.topic, p.partition) for p in partitions}
         self._owned -= gone
         self._touched |= gone
+        self.metrics.assigned.set(len(self._owned))  # was only set on assignment
         for tp in gone:
             self.tracker.drop(tp)
             self._silent_until.pop(tp, None)

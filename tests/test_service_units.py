@@ -779,8 +779,10 @@ def test_consumer_lag_is_reported_only_for_partitions_this_instance_owns() -> No
         return {s.labels["partition"]: s.value for s in service.metrics.lag.collect()[0].samples}
 
     assert lag() == {"0": 5.0}
+    assert service.metrics.assigned._value.get() == 1
     service._on_revoke(fake, [TopicPartition("readings", 0)])
     assert lag() == {}  # the series goes with the partition
+    assert service.metrics.assigned._value.get() == 0  # sd_assigned_partitions too
     service._on_stats(json.dumps(stats))
     assert lag() == {}
 
