@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib.util
 import math
 import multiprocessing as mp
 import os
@@ -254,6 +255,12 @@ def synthetic_series(seed: int = 0) -> list[np.ndarray]:
     return [np.concatenate([e.train, e.test]) for e in ents]
 
 
+def fit_features(series: Sequence[np.ndarray], n: int) -> list[np.ndarray]:
+    """The series with ``n`` columns, for an artifact of ``n`` features: the first ``n`` of
+    the synthetic columns, or (``n`` > 38) all of them repeated in order to fill ``n``."""
+    return [s[:, np.arange(n) % s.shape[1]] for s in series]
+
+
 class ZeroScorer:
     """A scorer stub that costs (almost) nothing: every error is 0 (never alerts)."""
 
@@ -337,7 +344,7 @@ def bench_model(scorer: Any, max_batch: int, sizes: Sizes, series: Sequence[np.n
     thread_set = sorted({1, default_threads}) if threads is None else [threads]
     batches = (1, 64, max_batch, 1024) if sweep else (max_batch,)
     out: dict[str, Any] = {"sweep": [], "window": m.window, "network": dict(m.network),
-                           "default_threads": default_threads}
+                           "features": m.n_features, "default_threads": default_threads}
     for t in thread_set:
         with torch_threads(t):
             for b in batches:
@@ -413,9 +420,13 @@ def bench_settings(bootstrap: str, topics: dict[str, str], extra: dict[str, Any]
     )
 
 
-def _wait(pred: Callable[[], bool], timeout: float, what: str, step: float = 0.002) -> None:
+def _wait(pred: Callable[[], bool], timeout: float, what: str, step: float = 0.002,
+          check: Callable[[], None] | None = None) -> None:
+    """Poll ``pred`` until true; ``check`` (e.g. :meth:`BenchService.check`) may raise first."""
     t_end = time.monotonic() + timeout
     while not pred():
+        if check is not None:
+            check()
         if time.monotonic() > t_end:
             raise RuntimeError(f"benchmark timed out waiting for {what}")
         time.sleep(step)
@@ -465,15 +476,46 @@ def _thread_on(cpus: frozenset[int] | None) -> Iterator[None]:
         os.sched_setaffinity(0, old)
 
 
+class BenchService:
+    """A :class:`DetectorService` in its thread, and how that thread ended.
+
+    ``DetectorService.run`` returns (not raises) its exit code on a fatal error, so a wait
+    loop that only watched the counters would wait for its whole timeout on a dead service:
+    the loops call :meth:`check`.
+    """
+
+    def __init__(self, service: Any) -> None:
+        self.service = service
+        self.thread: threading.Thread | None = None
+        self.exit_code: int | None = None
+        self.error: BaseException | None = None  # run() raised instead of returning
+
+    def check(self) -> None:
+        """Raise at once if the service's thread has ended or the service reports a failure."""
+        th, failure = self.thread, self.service.failure
+        if th is None or (th.is_alive() and failure is None):
+            return
+        th.join(5)  # failing: let it finish stopping, for its exit code
+        failure = self.service.failure or failure
+        if self.error is not None:
+            reason = f"run() raised {self.error!r}"
+        elif failure is not None:
+            reason = failure
+        else:
+            reason = "no failure recorded; see the service's log above (e.g. broker unreachable)"
+        code = "still stopping" if th.is_alive() else self.exit_code
+        raise RuntimeError(f"the benchmark's service stopped (exit code {code}): {reason}")
+
+
 @contextlib.contextmanager
 def _service_thread(settings: Any, manifest: Any, scorer: Any,
-                    profile: str | None = None) -> Iterator[Any]:
+                    profile: str | None = None) -> Iterator[BenchService]:
     """A :class:`DetectorService` running in a thread for the block; stopped and joined on
     exit (the caller drops its reference and collects before the broker stops: the service's
     Kafka clients must go first, else they keep retrying). ``profile``: cProfile stats file."""
     from stream_detector.consumer import DetectorService
 
-    service = DetectorService(settings, manifest, scorer, serve_http=False)
+    run = BenchService(DetectorService(settings, manifest, scorer, serve_http=False))
     prof = None
     if profile:
         import cProfile
@@ -486,17 +528,20 @@ def _service_thread(settings: Any, manifest: Any, scorer: Any,
         if prof is not None:
             prof.enable()
         try:
-            service.run()
+            run.exit_code = run.service.run()
+        except BaseException as exc:
+            run.error = exc
+            raise
         finally:
             if prof is not None:
                 prof.disable()
 
-    th = threading.Thread(target=target, daemon=True, name="bench-service")
+    th = run.thread = threading.Thread(target=target, daemon=True, name="bench-service")
     th.start()
     try:
-        yield service
+        yield run
     finally:
-        service.stop()
+        run.service.stop()
         th.join(60)
         if prof is not None and profile is not None:
             prof.dump_stats(profile)
@@ -529,9 +574,11 @@ def run_service(
         produced = produce_all(broker.bootstrap_servers, topics["input"],
                                fleet.messages(rounds, sensors=n_sensors))
         settings = bench_settings(broker.bootstrap_servers, topics)
-        with _service_thread(settings, manifest, scorer, profile) as service:
+        with _service_thread(settings, manifest, scorer, profile) as run:
+            service = run.service
             _wait(lambda: service.detector is not None
-                  and service.detector.counters["readings"] > 0, 120, "the first reading")
+                  and service.detector.counters["readings"] > 0, 120, "the first reading",
+                  check=run.check)
             t0 = time.perf_counter()
             meter = CpuMeter(broker._proc.pid if broker._proc else None)
             det = service.detector
@@ -544,6 +591,7 @@ def run_service(
             while counters["readings"] < readings or counters["windows"] < windows:
                 if ta is None and counters["windows"] >= 0.1 * windows:
                     ta, wa = time.perf_counter(), counters["windows"]
+                run.check()
                 if time.monotonic() > t_end:
                     raise RuntimeError("benchmark timed out waiting for the last window")
                 time.sleep(0.002)
@@ -555,6 +603,7 @@ def run_service(
         alerts = _alert_count(service)
         # the service's Kafka clients must go before the broker does (else they keep retrying)
         service = det = None
+        del run
         gc.collect()
         return {
             "readings": readings,
@@ -583,13 +632,24 @@ def run_service_median(reps: int, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """:func:`run_service` ``reps`` times; the run with the median steady rate, with all rates.
 
     Other jobs on a shared machine show up as outliers (see ``cpu_machine_cores`` against
-    ``cpu_service_cores``); the median is robust to one of them.
+    ``cpu_service_cores``); the median is robust to one of them. ``reps`` must be odd: every
+    figure reported is then the median run's own (an even count has no middle run).
     """
-    runs = [run_service(*args, **kwargs) for _ in range(max(1, reps))]
+    check_e2e_reps(reps)
+    runs = [run_service(*args, **kwargs) for _ in range(reps)]
     runs.sort(key=e2e_rate)
     mid = dict(runs[len(runs) // 2])
     mid["all_steady_per_s"] = [e2e_rate(x) for x in runs]
     return mid
+
+
+def check_e2e_reps(reps: int) -> None:
+    """``--e2e-reps``: a positive odd count (see :func:`run_service_median`)."""
+    if reps < 1:
+        raise ConfigError(f"--e2e-reps must be at least 1, got {reps}")
+    if reps % 2 == 0:
+        raise ConfigError(f"--e2e-reps must be odd (1, 3, 5, ...), got {reps}: the report "
+                          "shows the median run, and an even count has no middle run")
 
 
 def e2e_rate(x: dict[str, Any]) -> float:
@@ -797,7 +857,8 @@ def bench_latency(scorer: Any, manifest: Any, fleet: Fleet, rate: float, sizes: 
         bs = broker.bootstrap_servers
         topics = _topics(broker, partitions, via == "scores")
         broker.create_topics([topics["input"] + "-warm"], 1)
-        running: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        running: contextlib.AbstractContextManager[BenchService | None] = (
+            contextlib.nullcontext())
         if via != "broker":
             # warm every sensor's window with W-1 readings in the past, so the paced part
             # scores every reading
@@ -807,11 +868,12 @@ def bench_latency(scorer: Any, manifest: Any, fleet: Fleet, rate: float, sizes: 
             det_settings = {"max_wait_ms": max_wait_ms} if max_wait_ms is not None else {}
             running = _service_thread(bench_settings(bs, topics, extra, **det_settings),
                                       manifest, scorer)
-        with running as service:
-            if service is not None:
+        with running as run:
+            service: Any = run.service if run is not None else None
+            if run is not None:
                 _wait(lambda: service.detector is not None
                       and service.detector.counters["readings"] >= sensors * (w - 1), 120,
-                      "the warm-up readings", step=0.05)
+                      "the warm-up readings", step=0.05, check=run.check)
             total = int(rate * sizes.latency_seconds)
             with ProcessPoolExecutor(2, mp_context=ctx) as pool:
                 mgr = ctx.Manager()
@@ -839,11 +901,13 @@ def bench_latency(scorer: Any, manifest: Any, fleet: Fleet, rate: float, sizes: 
                 cpu = meter.stop()
                 read = reader.result(timeout=600)
                 mgr.shutdown()
+                if run is not None:  # a service that died mid-run: no latencies to report
+                    run.check()
                 processing = (histogram_quantiles(
                     before, histogram_buckets(service.metrics.registry, PROCESSING))
                     if service is not None else {})
         # the service's Kafka clients must go before the broker does (else they keep retrying)
-        service, running = None, contextlib.nullcontext()
+        service, run, running = None, None, contextlib.nullcontext()
         gc.collect()
     ends = np.asarray(read["ends"], dtype=np.int64)
     keep = ends >= skip_until
@@ -982,8 +1046,8 @@ def _as_dicts(rows: np.ndarray, names: Sequence[str]) -> list[dict[str, float]]:
 
 
 def bench_river_speed(series: Sequence[np.ndarray], n: int) -> dict[str, Any]:
-    names = [f"f{i}" for i in range(N_FEATURES)]
     rows = np.concatenate(series)[:n]
+    names = [f"f{i}" for i in range(rows.shape[1])]
     xs = _as_dicts(rows, names)
     model = _hst()
     t0 = time.perf_counter()
@@ -1068,8 +1132,9 @@ def bench_quality(entities: Sequence[Any], out: Path, sizes: Sizes, max_batch: i
             m = entity_metrics(s.score, e.labels, s.threshold)
             rows.append({"entity": e.name, **m})
         mean = summarize(rows)
-        model = bench_model(scorer, max_batch, sizes, series, sweep=False,
-                            threads=threads)["headline"]
+        with _thread_on(_SERVICE_CPUS):  # where the service's model runs (as in section 1)
+            model = bench_model(scorer, max_batch, sizes, series, sweep=False,
+                                threads=threads)["headline"]
         fleet = Fleet(series, sizes.e2e_sensors, prefix="m")
         rounds = max(scorer.manifest.window, sizes.e2e_readings // sizes.e2e_sensors)
         with torch_threads(threads):
@@ -1112,7 +1177,8 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
                     "measured": f"{ratio:.0%} ({rate:,.0f} readings/s vs "
                                 f"{model['windows_per_s']:,.0f} windows/s)",
                     "met": ratio >= 0.9})
-        out.append({"target": ">= 20,000 readings/s end to end (38 values)",
+        out.append({"target": f">= 20,000 readings/s end to end "
+                              f"({r['model'].get('features', N_FEATURES)} values)",
                     "measured": f"{rate:,.0f}/s",
                     "met": rate >= 20_000})
     lat = r.get("latency", [])
@@ -1176,7 +1242,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         lines += [
             "## 1. Model-only limit",
             "",
-            f"Network {net}, window {r['model']['window']}, 38 features. Limit (best thread "
+            f"Network {net}, window {r['model']['window']}, "
+            f"{r['model'].get('features', N_FEATURES)} features. Limit (best thread "
             f"count at batch {h['batch']}): **{h['windows_per_s']:,.0f} windows/s** with "
             f"{h['threads']} torch thread(s), {h['call_ms_p50']:.2f} ms per call p50. With "
             f"torch's default {d['threads']} threads: {d['windows_per_s']:,.0f} windows/s.",
@@ -1301,7 +1368,9 @@ def render_markdown(r: dict[str, Any]) -> str:
         lines += ["", "*beyond window* = (RSS delta - pool growth x window buffer) / sensors; "
                   "the pool grows by doubling, so its unused capacity is excluded. Small sizes "
                   "carry one-off allocations (allocator arenas, dict tables).", ""]
-    if "river" in r:
+    if "river" in r and "speed" not in r["river"]:
+        lines += ["## 6. River HalfSpaceTrees", "", f"Skipped: {r['river']['note']}.", ""]
+    elif "river" in r:
         rv = r["river"]
         lines += ["## 6. River HalfSpaceTrees (defaults, behind MinMaxScaler)", "",
                   f"score_one + learn_one: **{rv['speed']['readings_per_s']:,.0f} readings/s** "
@@ -1383,8 +1452,7 @@ def run_bench(args: argparse.Namespace) -> int:
     sizes = QUICK if getattr(args, "quick", False) else FULL
     reps = getattr(args, "e2e_reps", None)
     if reps is not None:
-        if reps < 1:
-            raise ConfigError(f"--e2e-reps must be at least 1, got {reps}")
+        check_e2e_reps(reps)
         sizes = replace(sizes, e2e_reps=reps)
     sections = parse_sections(getattr(args, "sections", None))
     do_quality = bool(getattr(args, "quality", False)) and "quality" in sections
@@ -1460,9 +1528,13 @@ def _run_bench(args: argparse.Namespace, r: dict[str, Any], sizes: Sizes,
             r["artifact"] = {"path": str(artifact)}
         scorer = TorchScorer.load(artifact)
         manifest = scorer.manifest
-        if manifest.n_features != N_FEATURES:
-            _say(f"note: artifact has {manifest.n_features} features, not {N_FEATURES}")
-        series = [s[:, : manifest.n_features] for s in synthetic_series()]
+        n_feat = manifest.n_features
+        if n_feat != N_FEATURES:
+            how = (f"the first {n_feat} synthetic columns are sent" if n_feat < N_FEATURES
+                   else f"the {N_FEATURES} synthetic columns are repeated to fill them")
+            _say(f"note: artifact has {n_feat} features, not {N_FEATURES}: {how}")
+        r["artifact"]["features"] = n_feat
+        series = fit_features(synthetic_series(), n_feat)
 
         done("artifact")
         w = manifest.window
@@ -1576,7 +1648,13 @@ def _run_bench(args: argparse.Namespace, r: dict[str, Any], sizes: Sizes,
             done("memory")
 
         # 6
-        if "river" in sections:
+        if "river" in sections and importlib.util.find_spec("river") is None:
+            # the peer is a dev extra: `pip install .` users get the other sections
+            note = "the river package is not installed (pip install river, or the dev extras)"
+            _say(f"\n## 6. River HalfSpaceTrees\n  skipped: {note}")
+            r["river"] = {"note": note}
+            done("river")
+        elif "river" in sections:
             _say("\n## 6. River HalfSpaceTrees")
             river: dict[str, Any] = {"speed": bench_river_speed(series, sizes.river_readings)}
             _say(f"  score_one+learn_one: {river['speed']['readings_per_s']:,.0f} readings/s")

@@ -240,3 +240,207 @@ def test_async_scorer_gives_the_same_results_in_the_same_order() -> None:
     assert async_rows == sync_rows
     assert len(sync_rows) == 5 * (40 - 3)
     assert any(row[3] == "open" for row in sync_rows)
+
+
+# -- harness failures: an even --e2e-reps, a dead service, an artifact of another width, the
+# quality table's model timing under --service-cpus
+
+
+def test_e2e_reps_must_be_odd_and_the_median_run_is_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import stream_detector.bench as bench
+
+    rates = iter([300.0, 100.0, 200.0, 400.0])
+    monkeypatch.setattr(bench, "run_service", lambda *a, **k: {
+        "steady_per_s": (r := next(rates)), "readings_per_s": r / 2})
+    mid = bench.run_service_median(3)
+    assert mid["steady_per_s"] == 200.0 and mid["readings_per_s"] == 100.0  # one run's figures
+    assert mid["all_steady_per_s"] == [100.0, 200.0, 300.0]
+    # an even count has no middle run: refused rather than reporting the upper-middle one
+    with pytest.raises(ConfigError, match="must be odd"):
+        bench.run_service_median(2)
+    with pytest.raises(ConfigError, match="--e2e-reps must be odd"):
+        run_bench(argparse.Namespace(quick=True, out=tmp_path, e2e_reps=4))
+
+
+class _FakeBroker:
+    bootstrap_servers = "127.0.0.1:1"  # nothing listens there
+    _proc = None
+
+    def __enter__(self) -> _FakeBroker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def create_topics(self, names: list[str], partitions: int) -> None:
+        return None
+
+
+@pytest.mark.timeout(60)  # before the fix: 120 s for "the first reading", then a misleading error
+def test_a_dead_service_fails_the_run_at_once_with_its_exit_code(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``DetectorService.run`` returns 2 (not raises) when the broker is unreachable."""
+    import time
+
+    import numpy as np
+
+    import stream_detector.bench as bench
+    import stream_detector.devbroker as devbroker
+    from stream_detector.testing import NumpyScorer, make_manifest
+
+    real_settings = bench.bench_settings
+
+    def one_try(*args, **kwargs):
+        s = real_settings(*args, **kwargs)
+        return s.model_copy(update={"service": s.service.model_copy(
+            update={"startup_retries": 0})})
+
+    monkeypatch.setattr(devbroker, "EmbeddedBroker", _FakeBroker)
+    monkeypatch.setattr(bench, "produce_all", lambda *a, **k: {})
+    monkeypatch.setattr(bench, "bench_settings", one_try)
+    fleet = bench.Fleet([np.zeros((50, 3), dtype=np.float32)], 2)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"service stopped \(exit code 2\)"):
+        bench.run_service(NumpyScorer(), make_manifest(window=4), fleet, 10, timeout=900)
+    assert time.monotonic() - t0 < 45
+
+
+class _FailingService:
+    """A DetectorService stand-in whose delivery fails while its loop still runs."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        import threading
+
+        self.detector = None
+        self.failure: str | None = None
+        self._stop = threading.Event()
+
+    def run(self) -> int:
+        self.failure = "delivery to bench-alerts failed: broker gone"
+        self._stop.wait(0.5)  # stopping takes a moment: the exit code comes after the failure
+        return 2
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def test_a_failing_service_is_reported_with_its_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    import stream_detector.bench as bench
+    import stream_detector.consumer as consumer
+
+    monkeypatch.setattr(consumer, "DetectorService", _FailingService)
+    t0 = time.monotonic()
+    failed = pytest.raises(RuntimeError, match=r"exit code 2\): delivery to bench-alerts failed")
+    with bench._service_thread(None, None, None) as run, failed:
+        bench._wait(lambda: False, 120, "the first reading", check=run.check)
+    assert time.monotonic() - t0 < 10
+
+
+def _artifact(root: Path, n_features: int) -> Path:
+    import torch
+
+    from stream_detector.model.artifact import write_artifact
+    from stream_detector.model.network import HybridModel
+    from stream_detector.testing import make_manifest
+
+    manifest = make_manifest(features=tuple(f"x{i:02d}" for i in range(n_features)), window=8,
+                             model_version="")
+    torch.manual_seed(0)
+    write_artifact(root, HybridModel(n_features, 8, hidden=8), manifest)
+    return root
+
+
+@pytest.mark.parametrize("n_features", [55, 3])
+def test_bench_takes_an_artifact_of_any_width(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], n_features: int
+) -> None:
+    """More than 38 features: the synthetic columns repeated; fewer: the first ones."""
+    art = _artifact(tmp_path / "art", n_features)
+    args = argparse.Namespace(quick=True, quality=False, out=tmp_path / "out", artifact=art,
+                              data_dir=tmp_path / "no-smd-here", sections="model,river",
+                              e2e_reps=None)
+    assert run_bench(args) == 0
+    assert f"artifact has {n_features} features, not 38" in capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert report["model"]["features"] == n_features == report["artifact"]["features"]
+    assert report["model"]["headline"]["windows_per_s"] > 0
+    assert report["river"]["speed"]["readings_per_s"] > 0
+    assert f"window 8, {n_features} features" in (tmp_path / "out" / "bench.md").read_text()
+
+
+def test_fit_features_cuts_or_repeats_the_columns() -> None:
+    import numpy as np
+
+    from stream_detector.bench import fit_features
+
+    s = np.arange(12, dtype=np.float32).reshape(3, 4)
+    assert fit_features([s], 2)[0].tolist() == s[:, :2].tolist()
+    wide = fit_features([s], 10)[0]
+    assert wide.shape == (3, 10) and wide[:, 4:8].tolist() == s.tolist()
+    assert wide[:, 8:].tolist() == s[:, :2].tolist()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux and two CPUs")
+def test_quality_table_times_the_model_on_the_service_cpus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import types
+
+    import numpy as np
+
+    import stream_detector.bench as bench
+    import stream_detector.metrics as metrics
+    import stream_detector.offline as offline
+    import stream_detector.train as train
+    from stream_detector.model.runtime import TorchScorer
+    from stream_detector.testing import make_manifest
+
+    before = os.sched_getaffinity(0)
+    one = frozenset({min(before)})
+    seen: list[set[int]] = []
+
+    def fake_bench_model(*args, **kwargs):
+        seen.append(os.sched_getaffinity(0))
+        return {"headline": {"windows_per_s": 1000.0}}
+
+    scorer = types.SimpleNamespace(manifest=make_manifest(window=4))
+    monkeypatch.setattr(bench, "_SERVICE_CPUS", one)
+    monkeypatch.setattr(bench, "bench_model", fake_bench_model)
+    monkeypatch.setattr(bench, "run_service_median",
+                        lambda *a, **k: {"steady_per_s": 900.0, "readings_per_s": 900.0})
+    monkeypatch.setattr(train, "train", lambda *a, **k: None)
+    monkeypatch.setattr(TorchScorer, "load", staticmethod(lambda *a, **k: scorer))
+    monkeypatch.setattr(offline, "batch_score", lambda *a, **k: types.SimpleNamespace(
+        score=np.zeros(20), threshold=1.0))
+    monkeypatch.setattr(metrics, "entity_metrics", lambda *a, **k: {})
+    monkeypatch.setattr(metrics, "summarize", lambda rows: dict.fromkeys(
+        ("best_f1", "auc_pr", "pa_best_f1", "f1_at_threshold"), 0.5))
+    entity = types.SimpleNamespace(name="m-1", train=np.zeros((10, 3)), test=np.zeros((10, 3)),
+                                   labels=np.zeros(10))
+    out = bench.bench_quality([entity], tmp_path, bench.QUICK, 256, lambda _: None, 1)
+    assert len(out["configs"]) == len(seen) >= 2
+    assert all(cpus == one for cpus in seen), seen  # not the broker's/load generators' CPUs
+    assert os.sched_getaffinity(0) == before
+
+
+def test_bench_without_river_skips_that_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """River is a dev extra: `pip install .` users got an ImportError in the middle of a run."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "river" else real(name, *a))
+    args = argparse.Namespace(quick=True, quality=False, out=tmp_path / "out", artifact=None,
+                              data_dir=tmp_path / "no-smd-here", sections="river",
+                              e2e_reps=None)
+    assert run_bench(args) == 0
+    assert "skipped: the river package is not installed" in capsys.readouterr().out
+    assert "Skipped: the river package is not installed" in (
+        tmp_path / "out" / "bench.md").read_text()
