@@ -5,8 +5,8 @@
    artifact already exists;
 3. evaluates it offline against the baselines (``evaluate``);
 4. starts ``stream-detector serve`` as a separate process, exactly as deployed, and waits until
-   its ``/healthz`` answers (readiness is not needed: a new group reads from the earliest offset,
-   so readings produced before it joins are not missed);
+   its ``/readyz`` answers (joined its group), so the replay's latency figures time scoring, not
+   the group join;
 5. replays the dataset's test data through Kafka into that consumer (``replay``), checks parity
    with the offline scores and writes the report;
 6. stops the consumer with SIGTERM (it drains and must exit 0) and the broker.
