@@ -656,31 +656,45 @@ class DetectorService:
             log.warning("close after fatal error failed", error=str(exc)[:300])
 
     # -- rebalance callbacks -----------------------------------------------------------
+    def _plan_rebuild(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Point each assigned partition ``rebuild_lookback`` records before its committed
+        offset; the records up to it only refill the windows (silent: not scored again)."""
+        committed = consumer.committed(partitions, timeout=10)
+        for p, c in zip(partitions, committed, strict=True):
+            if c.offset is None or c.offset < 0 or c.offset == OFFSET_INVALID:
+                continue
+            low, high = consumer.get_watermark_offsets(p, timeout=10, cached=False)
+            if c.offset > high:
+                # the log ends before the committed offset (truncated, or the topic was
+                # recreated): no rebuild, and auto.offset.reset decides where to start.
+                # A rebuild from here would read every new record silently up to the
+                # committed offset.
+                log.warning("committed offset beyond the end of the partition; not "
+                            "rebuilding", topic=p.topic, partition=p.partition,
+                            committed=c.offset, end=high)
+                continue
+            start = max(low, c.offset - self.rebuild_lookback)
+            if start < c.offset:
+                self._silent_until[(p.topic, p.partition)] = c.offset
+            p.offset = start
+            log.info("rebuilding windows", topic=p.topic, partition=p.partition,
+                     from_offset=start, committed=c.offset)
+
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         assigned = {(p.topic, p.partition) for p in partitions}
         self._owned |= assigned
         self._touched |= assigned
         if self.settings.service.rebuild_windows and partitions:
-            committed = consumer.committed(partitions, timeout=10)
-            for p, c in zip(partitions, committed, strict=True):
-                if c.offset is None or c.offset < 0 or c.offset == OFFSET_INVALID:
-                    continue
-                low, high = consumer.get_watermark_offsets(p, timeout=10, cached=False)
-                if c.offset > high:
-                    # the log ends before the committed offset (truncated, or the topic was
-                    # recreated): no rebuild, and auto.offset.reset decides where to start.
-                    # A rebuild from here would read every new record silently up to the
-                    # committed offset.
-                    log.warning("committed offset beyond the end of the partition; not "
-                                "rebuilding", topic=p.topic, partition=p.partition,
-                                committed=c.offset, end=high)
-                    continue
-                start = max(low, c.offset - self.rebuild_lookback)
-                if start < c.offset:
-                    self._silent_until[(p.topic, p.partition)] = c.offset
-                p.offset = start
-                log.info("rebuilding windows", topic=p.topic, partition=p.partition,
-                         from_offset=start, committed=c.offset)
+            try:
+                self._plan_rebuild(consumer, partitions)
+            except KafkaException as exc:
+                # best effort: without it the windows warm up from the committed offsets
+                # (window - 1 readings per sensor unscored), which beats failing the assignment
+                log.warning("cannot rebuild windows; starting from the committed offsets",
+                            error=str(exc)[:300])
+                for p in partitions:
+                    p.offset = OFFSET_INVALID
+                    self._silent_until.pop((p.topic, p.partition), None)
         if self.settings.kafka.partition_assignment_strategy == "cooperative-sticky":
             consumer.incremental_assign(partitions)
         else:

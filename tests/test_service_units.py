@@ -865,3 +865,19 @@ def test_readings_stamped_far_in_the_future_are_dead_lettered_not_kept() -> None
     off = _service(max_future_s=0.0)
     off._ingest([reading(5, now_ms * 1000)], decoder, off.detector)
     assert off._producer.sent == []
+
+
+def test_a_failing_rebuild_lookup_does_not_fail_the_assignment() -> None:
+    """committed() or the watermark lookup timing out inside the assign callback came out of
+    consume() as an exception and crashed the service; the rebuild is best effort."""
+
+    class Slow(_ScriptedConsumer):
+        def get_watermark_offsets(self, partition, timeout=None, cached=False):
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT))
+
+    service = _service()
+    fake = Slow(service, [], committed=40)
+    service._on_assign(fake, [TopicPartition("readings", 0), TopicPartition("readings", 1)])
+    assert fake.assigned == {A, B} and service.health.ready
+    assert service._silent_until == {}
+    assert set(fake.positions.values()) == {-1001}  # the committed offsets
