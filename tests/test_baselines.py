@@ -90,6 +90,11 @@ def test_spike_ranks_top_for_pca() -> None:
     assert int(np.argmax(s)) == SPIKE_ROW
 
 
+def test_spike_ranks_top_for_iforest() -> None:
+    for seed in (0, 3):
+        assert int(np.argmax(BASELINES["iforest"](_entity(), seed))) == SPIKE_ROW
+
+
 def test_spike_ranks_top_for_ridge() -> None:
     s = ridge_scores(_entity())
     # The EWMA keeps the spike's error for a few rows (the spike is in the next lag windows).
@@ -103,6 +108,19 @@ def test_ridge_telemetry_mode() -> None:
     s = ridge_scores(e)
     assert s.shape == (len(e.test),)
     assert SPIKE_ROW <= int(np.argmax(s)) <= SPIKE_ROW + 16
+    # a spike in a command flag only: the telemetry forecaster (value column) does not see it,
+    # the all-columns forecaster of the same rows does
+    test = e.test.copy()
+    test[SPIKE_ROW, 0] -= 3.0
+    flag_only = dataclasses.replace(e, test=test)
+    window = slice(SPIKE_ROW, SPIKE_ROW + 16)
+
+    def stands_out(scores: np.ndarray) -> bool:
+        rest = np.delete(scores, np.arange(window.start, window.stop))
+        return bool(scores[window].max() > rest.max())
+
+    assert not stands_out(ridge_scores(flag_only))
+    assert stands_out(ridge_scores(dataclasses.replace(flag_only, features=("a", "b", "c", "d"))))
 
 
 def test_ridge_context() -> None:

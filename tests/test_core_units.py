@@ -270,6 +270,10 @@ def test_fit_threshold_quantile_and_pot_above_bulk() -> None:
     assert q == pytest.approx(np.quantile(s, 0.99))
     pot = fit_threshold(s, "pot", 0.999)
     assert np.quantile(s, 0.99) < pot < s.max() * 2
+    # far in the tail the fitted Pareto extrapolates beyond the sample, as an exponential does:
+    # the 1 - 1e-5 quantile of Exp(1) is ln(1e5) = 11.5, while the sample's maximum is 9.9
+    far = fit_threshold(s, "pot", 0.99999)
+    assert far > s.max() and far == pytest.approx(np.log(1e5), rel=0.1)
     with pytest.raises(ValueError, match="unknown threshold method"):
         fit_threshold(s, "magic")
 

@@ -130,17 +130,16 @@ def test_pa_best_f1_matches_brute_force(seed: int) -> None:
     assert _f1(pred, labels.astype(bool)) == pytest.approx(r["f1"])
 
 
-def test_pa_best_f1_is_fast_on_long_series() -> None:
-    import time
-
+def test_pa_best_f1_matches_brute_force_on_a_long_series_with_many_segments() -> None:
+    """Many segments and ties across a longer series (the sweep's bookkeeping per segment is
+    where a fast implementation would go wrong). Speed is not asserted here (benchmarks only)."""
     rng = np.random.default_rng(0)
-    n = 30_000
-    labels = (np.convolve(rng.random(n) < 0.002, np.ones(60), mode="same") > 0).astype(np.int8)
-    scores = rng.random(n)
-    t0 = time.perf_counter()
-    pa_best_f1(scores, labels)
-    best_f1(scores, labels)
-    assert time.perf_counter() - t0 < 0.5
+    n = 3_000
+    labels = (np.convolve(rng.random(n) < 0.01, np.ones(20), mode="same") > 0).astype(np.int8)
+    scores = np.round(rng.random(n), 2)  # ties
+    assert len(segments(labels)) > 15
+    assert pa_best_f1(scores, labels)["f1"] == pytest.approx(_brute(scores, labels, adjust=True))
+    assert best_f1(scores, labels)["f1"] == pytest.approx(_brute(scores, labels, adjust=False))
 
 
 def test_auc_pr_sanity() -> None:
