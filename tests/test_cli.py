@@ -102,6 +102,10 @@ def test_train_check_evaluate(quick_artifact: Path, tmp_path: Path) -> None:
     assert set(report["summary"]) == {"model", "random", "pca", "iforest", "ridge"}
     for method in report["summary"].values():
         assert 0.0 <= method["best_f1"] <= 1.0 and 0.0 <= method["auc_pr"] <= 1.0
+    # the model's figures come from its scores: far above random scores on the same labels
+    summary = report["summary"]
+    assert summary["model"]["auc_pr"] > 2 * summary["random"]["auc_pr"]
+    assert summary["model"]["best_f1"] > summary["random"]["best_f1"] + 0.2
     md = (out / "evaluation.md").read_text()
     assert "PA best-F1" in md and "random" in md
     assert list(out.glob("*.png"))

@@ -573,15 +573,36 @@ def test_schema_version_1_manifest_still_loads_with_global_scales(artifact, tmp_
     new = batch_score(TorchScorer.load(artifact[0]), artifact[1], entity)
     # same errors, other scales: the scores differ, the model outputs do not
     assert not np.allclose(old.score, new.score)
+    # the old scores are exactly the current artifact's with its global scales only
+    global_only = dataclasses.replace(
+        artifact[1], score=dataclasses.replace(artifact[1].score, per_sensor={},
+                                               feature_weights=()))
+    expected = batch_score(TorchScorer.load(artifact[0]), global_only, entity)
+    np.testing.assert_allclose(old.score, expected.score, rtol=1e-12)
 
 
 def test_trainer_writes_per_sensor_scales_from_validation_rows(artifact) -> None:
-    _, manifest, entities = artifact
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    root, manifest, entities = artifact
     spec = manifest.score
     assert set(spec.per_sensor) == {e.name for e in entities}
     a, b = (np.asarray(spec.per_sensor[e.name]["rec"]) for e in entities)
     assert not np.allclose(a, b)  # two sensors, two noise levels
     assert spec.feature_weights == ()  # synthetic: every feature is scored
+    # recomputed here: the mean error per feature over the sensor's own validation windows
+    # (the last val_fraction of its train rows), floored at scale_floor_ratio x their mean
+    scorer = TorchScorer.load(root)
+    w = manifest.window
+    for e in entities:
+        val = e.train[int(round(len(e.train) * (1 - CFG.val_fraction))):]
+        windows = np.ascontiguousarray(sliding_window_view(val, w, axis=0).transpose(0, 2, 1))
+        rec, fc = scorer.errors(windows)
+        for kind, err in (("rec", rec), ("fc", fc)):
+            mean = err.mean(axis=0)
+            expected = np.maximum(mean, CFG.scale_floor_ratio * mean.mean() + 1e-12)
+            np.testing.assert_allclose(spec.per_sensor[e.name][kind], expected, rtol=1e-4,
+                                       err_msg=f"{e.name} {kind}")
 
 
 def test_score_features_select_what_is_scored(tmp_path) -> None:
