@@ -357,16 +357,81 @@ def test_dead_letter_keeps_original_bytes() -> None:
     assert tomb["original_b64"] == ""
 
 
-def test_message_examples_in_docs_parse() -> None:
+# the kind of a docs/messages.md example: from the nearest heading above it that names one
+_DOC_KINDS = (("dead_letter", "dead"), ("alert", "alert"), ("score", "score"),
+              ("reading", "reading"))
+
+
+def _doc_examples() -> dict[str, list[dict]]:
+    """The ```json examples of docs/messages.md, parsed, by kind (``reading``, ``alert``,
+    ``score``, ``dead_letter``; ``other`` for one under no such heading)."""
     doc = REPO / "docs" / "messages.md"
     assert doc.is_file(), "docs/messages.md documents the message schemas"
-    blocks = re.findall(r"```json[^\n]*\n(.*?)```", doc.read_text(encoding="utf-8"), re.S)
+    text = doc.read_text(encoding="utf-8")
+    headings = [(m.start(), m.group(1).lower())
+                for m in re.finditer(r"^#{1,6}\s+(.+)$", text, re.M)]
+    out: dict[str, list[dict]] = {}
+    blocks = list(re.finditer(r"```json[^\n]*\n(.*?)```", text, re.S))
     assert blocks, "docs/messages.md has no ```json blocks"
-    for block in blocks:
+    for m in blocks:
+        block = m.group(1)
         try:
-            json.loads(block)
+            obj = json.loads(block)
         except json.JSONDecodeError as exc:  # pragma: no cover - the failure message
             pytest.fail(f"bad JSON example in docs/messages.md: {exc}\n{block}")
+        above = [title for at, title in headings if at < m.start()]
+        kind = next((k for title in reversed(above) for k, word in _DOC_KINDS if word in title),
+                    "other")
+        out.setdefault(kind, []).append(obj)
+    return out
+
+
+def test_message_examples_in_docs_parse() -> None:
+    """Every JSON example parses, and matches what the code reads and writes."""
+    examples = _doc_examples()
+    for kind, _ in _DOC_KINDS:
+        assert examples.get(kind), f"docs/messages.md shows no {kind} example"
+
+    # input readings: each decodes with a decoder for the features the example itself uses
+    for ex in examples["reading"]:
+        values = ex.get("values")
+        assert isinstance(values, list | dict), f"reading example without values: {ex}"
+        # keyed by name: those names; a list: one (any) name per value
+        features = (tuple(values) if isinstance(values, dict)
+                    else tuple(f"f{i}" for i in range(len(values))))
+        raw = json.dumps(ex).encode()
+        try:
+            r = ReadingDecoder(features).decode(raw)
+        except BadRecord as exc:  # pragma: no cover - the failure message
+            pytest.fail(f"reading example in docs/messages.md is refused ({exc}): {ex}")
+        assert (r.sensor, r.ts_ms, r.values.shape) == (ex["sensor"], ex["ts"], (len(features),))
+        batch = ReadingDecoder(features).decode_many([raw])  # the consumer's batch path
+        assert not batch.bad and batch.sensors == [ex["sensor"]], batch.bad
+
+    # records the consumer writes: the same fields (and type) as the code's
+    produced = {
+        "alert": orjson.loads(_alert().to_json()),
+        "score": orjson.loads(
+            ScoreRecord("m-1", 1000, 8000, 0.5, 0.25, 0.75, 1.5, "normal", "v1").to_json()),
+        "dead_letter": orjson.loads(
+            dead_letter("wrong_value_count", "got 2 values, expected 3", b"{}",
+                        "sensor-readings", 3, 1841)),
+    }
+    for kind, code in produced.items():
+        for ex in examples[kind]:
+            assert set(ex) == set(code), (
+                f"{kind} example in docs/messages.md: missing {sorted(set(code) - set(ex))}, "
+                f"not written by the code {sorted(set(ex) - set(code))}")
+            assert ex["type"] == code["type"], f"{kind} example has type {ex['type']!r}"
+            assert ex["schema_version"] == SCHEMA_VERSION
+    for ex in examples["alert"]:
+        assert ex["event"] in ("open", "update", "resolve")
+        assert ex["top_features"], "the alert example names its top features"
+        for item in ex["top_features"]:
+            assert set(item) == set(produced["alert"]["top_features"][0])
+    for ex in examples["dead_letter"]:
+        assert ex["reason"] in REASONS
+        base64.b64decode(ex["original_b64"], validate=True)
 
 
 # ----------------------------------------------------------------------------- settings

@@ -6,6 +6,7 @@ run starting its own embedded broker and consumer.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -43,6 +44,30 @@ def _check_report(out: Path, entities: list[str], limit: float = 1e-4) -> dict:
         png = out / f"{e}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     return report
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny trained artifact for the replays of this module (they only read it)."""
+    from tests.kafka_helpers import train_tiny
+
+    return train_tiny(tmp_path_factory.mktemp("tiny") / "art")
+
+
+def _assert_streamed_equals_offline(report: Any, art: Path, entities: list, skip: int = 0) -> None:
+    """The streamed scores against ``offline.batch_score`` of the same artifact, computed here
+    (not the report's own parity flag): at most 1e-4 apart on every test row from ``skip``."""
+    from stream_detector.model.runtime import TorchScorer
+    from stream_detector.offline import batch_score
+
+    scorer = TorchScorer.load(art)
+    assert sorted(report.data) == sorted(e.name for e in entities)
+    for e in entities:
+        streamed = np.asarray(report.data[e.name]["score"])
+        ref = batch_score(scorer, scorer.manifest, e).score
+        assert streamed.shape == ref.shape == (len(e.test),)
+        np.testing.assert_allclose(streamed[skip:], ref[skip:], rtol=0, atol=1e-4,
+                                   err_msg=f"{e.name}: streamed vs offline scores")
 
 
 def test_interleave_orders_by_time_across_sensors() -> None:
@@ -88,11 +113,10 @@ def test_replay_real_data(dataset: str, folder: str, entities: str, tmp_path: Pa
                    if row["rc_alerts"] > 0)
 
 
-def test_replay_refuses_artifact_of_other_dataset(tmp_path: Path) -> None:
+def test_replay_refuses_artifact_of_other_dataset(tiny_artifact: Path, tmp_path: Path) -> None:
     from stream_detector.replay import ReplayError, ReplayOptions, run_replay
-    from tests.kafka_helpers import train_tiny
 
-    art = train_tiny(tmp_path / "art")
+    art = tiny_artifact
     with pytest.raises(ReplayError, match="features"):
         run_replay(ReplayOptions(dataset="synthetic", artifact_dir=art, out_dir=tmp_path / "o",
                                  progress=False))
@@ -220,7 +244,8 @@ def test_first_timestamp_starts_after_earlier_readings() -> None:
     assert first_timestamp({"a": T0_MS + 5_000}, now) == 1_800_000_000_000
 
 
-def test_replay_twice_into_one_running_consumer(kafka_broker, make_topic, tmp_path: Path,
+def test_replay_twice_into_one_running_consumer(kafka_broker, make_topic, tiny_artifact: Path,
+                                                tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """``--bootstrap-servers`` twice against the same long-lived consumer: both runs are fully
     scored with parity (the second used to be rejected as late, then time out)."""
@@ -228,9 +253,9 @@ def test_replay_twice_into_one_running_consumer(kafka_broker, make_topic, tmp_pa
     from stream_detector.consumer import DetectorService
     from stream_detector.model.runtime import TorchScorer
     from stream_detector.replay import ReplayOptions, run_replay
-    from tests.kafka_helpers import settings_for, tiny_entities, train_tiny
+    from tests.kafka_helpers import settings_for, tiny_entities
 
-    art = train_tiny(tmp_path / "art")
+    art = tiny_artifact
     bs = kafka_broker.bootstrap_servers
     topics = {"input": make_topic(partitions=2), "alerts": make_topic(), "scores": make_topic(),
               "dlq": make_topic(), "group": f"g-{time.time_ns()}"}
@@ -255,6 +280,11 @@ def test_replay_twice_into_one_running_consumer(kafka_broker, make_topic, tmp_pa
         assert rep.parity_ok, rep.max_parity_error
         assert rep.summary["windows_scored"] == n_test
         assert all(not np.isnan(d["score"]).any() for d in rep.data.values())
+    # parity checked here, not taken from the report: run 1 on every row; run 2 continues the
+    # consumer's sensor state, so its first k - 1 smoothed scores also average run 1's windows
+    _assert_streamed_equals_offline(reports[0], art, entities)
+    _assert_streamed_equals_offline(reports[1], art, entities,
+                                    skip=int(scorer.manifest.score.smoothing) - 1)
     s1, s2 = reports[0].summary, reports[1].summary
     n_stream = max(len(e.test) for e in entities) + scorer.manifest.window - 1
     assert s2["t0_ms"] >= s1["t0_ms"] + n_stream * 1000  # after every reading of run 1
@@ -263,6 +293,39 @@ def test_replay_twice_into_one_running_consumer(kafka_broker, make_topic, tmp_pa
     dead = sum(s.value for s in service.metrics.dead_letters.collect()[0].samples
                if s.name.endswith("_total"))
     assert dead == 0
+
+
+def test_replay_fails_when_offline_reference_differs(tiny_artifact: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline scores 1e-3 off the stream (above the 1e-4 limit): parity is measured, so the
+    report says FAILED and ``stream-detector replay`` exits 1 (docs/backtesting.md)."""
+    import stream_detector.datasets
+    import stream_detector.offline
+    from stream_detector.cli import build_parser
+    from tests.kafka_helpers import tiny_entities
+
+    entities = tiny_entities(2)
+    monkeypatch.setattr(stream_detector.datasets, "load_dataset",
+                        lambda name, data_dir=None, wanted=None: entities)
+    real = stream_detector.offline.batch_score
+
+    def shifted(scorer: Any, manifest: Any, entity: Any) -> Any:
+        ref = real(scorer, manifest, entity)
+        return dataclasses.replace(ref, score=ref.score + 1e-3)
+
+    # replay imports batch_score from stream_detector.offline when it runs: patch it there
+    monkeypatch.setattr(stream_detector.offline, "batch_score", shifted)
+    out = tmp_path / "report"
+    args = build_parser().parse_args([
+        "replay", "--dataset", "tiny", "--artifact", str(tiny_artifact), "--out", str(out),
+        "--no-plots"])
+    assert args.func(args) == 1  # the exit code of `stream-detector replay`
+    report = json.loads((out / "report.json").read_text())
+    s = report["summary"]
+    assert s["parity_ok"] is False
+    assert s["parity_max_abs"] == pytest.approx(1e-3, rel=0.05)
+    assert all(row["parity_max_abs"] > 1e-4 for row in report["entities"])
+    assert "FAILED" in (out / "report.md").read_text()
 
 
 # -- plots ----------------------------------------------------------------------------------------
