@@ -3,7 +3,7 @@
 Sections (each printed as it finishes, all written to ``OUT/bench.json`` and ``OUT/bench.md``):
 
 1. **Model-only limit**: windows/s of the TorchScript model alone (``TorchScorer.errors`` on
-   preallocated ``(B, W, 38)`` float32 windows) at ``max_batch``.
+   preallocated ``(B, W, F)`` float32 windows, F = 38 or the artifact's) at ``max_batch``.
 2. **Ingest limit**: readings/s of the real consumer loop (:class:`DetectorService`) when no
    window completes (every sensor stays in warm-up): consume + decode + ring-buffer append +
    offset bookkeeping, no model. Also the raw librdkafka->Python consume rate and the decoder
@@ -11,8 +11,10 @@ Sections (each printed as it finishes, all written to ``OUT/bench.json`` and ``O
 3. **End to end**: readings/s through the embedded broker with the model scoring every window
    (stride 1), score topic off, alerts on; the same with a zero-cost scorer stub and with the
    score topic on, to show what each part costs.
-4. **Latency** reading produced -> score record produced / received, p50/p95/p99, at 50% and 90%
-   of the end-to-end rate of (3). Producer and reader run in their own processes.
+4. **Latency** p50/p95/p99: reading produced -> alert produced / received at 50 % and 90 % (and
+   20 % in a full run) of the end-to-end rate of (3), the broker's own floor, every score
+   record at 50 %, and the service's share (``sd_processing_seconds``). Producer and reader run
+   in their own processes.
 5. **Memory and scale**: resident memory of a :class:`Detector` holding 1k/10k/100k sensors
    (each with a full window), bytes per sensor beyond the window buffer, submit+poll rate.
 6. **River HalfSpaceTrees** (defaults, behind ``MinMaxScaler``): readings/s on one core and

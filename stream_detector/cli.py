@@ -2,7 +2,9 @@
 
 ``stream-detector train | evaluate | serve | replay | demo | dev-broker | check | datasets |
 config | bench``.
-Exit codes: 0 ok, 1 check failed / thresholds not met, 2 bad input, config or artifact.
+Exit codes: 0 ok; 1 a failed check or parity, or serve left records undelivered at the end of
+its grace period; 2 bad input, config or artifact, or a fatal runtime error (a failed delivery, a
+broker unreachable at start); 130 interrupted (Ctrl-C; SIGTERM/SIGHUP for demo, replay, bench).
 """
 
 from __future__ import annotations

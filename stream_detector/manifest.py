@@ -5,8 +5,9 @@ An artifact is a directory::
     model.pt        TorchScript module: (B, W, F) scaled windows -> (rec_err, fc_err), each (B, F)
     manifest.json   everything else the consumer needs, see :class:`Manifest`
 
-Loading verifies the schema version, the sha256 of ``model.pt`` and the internal consistency of
-shapes, and refuses with an :class:`~stream_detector.errors.ArtifactError` that says what differs.
+Loading verifies the schema version, the sha256 of ``model.pt``, the internal consistency of
+shapes and the values (thresholds and scales finite and positive, typed fields, unique feature
+names), and refuses with an :class:`~stream_detector.errors.ArtifactError` that names the field.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ class ScoreSpec:
     on validation data, so that no single noisy feature dominates.
 
     * ``rec_scale`` / ``fc_scale``: typical errors over all training sensors (the default, and
-      what a sensor unseen in training gets).
+      what a sensor unseen in training, or with fewer than ``min_sensor_windows`` validation
+      windows, gets).
     * ``per_sensor``: ``{sensor: {"rec": [...], "fc": [...]}}``, typical errors of that sensor
       on its own validation rows (empty = global scales for every sensor).
     * ``feature_weights``: one non-negative weight per feature for the mean over features

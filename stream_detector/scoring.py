@@ -55,7 +55,8 @@ class ScoreFunction:
         self._weights = w / w.sum() if w.size else None
 
     def row(self, sensor: str) -> int:
-        """Index of ``sensor``'s scales (0 = the global ones, for sensors unseen in training)."""
+        """Index of ``sensor``'s scales (0 = the global ones: sensors unseen in training or with
+        too few validation windows)."""
         return self._rows.get(sensor, 0)
 
     def __call__(

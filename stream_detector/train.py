@@ -8,7 +8,9 @@
   micro-batch windows of all sensors into one model call. Entities with different feature sets
   are refused with an error (train them as separate datasets / artifacts).
 * Thresholds are calibrated on validation scores (no test labels): a high quantile or
-  peaks-over-threshold, per sensor and a global default for sensors never seen in training.
+  peaks-over-threshold, per sensor; sensors with fewer than ``min_sensor_windows`` (100)
+  validation windows, and sensors never seen in training, get a global threshold fitted on all
+  sensors.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ log = structlog.get_logger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # window 16 / hidden 32: same SMD quality as 32 / 64 (0.475 vs 0.476 best-F1), better on
-    # the synthetic default (0.704 vs 0.666) and a 4x faster model (docs/benchmarks.md, table 7)
+    # window 16 / hidden 32: within 0.01 of 32 / 64 on SMD (0.486 vs 0.491 best-F1) with a 4x
+    # faster model (docs/benchmarks.md, table 7)
     window: int = 16
     hidden: int = 32
     encoder: str = "lstm"
