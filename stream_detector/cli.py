@@ -17,24 +17,15 @@ from typing import Any
 from stream_detector.errors import ConfigError, StreamDetectorError
 
 
-def _parse_value(text: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    return text
-
-
 def _overrides(pairs: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` pairs, values as given: the trainer types each by its option
+    (``train.config_from_overrides``)."""
     out: dict[str, Any] = {}
     for pair in pairs or []:
         if "=" not in pair:
             raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
         key, value = pair.split("=", 1)
-        out[key.strip()] = _parse_value(value.strip())
+        out[key.strip()] = value.strip()
     return out
 
 
