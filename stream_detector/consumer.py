@@ -461,9 +461,10 @@ class DetectorService:
             chunk = refs[i][0]
             if chunk is not None:
                 self._dead_letter(bad.reason, bad.detail, messages[i], chunk)
-        if batch.index and self._max_future_ms and max(batch.ts_ms) > (
-                time.time() * 1000.0 + self._max_future_ms):
-            batch = self._drop_future(batch, messages, refs)
+        if batch.index and self._max_future_ms:
+            now_ms = time.time() * 1000.0
+            if max(batch.ts_ms) > now_ms + self._max_future_ms:
+                batch = self._drop_future(batch, messages, refs, now_ms)
         if not batch.index:
             return
         index = batch.index
@@ -500,23 +501,24 @@ class DetectorService:
             m.warming.inc(n_warming)
 
     def _drop_future(self, batch: DecodedBatch, messages: list[Message],
-                     refs: list[Ref]) -> DecodedBatch:
+                     refs: list[Ref], now_ms: float) -> DecodedBatch:
         """Dead-letter readings stamped too far ahead of this consumer's clock (a timestamp in
         micro- or nanoseconds): accepted, one would make every later reading of its sensor late.
         Rare, so this is off the per-batch fast path (one max() over the batch)."""
-        now_ms = time.time() * 1000.0
         limit = now_ms + self._max_future_ms
-        keep = [j for j, ts in enumerate(batch.ts_ms) if ts <= limit]
+        keep = []
         for j, ts in enumerate(batch.ts_ms):
-            if ts > limit:
-                i = batch.index[j]
-                chunk = refs[i][0]
-                if chunk is not None:  # None: a rebuild re-read; dead-lettered when first read
-                    self._dead_letter(
-                        "bad_timestamp",
-                        f"ts {ts} is {(ts - now_ms) / 86_400_000:.0f} days ahead of this "
-                        f"consumer's clock (limit SD_DETECTOR__MAX_FUTURE_S); epoch "
-                        f"milliseconds expected", messages[i], chunk)
+            if ts <= limit:
+                keep.append(j)
+                continue
+            i = batch.index[j]
+            chunk = refs[i][0]
+            if chunk is not None:  # None: a rebuild re-read; dead-lettered when first read
+                self._dead_letter(
+                    "bad_timestamp",
+                    f"ts {ts} is {(ts - now_ms) / 86_400_000:.0f} days ahead of this "
+                    f"consumer's clock (limit SD_DETECTOR__MAX_FUTURE_S); epoch "
+                    f"milliseconds expected", messages[i], chunk)
         return DecodedBatch([batch.index[j] for j in keep], [batch.sensors[j] for j in keep],
                             [batch.ts_ms[j] for j in keep], batch.values[keep], batch.bad)
 
