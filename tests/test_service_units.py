@@ -180,15 +180,6 @@ def test_publish_skips_results_read_before_their_partition_was_lost() -> None:
     from stream_detector.consumer import DetectorService
     from stream_detector.detector import ScoredBatch
 
-    class FakeProducer:
-        def __init__(self) -> None:
-            self.sent: list[tuple[str, bytes]] = []
-            self.callbacks: list = []
-
-        def produce(self, topic, value, key, on_delivery) -> None:
-            self.sent.append((topic, value))
-            self.callbacks.append(on_delivery)
-
     def batch(*refs) -> ScoredBatch:
         n = len(refs)
         return ScoredBatch(("s1",) * n, refs, [0] * n, [1] * n, [0.5] * n, [0.1] * n,
@@ -197,7 +188,7 @@ def test_publish_skips_results_read_before_their_partition_was_lost() -> None:
     for scores in ("scores", ""):
         settings = Settings(kafka={"score_topic": scores})
         service = DetectorService(settings, None, None, serve_http=False)  # type: ignore[arg-type]
-        service._producer = FakeProducer()  # type: ignore[assignment]
+        service._producer = _RecordingProducer()  # type: ignore[assignment]
         stale = service.tracker.begin(A, 8)
         service.tracker.drop(A)  # what _on_lost does
         fresh = service.tracker.begin(A, 8, 2)
@@ -225,26 +216,10 @@ def test_ingest_tracks_a_chunk_per_partition_and_stores_after_everything_is_done
     when every reading of the chunk is done."""
     from confluent_kafka import Message
 
-    from stream_detector.consumer import DetectorService
-    from stream_detector.detector import Detector
     from stream_detector.records import ReadingDecoder, encode_reading
-    from stream_detector.testing import NumpyScorer, make_manifest
 
-    class FakeProducer:
-        def __init__(self) -> None:
-            self.sent: list[str] = []
-            self.callbacks: list = []
-
-        def produce(self, topic, value, key, on_delivery) -> None:
-            self.sent.append(topic)
-            self.callbacks.append(on_delivery)
-
-    manifest = make_manifest(window=3)
-    settings = Settings(kafka={"input_topic": "readings", "score_topic": ""},
-                        detector={"max_batch": 1000})
-    service = DetectorService(settings, manifest, NumpyScorer(), serve_http=False)
-    service.detector = Detector(manifest, NumpyScorer(), settings.detector)
-    service._producer = FakeProducer()  # type: ignore[assignment]
+    service = _service()
+    manifest, settings = service.manifest, service.settings
     service._silent_until[A] = 3  # partition 0 was assigned with committed offset 3
     msgs = []
     for off in range(6):  # partition 0: offsets 0-2 silent, 3-5 live; sensor "p0"
@@ -260,7 +235,7 @@ def test_ingest_tracks_a_chunk_per_partition_and_stores_after_everything_is_done
     tracker = service.tracker
     assert A not in service._silent_until  # partition 0's rebuild ends in this batch
     assert tracker.in_flight(A) == 3 and tracker.in_flight(B) == 4
-    assert service._producer.sent == [settings.kafka.dead_letter_topic]
+    assert [topic for topic, _ in service._producer.sent] == [settings.kafka.dead_letter_topic]
     assert service.metrics.readings._value.get() == 7
     assert service.metrics.rebuilt._value.get() == 3
     assert service._sensor_tp == {"p0": A, "p1": B}
