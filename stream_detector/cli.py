@@ -29,6 +29,17 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def _count(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
+
+
 def _entities(text: str | None) -> list[str] | None:
     return [e.strip() for e in text.split(",") if e.strip()] if text else None
 
@@ -233,8 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default SD_SERVICE__TORCH_THREADS, 1; "
                         "0 = torch's default, one per core)")
-    s.add_argument("--rebuild-lookback", type=int, default=10_000,
-                   help="records re-read per assigned partition to rebuild windows")
+    s.add_argument("--rebuild-lookback", type=_count, default=None,
+                   help="records re-read per assigned partition to rebuild windows and alert "
+                        "state (default SD_SERVICE__REBUILD_LOOKBACK, 10,000)")
     s.set_defaults(func=cmd_serve)
 
     r = sub.add_parser("replay", help="backtest: dataset -> Kafka -> consumer -> metrics")

@@ -39,6 +39,30 @@ class _Group(BaseModel):
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 
 
+# librdkafka properties that SD_KAFKA__EXTRA may not set: each has its own setting (named
+# here), or the service's delivery guarantee depends on its value
+_OWN_SETTING = {
+    "bootstrap.servers": "SD_KAFKA__BOOTSTRAP_SERVERS",
+    "group.id": "SD_KAFKA__GROUP_ID",
+    "client.id": "SD_KAFKA__CLIENT_ID",
+    "auto.offset.reset": "SD_KAFKA__AUTO_OFFSET_RESET",
+    "session.timeout.ms": "SD_KAFKA__SESSION_TIMEOUT_MS",
+    "heartbeat.interval.ms": "SD_KAFKA__HEARTBEAT_INTERVAL_MS",
+    "partition.assignment.strategy": "SD_KAFKA__PARTITION_ASSIGNMENT_STRATEGY",
+    "security.protocol": "SD_KAFKA__SECURITY_PROTOCOL",
+    "sasl.mechanism": "SD_KAFKA__SASL_MECHANISM",
+    "sasl.mechanisms": "SD_KAFKA__SASL_MECHANISM",
+    "sasl.username": "SD_KAFKA__SASL_USERNAME",
+    "sasl.password": "SD_KAFKA__SASL_PASSWORD",
+    "ssl.ca.location": "SD_KAFKA__SSL_CA_LOCATION",
+    "ssl.certificate.location": "SD_KAFKA__SSL_CERTIFICATE_LOCATION",
+    "ssl.key.location": "SD_KAFKA__SSL_KEY_LOCATION",
+    "ssl.key.password": "SD_KAFKA__SSL_KEY_PASSWORD",
+}
+_DELIVERY = ("enable.auto.offset.store", "enable.auto.commit", "enable.idempotence", "acks",
+             "enable.partition.eof")
+
+
 class KafkaSettings(_Group):
     """Where to read readings from and write alerts to, and how to talk to the brokers."""
 
@@ -79,6 +103,19 @@ class KafkaSettings(_Group):
         default_factory=dict,
         description="Extra librdkafka properties for every client (JSON object in env).",
     )
+
+    @field_validator("extra")
+    @classmethod
+    def _extra_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # before, such a key was either silently overridden by the service's own value or
+        # silently overrode the matching setting, depending on the key
+        for key in value:
+            if key in _OWN_SETTING:
+                raise ValueError(f"{key!r} has its own setting: use {_OWN_SETTING[key]}")
+            if key in _DELIVERY:
+                raise ValueError(f"{key!r} is set by the service (at-least-once delivery: "
+                                 "docs/messages.md) and cannot be changed")
+        return value
 
     @field_validator("input_topic", "alert_topic", "dead_letter_topic", "score_topic")
     @classmethod
@@ -144,15 +181,24 @@ class KafkaSettings(_Group):
         }
 
     def producer_config(self) -> dict[str, Any]:
-        """Producer properties: idempotent, so retries never duplicate or reorder alerts."""
-        return {
+        """Producer properties: idempotent, so retries never duplicate or reorder alerts.
+
+        ``linger.ms``, ``compression.type`` and ``partitioner`` are defaults that
+        SD_KAFKA__EXTRA may change. ``murmur2_random`` maps a key to the partition the Java
+        client (Kafka Streams, ksqlDB, Kafka Connect) would choose, so a subscriber can join
+        the alert topic with other topics keyed by sensor id; librdkafka's own default
+        (``consistent_random``, CRC32) maps keys differently.
+        """
+        conf = {
             **self.common(),
             "client.id": f"{self.client_id}-producer",
             "enable.idempotence": True,
             "acks": "all",
-            "linger.ms": 5,
-            "compression.type": "lz4",
         }
+        for key, value in (("linger.ms", 5), ("compression.type", "lz4"),
+                           ("partitioner", "murmur2_random")):
+            conf.setdefault(key, value)
+        return conf
 
 
 class DetectorSettings(_Group):
@@ -215,6 +261,13 @@ class ServiceSettings(_Group):
     rebuild_windows: bool = Field(
         True,
         description="On partition assignment, re-read recent records to rebuild windows.",
+    )
+    rebuild_lookback: int = Field(
+        10_000, ge=0, le=100_000_000,
+        description="Records re-read per assigned partition to rebuild windows, smoothing and "
+        "alert state. Size it to cover, for every sensor of a partition, a window plus the "
+        "smoothing length, and the longest alert episode whose alert_id must survive a "
+        "rebalance: sensors per partition x readings per sensor (docs/messages.md).",
     )
     torch_threads: int = Field(
         1, ge=0, le=256,

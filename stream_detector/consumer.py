@@ -272,14 +272,15 @@ class DetectorService:
         manifest: Manifest,
         scorer: Scorer,
         *,
-        rebuild_lookback: int = 10_000,
+        rebuild_lookback: int | None = None,
         metrics: Metrics | None = None,
         serve_http: bool = True,
     ) -> None:
         self.settings = settings
         self.manifest = manifest
         self.scorer = scorer
-        self.rebuild_lookback = rebuild_lookback
+        self.rebuild_lookback = (settings.service.rebuild_lookback if rebuild_lookback is None
+                                 else rebuild_lookback)
         self.metrics = metrics or Metrics()
         self.health = HealthState()
         self.serve_http = serve_http

@@ -542,6 +542,33 @@ def test_bad_extra_value_names_the_real_env_variable_once(clean_env, monkeypatch
         "value of 'fetch.max.bytes' must be a string, number or boolean")
 
 
+@pytest.mark.parametrize("key, says", [
+    ("group.id", "use SD_KAFKA__GROUP_ID"),  # was silently replaced by the setting's value
+    ("bootstrap.servers", "use SD_KAFKA__BOOTSTRAP_SERVERS"),  # silently beat the setting
+    ("sasl.password", "use SD_KAFKA__SASL_PASSWORD"),
+    ("enable.auto.offset.store", "set by the service (at-least-once delivery"),
+    ("acks", "set by the service (at-least-once delivery"),
+])
+def test_extra_cannot_set_what_has_its_own_setting_or_guards_delivery(clean_env, monkeypatch,
+                                                                      key, says) -> None:
+    monkeypatch.setenv("SD_KAFKA__EXTRA", f'{{"{key}": "x"}}')
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "SD_KAFKA__EXTRA" in str(info.value) and says in str(info.value)
+
+
+def test_extra_tunes_the_producer_defaults_and_keys_map_like_the_java_client(clean_env,
+                                                                              monkeypatch) -> None:
+    p = load_settings().kafka.producer_config()
+    assert (p["linger.ms"], p["compression.type"], p["partitioner"]) == (5, "lz4",
+                                                                          "murmur2_random")
+    monkeypatch.setenv("SD_KAFKA__EXTRA", '{"linger.ms": 0, "compression.type": "zstd"}')
+    p = load_settings().kafka.producer_config()  # the extras were overridden before
+    assert (p["linger.ms"], p["compression.type"], p["partitioner"]) == (0, "zstd",
+                                                                          "murmur2_random")
+    assert p["enable.idempotence"] is True and p["acks"] == "all"
+
+
 def test_ratio_ordering_is_validated(clean_env, monkeypatch) -> None:
     monkeypatch.setenv("SD_DETECTOR__CLEAR_RATIO", "1.2")
     with pytest.raises(ConfigError, match=r"detector.*clear_ratio < warning_ratio") as info:

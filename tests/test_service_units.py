@@ -746,6 +746,20 @@ def test_a_committed_offset_beyond_the_log_end_does_not_start_a_silent_rebuild()
     assert service._silent_until == {A: 40} and fake.positions[A] == 0
 
 
+def test_rebuild_lookback_comes_from_the_settings_unless_given() -> None:
+    """SD_SERVICE__REBUILD_LOOKBACK sizes the rebuild (it was a command-line flag only, which a
+    Kubernetes ConfigMap cannot set); an explicit value (serve --rebuild-lookback) wins."""
+    from stream_detector.consumer import DetectorService
+
+    settings = Settings(kafka={"input_topic": "readings"}, service={"rebuild_lookback": 7})
+    for given, start in [(None, 33), (25, 15)]:
+        service = DetectorService(settings, None, None, serve_http=False,  # type: ignore[arg-type]
+                                  rebuild_lookback=given)
+        fake = _ScriptedConsumer(service, [], committed=40, watermarks=(0, 50))
+        service._on_assign(fake, [TopicPartition("readings", 0)])
+        assert fake.positions[A] == start and service._silent_until == {A: 40}
+
+
 def test_consumer_lag_is_reported_only_for_partitions_this_instance_owns() -> None:
     import json
 
