@@ -22,8 +22,11 @@ State after restart or rebalance: when a partition is assigned and it has a comm
 before ``C`` through the detector *silently* (no alert, no score record, no offset store), so
 ring buffers, score smoothing and alert hysteresis are rebuilt exactly as an uninterrupted
 consumer had them, provided every sensor on the partition has a full window plus the smoothing
-length within the look-back. Cost: re-reading and scoring up to ``rebuild_lookback`` records per
-assigned partition. On revocation the detector is flushed, results are delivered, offsets are
+length, and the start of its open alert episode if any, within the look-back
+(``SD_SERVICE__REBUILD_LOOKBACK``). An episode that began earlier cannot be known: it goes on
+under a new ``alert_id`` and the old one gets no resolve (docs/messages.md tells subscribers how
+to read that). Cost: re-reading and scoring up to ``rebuild_lookback`` records per assigned
+partition. On revocation the detector is flushed, results are delivered, offsets are
 committed synchronously, and the partition's sensors are forgotten.
 """
 
