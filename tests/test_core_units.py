@@ -264,6 +264,23 @@ def test_online_smoothing_equals_offline_smooth_per_sensor(k) -> None:
         np.testing.assert_allclose(online[mine], smooth(raw[mine], k), rtol=1e-12)
 
 
+def test_offline_smooth_keeps_equal_scores_equal_as_online() -> None:
+    """Long constant stretches (SMAP channels: 70-80 % of the rows) must stay exact ties after
+    smoothing, offline as online: the running-sum form made them differ by ~1e-13, and best-F1,
+    AUC-PR and PA-F1 (which treat equal floats as ties) then differed between evaluate and
+    replay (D-2: best-F1 0.798 against 0.793)."""
+    rng = np.random.default_rng(3)
+    raw = np.concatenate([rng.random(300) * 1e3, np.full(500, 0.1)])
+    det = Detector(make_manifest(smoothing=4), NumpyScorer())
+    det._init_slots(det._store.append_many(["s"], [1], np.zeros((1, 3))).new)
+    online = det._smooth(raw, np.zeros(raw.size, dtype=np.intp) + det._store.slot("s"))
+    offline = smooth(raw, 4)
+    assert np.unique(offline[303:]).size == 1 and offline[-1] == pytest.approx(0.1)
+    np.testing.assert_array_equal(offline[303:], online[303:])
+    np.testing.assert_allclose(offline, online, rtol=1e-12)
+    np.testing.assert_allclose(smooth(raw[:2], 4), [raw[0], raw[:2].mean()])
+
+
 def test_fit_threshold_quantile_and_pot_above_bulk() -> None:
     s = np.random.default_rng(1).exponential(size=20_000)
     q = fit_threshold(s, "quantile", 0.99)
