@@ -41,7 +41,21 @@ def _count(text: str) -> int:
 
 
 def _entities(text: str | None) -> list[str] | None:
-    return [e.strip() for e in text.split(",") if e.strip()] if text else None
+    """``--entities``: None (the option left out) means all; a value must name at least one
+    entity, each once."""
+    if text is None:
+        return None
+    names = [e.strip() for e in text.split(",") if e.strip()]
+    if not names:
+        raise ConfigError(f"--entities {text!r} names no entity: give comma-separated names, "
+                          "or leave the option out for all")
+    from stream_detector.datasets import repeated_names
+
+    repeated = repeated_names(names)
+    if repeated:
+        raise ConfigError(f"--entities names {', '.join(repeated)} more than once: name each "
+                          "entity once")
+    return names
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -49,7 +63,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    help="smd, smap, msl, nab or synthetic (default; needs no data)")
     p.add_argument("--data-dir", type=Path, default=None, help="dataset directory")
     p.add_argument("--entities", default=None,
-                   help="comma-separated entities (machines, channels, streams); default all")
+                   help="comma-separated entities (machines, channels, streams), each named "
+                        "once; default all")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -73,7 +88,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from stream_detector.evaluation import run_evaluation
 
-    baselines = [b for b in args.baselines.split(",") if b] if args.baselines else []
+    baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     result = run_evaluation(
         dataset=args.dataset, data_dir=args.data_dir, entities=_entities(args.entities),
         artifact_dir=args.artifact, out_dir=args.out, baselines=baselines,
@@ -235,7 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(e)
     e.add_argument("--artifact", type=Path, default=Path("artifacts/model"))
     e.add_argument("--out", type=Path, default=Path("reports/evaluation"))
-    e.add_argument("--baselines", default="random,pca,iforest,ridge")
+    e.add_argument("--baselines", default="random,pca,iforest,ridge",
+                   help="comma-separated baselines to compare with (random, pca, iforest, "
+                        "ridge; default all); random is always computed, whatever this says: "
+                        "point-adjusted F1 is never shown without it")
     e.add_argument("--no-plots", action="store_true")
     e.set_defaults(func=cmd_evaluate)
 

@@ -62,13 +62,12 @@ def run_demo(opts: DemoOptions) -> int:
     from stream_detector.config import Settings
     from stream_detector.datasets import load_dataset
     from stream_detector.devbroker import EmbeddedBroker, free_port
-    from stream_detector.evaluation import run_evaluation
+    from stream_detector.evaluation import prepare_out_dir, run_evaluation
     from stream_detector.replay import ReplayOptions, run_replay
     from stream_detector.train import TrainConfig, train
 
     t0 = time.time()
-    out = Path(opts.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_out_dir(Path(opts.out_dir))
     artifact = Path(opts.artifact_dir or Path("artifacts") / opts.dataset)
 
     print(f"[1/5] training on {opts.dataset} -> {artifact}", flush=True)

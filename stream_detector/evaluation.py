@@ -9,7 +9,8 @@ each baseline computed in the same run:
   ``val_fraction`` of the train rows, fitted on the rest);
 * ``auc_pr``: average precision;
 * ``pa_best_f1``: best F1 *with point adjustment*, labelled as such and shown next to the
-  random baseline's, because random scores already reach 0.76-0.96 with it.
+  random baseline's, because random scores already reach 0.76-0.96 with it. The random baseline
+  is therefore always computed, whatever ``baselines`` lists.
 
 Test labels are used only to compute these metrics, never to choose a threshold.
 """
@@ -56,6 +57,30 @@ def baseline_threshold(entity: Entity, name: str, q: float, val_fraction: float,
     return float(np.quantile(s, q))
 
 
+def prepare_out_dir(path: Path, option: str = "--out") -> Path:
+    """Create the report directory ``path`` (and its parents); a ConfigError (the CLI exits 2)
+    when it cannot be one: an existing file, a file on its path, no permission."""
+    from stream_detector.errors import ConfigError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path} is an existing file, not a directory: pass a "
+                          "directory for the report")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{option} {path}: cannot create the report directory "
+                          f"({exc.strerror or exc})") from None
+    return path
+
+
+def with_random(baselines: list[str] | None) -> list[str]:
+    """``baselines`` with ``random`` first when it is missing: point-adjusted F1 is never
+    reported without the random baseline's."""
+    chosen = list(dict.fromkeys(baselines or []))
+    return chosen if "random" in chosen else ["random", *chosen]
+
+
 def run_evaluation(
     dataset: str,
     data_dir: Path | None,
@@ -75,15 +100,14 @@ def run_evaluation(
     from stream_detector.offline import batch_score
 
     t0 = time.time()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    unknown = sorted(set(baselines or []) - set(BASELINES))
+    if unknown:
+        raise ConfigError(f"unknown baseline(s) {unknown}; known: {', '.join(BASELINES)}")
+    baselines = with_random(baselines)
+    out_dir = prepare_out_dir(out_dir)
     scorer = TorchScorer.load(artifact_dir, expect_features=None)
     manifest = scorer.manifest
     data = load_dataset(dataset, data_dir, entities)
-    baselines = list(baselines or [])
-    unknown = sorted(set(baselines) - set(BASELINES))
-    if unknown:
-        raise ConfigError(f"unknown baseline(s) {unknown}; known: {', '.join(BASELINES)}")
     q = float(manifest.training.get("config", {}).get("threshold_q", 0.995))
     val_fraction = float(manifest.training.get("config", {}).get("val_fraction", 0.2))
 
@@ -99,16 +123,15 @@ def run_evaluation(
                                "anomaly_rows": int(e.labels.sum()), **m}
         per_method["model"].append({"entity": e.name, **m})
         scores = {"model": ref.score}
-        if baselines:
-            bs = run_baselines(e, baselines, seed)
-            for b in baselines:
-                # uniform random scores: quantile q of their distribution is q itself
-                thr = q if b == "random" else baseline_threshold(e, b, q, val_fraction, seed)
-                bm = entity_metrics(bs[b], e.labels, thr)
-                per_method[b].append({"entity": e.name, **bm})
-                for k in METRICS:
-                    row[f"{b}_{k}"] = bm[k]
-                scores[b] = bs[b]
+        bs = run_baselines(e, baselines, seed)
+        for b in baselines:
+            # uniform random scores: quantile q of their distribution is q itself
+            thr = q if b == "random" else baseline_threshold(e, b, q, val_fraction, seed)
+            bm = entity_metrics(bs[b], e.labels, thr)
+            per_method[b].append({"entity": e.name, **bm})
+            for k in METRICS:
+                row[f"{b}_{k}"] = bm[k]
+            scores[b] = bs[b]
         rows.append(row)
         kept[e.name] = scores
 
@@ -165,34 +188,41 @@ def _markdown(dataset: str, manifest: Any, rows: list[dict[str, Any]],
         "",
         "## Per entity (model)",
         "",
-        "| entity | rows | anomaly rows | best-F1 | F1 @ threshold | AUC-PR | PA best-F1 |"
-        + "".join(f" {b} best-F1 |" for b in baselines),
-        "|---|---|---|---|---|---|---|" + "---|" * len(baselines),
+        "| entity | rows | anomaly rows | best-F1 | F1 @ threshold | AUC-PR | PA best-F1 | "
+        "random PA best-F1 |" + "".join(f" {b} best-F1 |" for b in baselines),
+        "|---|---|---|---|---|---|---|---|" + "---|" * len(baselines),
     ]
     for r in rows:
         lines.append(
             f"| {r['entity']} | {r['rows']} | {r['anomaly_rows']} | "
             + " | ".join(_fmt(r[k]) for k in METRICS) + " |"
+            + f" {_fmt(r.get('random_pa_best_f1', float('nan')))} |"
             + "".join(f" {_fmt(r.get(f'{b}_best_f1', float('nan')))} |" for b in baselines)
         )
     return "\n".join(lines) + "\n"
+
+
+def plot_choice(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The entities to plot: up to two ``best`` (highest best-F1 first) and up to two ``worst``
+    (lowest first), never one entity in both. The better half of the entities (the larger half
+    when their number is odd) can be ``best``, the rest ``worst``: one entity is only ``best``,
+    two are one of each. Entities without a best-F1 (no labelled anomaly) are left out."""
+    ranked = sorted((r for r in rows if np.isfinite(r["best_f1"])), key=lambda r: r["best_f1"])
+    n_best = min(2, (len(ranked) + 1) // 2)
+    n_worst = min(2, len(ranked) - n_best)
+    chosen = {"worst": ranked[:n_worst], "best": ranked[len(ranked) - n_best:][::-1]}
+    return {kind: rs for kind, rs in chosen.items() if rs}
 
 
 def _plots(out_dir: Path, data: list[Entity], rows: list[dict[str, Any]],
            kept: dict[str, dict[str, np.ndarray]], manifest: Any, baselines: list[str]) -> str:
     from stream_detector.plots import plot_entity
 
-    ranked = [r for r in rows if np.isfinite(r["best_f1"])]
-    ranked.sort(key=lambda r: r["best_f1"])
-    chosen = {"worst": ranked[:2], "best": ranked[-2:][::-1]} if ranked else {}
+    chosen = plot_choice(rows)
     by_name = {e.name: e for e in data}
     lines = ["", "## Plots", ""]
-    done: set[str] = set()
     for kind, rs in chosen.items():
         for r in rs:
-            if r["entity"] in done:
-                continue
-            done.add(r["entity"])
             e = by_name[r["entity"]]
             name = "".join(c if c.isalnum() or c in "-_." else "_" for c in e.name)
             path = out_dir / f"{kind}-{name}.png"

@@ -245,14 +245,14 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     return {k: _nanmean(row.get(k) for row in rows) for k in keys}
 
 
-def _fmt(v: Any) -> str:
+def _fmt(v: Any, spec: str = ".3f") -> str:
     if v is None:
         return ""
     if _is_number(v):
         if isinstance(v, int | np.integer):
             return str(int(v))
         f = float(v)
-        return "n/a" if math.isnan(f) else f"{f:.3f}"
+        return "n/a" if math.isnan(f) else format(f, spec)
     return str(v).replace("|", "\\|")
 
 
@@ -261,14 +261,18 @@ def markdown_table(
     columns: Sequence[str | tuple[str, str]],
     title: str | None = None,
     mean_row: bool = True,
+    formats: Mapping[str, str] | None = None,
 ) -> str:
     """A Markdown table of ``rows`` with a final ``mean`` row (NaN skipped, shown as ``n/a``).
 
-    ``columns`` are row keys, or ``(key, header)`` pairs. Floats get 3 decimals, ints as is.
+    ``columns`` are row keys, or ``(key, header)`` pairs. Floats get 3 decimals, ints as is;
+    ``formats`` maps a key to another format spec for its floats (e.g. ``".1e"`` for figures
+    far below 0.001, which 3 decimals would all show as 0.000).
     In the mean row, numeric columns hold the mean over rows and the first non-numeric column
     reads ``**mean**``. ``title`` becomes a ``### title`` line above the table.
     """
     cols = [(c, c) if isinstance(c, str) else (c[0], c[1]) for c in columns]
+    spec = {k: (formats or {}).get(k, ".3f") for k, _ in cols}
     lines: list[str] = []
     if title:
         lines += [f"### {title}", ""]
@@ -279,13 +283,13 @@ def markdown_table(
         + "|"
     )
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(k)) for k, _ in cols) + " |")
+        lines.append("| " + " | ".join(_fmt(r.get(k), spec[k]) for k, _ in cols) + " |")
     if mean_row and rows:
         cells: list[str] = []
         labelled = False
         for k, _ in cols:
             if any(_is_number(r.get(k)) for r in rows):
-                cells.append(_fmt(_nanmean(r.get(k) for r in rows)))
+                cells.append(_fmt(_nanmean(r.get(k) for r in rows), spec[k]))
             elif not labelled:
                 cells.append("**mean**")
                 labelled = True

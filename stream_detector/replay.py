@@ -12,7 +12,9 @@
    at-least-once delivery are dropped by ``(sensor, window_end)`` / ``event_id``).
 5. Checks parity: the streamed scores against the offline batch scores of the same artifact
    (max absolute difference must be <= ``--max-parity-error``, default 1e-4).
-6. Computes the ``evaluate`` metrics on the *streamed* scores next to a random-score baseline,
+6. Computes the ``evaluate`` metrics on the *streamed* scores next to a random-score baseline
+   (each entity's random scores are those of ``evaluate``'s random baseline: they depend only on
+   the seed and the entity, not on which other entities are replayed),
    the root-cause HitRate@100%/150% where the dataset knows the responsible features, and
    throughput and reading-to-score latency; writes ``report.md``, ``report.json`` and plots.
 
@@ -257,15 +259,13 @@ def _check_options(opts: ReplayOptions) -> None:
 # -- main entry ------------------------------------------------------------------------------
 def run_replay(opts: ReplayOptions) -> ReplayReport:
     from stream_detector.datasets import load_dataset
+    from stream_detector.evaluation import prepare_out_dir
 
     _check_options(opts)
     t_begin = time.time()
     artifact = Path(opts.artifact_dir or Path("artifacts") / opts.dataset)
-    out_dir = Path(opts.out_dir or Path("reports") / f"replay-{opts.dataset}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    entities = load_dataset(opts.dataset, opts.data_dir, opts.entities)
-    if not entities:
-        raise ReplayError(f"dataset {opts.dataset!r} has no entities")
+    out_dir = prepare_out_dir(Path(opts.out_dir or Path("reports") / f"replay-{opts.dataset}"))
+    entities = load_dataset(opts.dataset, opts.data_dir, opts.entities)  # never empty
     _ensure_artifact(opts, artifact)
 
     from stream_detector.model.runtime import TorchScorer
@@ -300,9 +300,9 @@ def run_replay(opts: ReplayOptions) -> ReplayReport:
     rows: list[dict[str, Any]] = []
     data: dict[str, Any] = {}
     max_err = 0.0
+    from stream_detector.baselines import run_baselines
     from stream_detector.metrics import entity_metrics
 
-    rng = np.random.default_rng(opts.seed)
     for i, e in enumerate(entities):
         ref = batch_score(scorer, manifest, e)
         got = stream_result["scores"][i]
@@ -322,7 +322,10 @@ def run_replay(opts: ReplayOptions) -> ReplayReport:
                         np.abs(fc[off:] - ref.forecast).max(initial=0.0)))
         max_err = max(max_err, err)
         m = entity_metrics(s_stream, e.labels, ref.threshold)
-        rnd = entity_metrics(rng.random(len(e.labels)), e.labels, float("inf"))
+        # the random baseline of `evaluate` for this entity and seed (its best-F1 figures do
+        # not depend on a threshold)
+        rnd = entity_metrics(run_baselines(e, ["random"], opts.seed)["random"], e.labels,
+                             float("inf"))
         alerts = [a for a in stream_result["alerts"] if a["sensor"] == e.name]
         opens = [a for a in alerts if a["event"] == "open"]
         hits = _root_cause(e, alerts, ref.contributions, off, t0)
@@ -658,7 +661,8 @@ def _markdown(opts: ReplayOptions, rows: list[dict[str, Any]], s: dict[str, Any]
         "best-F1 (`pa_best_f1`) is shown only next to the same figure for random scores "
         "(`random_pa_best_f1`), which shows how much point adjustment inflates any detector.",
         "",
-        markdown_table(rows, ["entity", *COLUMNS], title=None),
+        markdown_table(rows, ["entity", *COLUMNS], title=None,
+                       formats={"parity_max_abs": ".1e"}),
         "",
     ]
     if opts.plots:

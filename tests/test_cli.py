@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from stream_detector.cli import main
+from stream_detector.errors import ConfigError
 
 
 def _cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None):
@@ -118,6 +119,125 @@ def test_evaluate_refuses_artifact_of_other_features(tmp_path: Path) -> None:
     r = _cli("evaluate", "--dataset", "synthetic", "--entities", "sensor-000",
              "--artifact", str(art), "--out", str(tmp_path / "e"))
     assert r.returncode == 2 and "features" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("", "--entities '' names no entity"),
+        (" , ,", "--entities ' , ,' names no entity"),
+        ("sensor-000, sensor-001,sensor-000", "--entities names sensor-000 more than once"),
+    ],
+)
+def test_entities_must_name_each_entity_once(value: str, message: str, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """An empty --entities meant "all entities"; a repeated name was counted twice in
+    evaluate's mean and hung replay for two minutes. Both are refused (exit 2) by every command
+    that takes --entities, before anything else (here the artifact is missing, the old error)."""
+    from stream_detector.cli import _entities
+
+    missing = str(tmp_path / "missing")
+    for argv in (["evaluate", "--artifact", missing, "--out", str(tmp_path / "e")],
+                 ["train", "--dataset", "nope", "--out", str(tmp_path / "t")]):
+        assert main([*argv, "--entities", value]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (argv, err)
+    r = _cli("replay", "--entities", value, "--artifact", missing, "--out", str(tmp_path / "r"),
+             "--no-plots", timeout=60)
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+    with pytest.raises(ConfigError, match="names"):  # datasets download uses the same parser
+        _entities(value)
+    assert _entities(None) is None and _entities(" a ,b,, ") == ["a", "b"]
+
+
+def test_out_that_is_a_file_is_refused_before_any_work(tmp_path: Path) -> None:
+    """evaluate, replay and demo crashed with a FileExistsError traceback and exit code 1
+    (replay's code for failed parity)."""
+    afile = tmp_path / "report.md"
+    afile.write_text("not a directory")
+    missing = str(tmp_path / "missing")  # checked after --out: the --out error comes first
+    for cmd in (["evaluate"], ["replay", "--no-plots"], ["demo"]):
+        for out, message in ((afile, "is an existing file, not a directory"),
+                             (afile / "sub", "cannot create the report directory")):
+            r = _cli(*cmd, "--artifact", missing, "--out", str(out), timeout=60)
+            assert r.returncode == 2, (cmd, r.stderr[-2000:])
+            assert f"--out {out}" in r.stderr and message in r.stderr, (cmd, r.stderr[-2000:])
+            assert "Traceback" not in r.stderr
+    assert afile.read_text() == "not a directory"
+
+
+def test_evaluate_refuses_a_data_dir_without_entities(quick_artifact: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """--dataset smd with the SMAP/MSL directory (train/, test/, no SMD machine) exited 0 with
+    an all-n/a report; replay already refused it."""
+    data = tmp_path / "smap_msl"
+    (data / "train").mkdir(parents=True)
+    (data / "test").mkdir()
+    out = tmp_path / "e"
+    assert main(["evaluate", "--dataset", "smd", "--data-dir", str(data), "--artifact",
+                 str(quick_artifact), "--out", str(out), "--no-plots"]) == 2
+    assert f"dataset 'smd' has no entities in {data}" in capsys.readouterr().err
+    assert not (out / "evaluation.md").exists()
+
+
+@pytest.mark.parametrize("baselines", [["pca"], []])
+def test_evaluate_always_reports_the_random_baseline(quick_artifact: Path, tmp_path: Path,
+                                                     baselines: list[str]) -> None:
+    """Point-adjusted F1 is never shown without the random baseline's, whatever --baselines
+    lists (``--baselines pca`` or an empty list left it out)."""
+    from stream_detector.evaluation import run_evaluation
+
+    res = run_evaluation("synthetic", None, ["sensor-000", "sensor-001"], quick_artifact,
+                         tmp_path / "e", baselines=baselines, plots=False, progress=False)
+    assert list(res.summary) == ["model", "random", *baselines]
+    assert 0.0 <= res.summary["random"]["pa_best_f1"] <= 1.0
+    assert all(0.0 <= r["random_pa_best_f1"] <= 1.0 for r in res.rows)
+    md = res.markdown
+    assert "\n| random | " in md and "random PA best-F1 |" in md
+    # per entity, the model's PA best-F1 is followed by the random one
+    row = next(line for line in md.splitlines() if line.startswith("| sensor-000 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[7] == f"{res.rows[0]['random_pa_best_f1']:.3f}"
+    report = json.loads((tmp_path / "e" / "evaluation.json").read_text())
+    assert "random" in report["summary"]
+
+
+@pytest.mark.parametrize(
+    ("scores", "expected"),
+    [
+        ({"a": 0.3}, ["best-a"]),
+        ({"a": 0.3, "b": 0.6}, ["worst-a", "best-b"]),
+        ({"a": 0.3, "b": 0.6, "c": 0.4}, ["worst-a", "best-b", "best-c"]),
+        ({"a": 0.3, "b": 0.6, "c": 0.4, "d": float("nan"), "e": 0.9, "f": 0.1},
+         ["worst-f", "worst-a", "best-e", "best-b"]),
+    ],
+)
+def test_evaluate_plots_never_call_the_best_entity_worst(
+        scores: dict[str, float], expected: list[str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With two or fewer entities every plot was named worst-*, the best entity included."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    import stream_detector.plots
+    from stream_detector.datasets import Entity
+    from stream_detector.evaluation import _plots
+
+    made: list[tuple[str, str]] = []
+    monkeypatch.setattr(stream_detector.plots, "plot_entity",
+                        lambda path, name, *a, title, **k: made.append((path.stem, title)))
+    data = [Entity(n, np.zeros((4, 1)), np.zeros((4, 1)), np.zeros(4, np.int8), ("x",))
+            for n in scores]
+    rows = [{"entity": n, "best_f1": f} for n, f in scores.items()]
+    kept = {n: {"model": np.zeros(4)} for n in scores}
+    manifest = SimpleNamespace(thresholds=SimpleNamespace(for_sensor=lambda name: 1.0))
+    md = _plots(tmp_path, data, rows, kept, manifest, [])
+    assert [stem for stem, _ in made] == expected
+    for stem, title in made:
+        kind, name = stem.split("-", 1)
+        assert title.startswith(f"{name} ({kind}): best-F1 {scores[name]:.3f}")
+        assert f"({stem}.png)" in md
 
 
 @pytest.mark.integration

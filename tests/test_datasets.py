@@ -109,6 +109,26 @@ def test_missing_default_dir_says_pass_data_dir(
     assert default_data_dir("nab") == (tmp_path / "shared" / "data" / "nab").resolve()
 
 
+def test_load_dataset_refuses_a_directory_without_entities(tmp_path: Path) -> None:
+    """SMAP/MSL's directory given for SMD (train/ and test/ folders, no SMD machine) loaded
+    nothing, and ``evaluate`` wrote an all-n/a report with exit code 0."""
+    (tmp_path / "train").mkdir()
+    (tmp_path / "test").mkdir()
+    (tmp_path / "labeled_anomalies.csv").write_text("chan_id,spacecraft\n")
+    assert get_loader("smd").list_entities(tmp_path) == []
+    with pytest.raises(DatasetError, match=f"dataset 'smd' has no entities in {tmp_path}"):
+        load_dataset("smd", tmp_path)
+
+
+def test_load_dataset_refuses_empty_and_repeated_entity_lists() -> None:
+    """An empty list meant "all entities"; a repeated name loaded (and averaged) it twice."""
+    with pytest.raises(DatasetError, match="entity list is empty"):
+        load_dataset("synthetic", None, [])
+    with pytest.raises(DatasetError, match="named more than once: sensor-001$"):
+        load_dataset("synthetic", None, ["sensor-001", "sensor-000", "sensor-001"])
+    assert [e.name for e in load_dataset("synthetic", None, ["sensor-001"])] == ["sensor-001"]
+
+
 # --------------------------------------------------------------------------- SMD
 
 

@@ -209,6 +209,22 @@ def test_markdown_table() -> None:
     assert lines[6] == "| **mean** | 0.500 | 0.500 | 4.000 |"
 
 
+def test_markdown_table_formats_a_column_in_scientific_notation() -> None:
+    """Parity errors of 1e-12 or of 2e-4 (above replay's 1e-4 limit) all showed as 0.000."""
+    rows = [
+        {"entity": "a", "best_f1": 0.5, "parity_max_abs": 8.4e-13},
+        {"entity": "b", "best_f1": 0.25, "parity_max_abs": 2e-4},
+        {"entity": "c", "best_f1": 0.75, "parity_max_abs": float("nan")},
+    ]
+    text = markdown_table(rows, ["entity", "best_f1", "parity_max_abs"],
+                          formats={"parity_max_abs": ".1e"})
+    lines = text.strip().splitlines()
+    assert lines[2] == "| a | 0.500 | 8.4e-13 |"
+    assert lines[3] == "| b | 0.250 | 2.0e-04 |"
+    assert lines[4] == "| c | 0.750 | n/a |"
+    assert lines[5] == "| **mean** | 0.500 | 1.0e-04 |"
+
+
 def test_length_mismatch_raises() -> None:
     with pytest.raises(ValueError):
         best_f1([1.0, 2.0], [1])

@@ -328,6 +328,73 @@ def test_replay_fails_when_offline_reference_differs(tiny_artifact: Path, tmp_pa
     assert "FAILED" in (out / "report.md").read_text()
 
 
+def _replay_without_kafka(monkeypatch: pytest.MonkeyPatch, entities: list, art: Path,
+                          out: Path) -> Any:
+    """``run_replay`` on ``entities`` with the Kafka round trip replaced by the offline scores
+    (a perfect stream): everything after the stream runs as in a real replay."""
+    import stream_detector.datasets
+    import stream_detector.replay as replay
+    from stream_detector.offline import batch_score
+
+    def fake_stream(opts, manifest, scorer, names, streams, expected, n_ctx):
+        by_name = {e.name: e for e in entities}
+        out: dict[str, Any] = {"scores": [], "rec": [], "fc": []}
+        for name, c in zip(names, n_ctx, strict=True):
+            ref = batch_score(scorer, manifest, by_name[name])
+            for key, arr in (("scores", ref.score), ("rec", ref.reconstruction),
+                             ("fc", ref.forecast)):
+                out[key].append(np.concatenate([np.full(c, np.nan), arr]))
+        return {**out, "latency_ms": np.array([1.0]), "alerts": [], "duplicates": 0,
+                "elapsed_s": 1.0, "service": {}, "t0_ms": T0_MS,
+                "earlier_state": [False] * len(names)}
+
+    monkeypatch.setattr(stream_detector.datasets, "load_dataset",
+                        lambda name, data_dir=None, wanted=None: entities)
+    monkeypatch.setattr(replay, "_stream", fake_stream)
+    return replay.run_replay(replay.ReplayOptions(
+        dataset="tiny", artifact_dir=art, out_dir=out, plots=False, progress=False))
+
+
+def test_replay_random_baseline_depends_only_on_seed_and_entity(
+        tiny_artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One RNG was shared across entities: an entity's random figures changed with the other
+    entities selected and their order, and differed from evaluate's random baseline."""
+    from stream_detector.baselines import run_baselines
+    from stream_detector.metrics import entity_metrics
+    from tests.kafka_helpers import tiny_entities
+
+    a, b, c = tiny_entities(3)
+    keys = ("random_best_f1", "random_pa_best_f1")
+    figures: dict[str, list[tuple[float, ...]]] = {}
+    for k, selection in enumerate(([a, b, c], [c, b, a], [b], [c])):
+        rep = _replay_without_kafka(monkeypatch, selection, tiny_artifact, tmp_path / f"r{k}")
+        assert rep.parity_ok
+        for row in rep.rows:
+            figures.setdefault(row["entity"], []).append(tuple(row[key] for key in keys))
+    for e in (a, b, c):
+        # evaluate's random baseline for this entity and seed (run_evaluation's figures)
+        rnd = entity_metrics(run_baselines(e, ["random"], 0)["random"], e.labels, 0.995)
+        expected = (rnd["best_f1"], rnd["pa_best_f1"])
+        assert figures[e.name] == [expected] * len(figures[e.name]), e.name
+
+
+def test_replay_report_shows_parity_error_in_scientific_notation(
+        tiny_artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-entity table printed parity_max_abs with 3 decimals: 0.000 for every value,
+    even one above the 1e-4 limit."""
+    import stream_detector.replay as replay
+    from stream_detector.manifest import read_manifest
+    from tests.kafka_helpers import tiny_entities
+
+    rep = _replay_without_kafka(monkeypatch, tiny_entities(2), tiny_artifact, tmp_path / "r")
+    rows = [{**r, "parity_max_abs": err} for r, err in zip(rep.rows, (8.4e-13, 2.5e-4),
+                                                            strict=True)]
+    opts = replay.ReplayOptions(dataset="tiny", plots=False)
+    md = replay._markdown(opts, rows, rep.summary, read_manifest(tiny_artifact), tmp_path)
+    table = [line for line in md.splitlines() if line.startswith("| sensor-")]
+    assert table[0].endswith("| 8.4e-13 |") and table[1].endswith("| 2.5e-04 |"), table
+
+
 # -- plots ----------------------------------------------------------------------------------------
 def test_alert_ranges_pair_open_and_resolve() -> None:
     from stream_detector.replay import STEP_MS, alert_ranges

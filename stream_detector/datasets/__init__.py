@@ -10,13 +10,19 @@ Real datasets need a data directory. When none is given, :func:`default_data_dir
 shared checkout next to the repository (``../shared/data/<smd|smap_msl|nab>``, relative to the
 current directory or to the repository root); when that is absent too, loading fails with a
 :class:`~stream_detector.errors.DatasetError` asking for ``--data-dir``.
+
+:func:`load_dataset` refuses, with a DatasetError, a directory that holds no entity of the
+dataset (e.g. SMAP/MSL's directory given for SMD), an empty entity list (None means all) and an
+entity named more than once.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
-from stream_detector.datasets.base import DatasetLoader, Entity, Interpretation, load_dataset
+from stream_detector.datasets.base import DatasetLoader, Entity, Interpretation
 from stream_detector.datasets.nab import NABLoader
 from stream_detector.datasets.smap_msl import TelemanomLoader
 from stream_detector.datasets.smd import SMDLoader
@@ -32,6 +38,7 @@ __all__ = [
     "default_data_dir",
     "get_loader",
     "load_dataset",
+    "repeated_names",
     "resolve_data_dir",
 ]
 
@@ -99,3 +106,41 @@ def resolve_data_dir(name: str, data_dir: str | Path | None) -> Path:
         what = "is not a directory" if path.exists() else "does not exist"
         raise DatasetError(f"{name} data directory {path} {what}")
     return path
+
+
+def repeated_names(names: Sequence[str]) -> list[str]:
+    """The names that occur more than once in ``names``, in first-seen order."""
+    counts = Counter(names)
+    return [n for n in counts if counts[n] > 1]
+
+
+def load_dataset(
+    name: str, data_dir: str | Path | None = None, entities: Sequence[str] | None = None
+) -> list[Entity]:
+    """Load ``entities`` (all when None) of dataset ``name`` from ``data_dir``.
+
+    DatasetError when the selection is empty (an empty list, or a directory holding no entity
+    of this dataset) or names an entity more than once: each would be scored, and averaged,
+    once per mention.
+    """
+    loader = get_loader(name)
+    path = Path(data_dir) if data_dir is not None else None
+    if entities is None:
+        names = loader.list_entities(path)
+        if not names:
+            where = (f" in {resolve_data_dir(name, data_dir)}" if loader.needs_data_dir
+                     else "")
+            raise DatasetError(
+                f"dataset {name!r} has no entities{where}: is that the {name} data "
+                "directory? (pass it with --data-dir)"
+            )
+    else:
+        names = list(entities)
+        if not names:
+            raise DatasetError(f"dataset {name!r}: the entity list is empty; name at least "
+                               "one entity, or none at all for every entity")
+        repeated = repeated_names(names)
+        if repeated:
+            raise DatasetError(f"dataset {name!r}: entities named more than once: "
+                               f"{', '.join(repeated)}")
+    return [loader.load_entity(path, e) for e in names]

@@ -8,7 +8,6 @@ readings, each reading holding one value per feature.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -56,15 +55,3 @@ class DatasetLoader(Protocol):
     def list_entities(self, data_dir: Path | None) -> list[str]: ...
 
     def load_entity(self, data_dir: Path | None, entity: str) -> Entity: ...
-
-
-def load_dataset(
-    name: str, data_dir: str | Path | None = None, entities: Sequence[str] | None = None
-) -> list[Entity]:
-    """Load ``entities`` (all when None) of dataset ``name`` from ``data_dir``."""
-    from stream_detector.datasets import get_loader
-
-    loader = get_loader(name)
-    path = Path(data_dir) if data_dir is not None else None
-    names = list(entities) if entities else loader.list_entities(path)
-    return [loader.load_entity(path, e) for e in names]
