@@ -59,6 +59,8 @@ _OWN_SETTING = {
     "ssl.key.location": "SD_KAFKA__SSL_KEY_LOCATION",
     "ssl.key.password": "SD_KAFKA__SSL_KEY_PASSWORD",
 }
+_SECRET_KEY = re.compile(r"secret|password|passwd|token|credential|sasl\.jaas|\.key\b|"
+                         r"key\.pem|keystore", re.IGNORECASE)
 _DELIVERY = ("enable.auto.offset.store", "enable.auto.commit", "enable.idempotence", "acks",
              "enable.partition.eof")
 
@@ -139,6 +141,15 @@ class KafkaSettings(_Group):
         if self.security_protocol.startswith("SASL") and not self.sasl_mechanism:
             raise ValueError("sasl_mechanism is required with a SASL security_protocol")
         return self
+
+    def __repr_args__(self) -> Any:
+        # SD_KAFKA__EXTRA can carry secrets too (sasl.oauthbearer.client.secret, ...): shown
+        # masked, like the SecretStr fields
+        for name, value in super().__repr_args__():
+            if name == "extra" and isinstance(value, dict):
+                value = {k: "**********" if _SECRET_KEY.search(k) else v
+                         for k, v in value.items()}
+            yield name, value
 
     def common(self) -> dict[str, Any]:
         """librdkafka properties shared by every client (secrets unwrapped here only)."""

@@ -59,7 +59,8 @@ from confluent_kafka.admin import AdminClient
 
 from stream_detector.config import Settings
 from stream_detector.detector import Detector, ScoredBatch, Scorer
-from stream_detector.errors import StreamDetectorError
+from stream_detector.errors import ConfigError, StreamDetectorError
+from stream_detector.logs import kafka_logger
 from stream_detector.manifest import Manifest
 from stream_detector.observability import HealthServer, HealthState, Metrics
 from stream_detector.records import DecodedBatch, ReadingDecoder, dead_letter
@@ -224,6 +225,22 @@ class FatalError(StreamDetectorError):
     """The service cannot keep its delivery guarantee and must stop (and be restarted)."""
 
 
+class _Abandoned(Exception):
+    """Stopping while the producer's local queue is full: the records not yet handed to the
+    producer are given up (their readings' offsets are not stored, so they are read again)."""
+
+
+def _client(cls: Any, conf: dict[str, Any]) -> Any:
+    """A librdkafka client with its log lines as structured log events; a configuration that
+    librdkafka refuses (a mistyped SD_KAFKA__EXTRA property, a bad value) is a ConfigError."""
+    conf = {**conf, "logger": kafka_logger()}
+    try:
+        return cls(conf)
+    except (KafkaException, ValueError, TypeError) as exc:
+        raise ConfigError(f"librdkafka refused the client settings (check SD_KAFKA__EXTRA "
+                          f"and the SD_KAFKA__* values): {exc}") from None
+
+
 def wait_for_broker(settings: Settings, sleep: Callable[[float], None] = time.sleep,
                     *, beat: Callable[[], None] | None = None,
                     stop: threading.Event | None = None) -> bool:
@@ -234,7 +251,7 @@ def wait_for_broker(settings: Settings, sleep: Callable[[float], None] = time.sl
     returned. True once the broker answered.
     """
     svc = settings.service
-    admin = AdminClient(settings.kafka.common())
+    admin = _client(AdminClient, settings.kafka.common())
     delay = svc.startup_backoff_s
     for attempt in range(svc.startup_retries + 1):
         if beat is not None:
@@ -252,8 +269,16 @@ def wait_for_broker(settings: Settings, sleep: Callable[[float], None] = time.sl
             log.warning("broker unreachable, retrying", attempt=attempt + 1,
                         retry_in_s=delay, error=str(exc.args[0]))
             if stop is not None:
-                if stop.wait(delay):
-                    return False
+                # in steps of at most 1 s, each with a heartbeat: a wait of up to 30 s must
+                # not read as a stuck loop to the liveness probe (its limit is 30 s)
+                left = delay
+                while left > 0:
+                    step = min(left, 1.0)
+                    if stop.wait(step):
+                        return False
+                    left -= step
+                    if beat is not None:
+                        beat()
             else:
                 sleep(delay)
             delay = min(delay * 2, 30.0)
@@ -341,11 +366,11 @@ class DetectorService:
                 return 0
             self.detector = Detector(self.manifest, self.scorer, s.detector)
             self.detector.on_batch = self._observe_batch
-            self._producer = Producer(s.kafka.producer_config())
+            self._producer = _client(Producer, s.kafka.producer_config())
             conf = s.kafka.consumer_config()
             conf["statistics.interval.ms"] = 5000
             conf["stats_cb"] = self._on_stats
-            self._consumer = Consumer(conf)
+            self._consumer = _client(Consumer, conf)
             self._consumer.subscribe(
                 [s.kafka.input_topic], on_assign=self._on_assign,
                 on_revoke=self._on_revoke, on_lost=self._on_lost,
@@ -356,7 +381,9 @@ class DetectorService:
             gc_timer = self.metrics.gc_callback()
             gc.callbacks.append(gc_timer)
             try:
-                with tuned_gc(s.service.gc_threshold, s.service.gc_freeze):
+                # _Abandoned: stopped while the producer's queue was full
+                with tuned_gc(s.service.gc_threshold, s.service.gc_freeze), \
+                        contextlib.suppress(_Abandoned):
                     self._loop()
             finally:
                 gc.callbacks.remove(gc_timer)
@@ -534,9 +561,14 @@ class DetectorService:
             detail = (f"{detail}; original_b64 holds the first {DEAD_LETTER_MAX_ORIGINAL_BYTES} "
                       f"of {len(raw)} bytes (read the record itself at topic/partition/offset)")
             raw = raw[:DEAD_LETTER_MAX_ORIGINAL_BYTES]
-        payload = dead_letter(reason, detail, raw, cast(str, msg.topic()),
-                              cast(int, msg.partition()), cast(int, msg.offset()))
-        self._produce(self.settings.kafka.dead_letter_topic, msg.key(), payload, chunk, None)
+        where = (cast(str, msg.topic()), cast(int, msg.partition()), cast(int, msg.offset()))
+        payload = dead_letter(reason, detail, raw, *where)
+        # a dead-letter topic whose max.message.bytes is below the copy: the same dead letter
+        # without original_b64 (topic/partition/offset still point at the record)
+        bare = dead_letter(reason, f"{detail}; original_b64 left out: the dead letter with it "
+                           "was too large for the dead-letter topic", None, *where)
+        self._produce(self.settings.kafka.dead_letter_topic, msg.key(), payload, chunk, None,
+                      ("dead letter of input record", *where), bare)
 
     def _publish(self, batches: list[ScoredBatch]) -> None:
         k = self.settings.kafka
@@ -565,37 +597,73 @@ class DetectorService:
                     key = b.sensors[j].encode()
                     if score_topic:
                         hold(chunk)
-                        self._produce(score_topic, key, b.record(j).to_json(), chunk, None)
+                        self._produce(score_topic, key, b.record(j).to_json(), chunk, None,
+                                      ("score of sensor", b.sensors[j], b.end_ms[j]))
                     if alert is not None:
                         hold(chunk)
                         self.metrics.alerts.labels(alert.event, alert.level).inc()
-                        self._produce(k.alert_topic, key, alert.to_json(), chunk, kafka_ts)
+                        self._produce(k.alert_topic, key, alert.to_json(), chunk, kafka_ts,
+                                      ("alert event", alert.event_id))
                     release(chunk)
         finally:
             if n:
                 self.metrics.windows.inc(n)
 
     def _produce(self, topic: str, key: bytes | None, value: bytes, chunk: Chunk,
-                 latency_from_ms: int | None) -> None:
+                 latency_from_ms: int | None, context: tuple[Any, ...] = (),
+                 smaller: bytes | None = None) -> None:
+        """Hand one record to the producer; ``chunk`` is released when the broker acknowledged
+        it. ``context`` names the record in errors (formatted only then); ``smaller`` is sent
+        instead when the record is too large for the topic or the producer."""
         assert self._producer is not None
+
+        def what() -> str:
+            return " ".join(map(str, (*context, f"({len(value)} bytes)")))
 
         def on_delivery(err: KafkaError | None, _msg: Message) -> None:
             if err is not None:
-                self._fatal = f"delivery to {topic} failed: {err}"
+                if smaller is not None and err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+                    log.warning("record too large for its topic; sending it without the "
+                                "original payload", topic=topic, record=what())
+                    self._produce(topic, key, smaller, chunk, latency_from_ms, context)
+                    return
+                self._fatal = f"delivery to {topic} failed: {err}; record: {what()}"
                 return
             if latency_from_ms is not None and latency_from_ms > 0:
                 self.metrics.reading_to_alert.observe(
                     max(0.0, time.time() - latency_from_ms / 1000.0))
             self.tracker.release(chunk)
 
+        waiting_since = 0.0
         while True:
             try:
                 self._producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
+                if waiting_since:
+                    log.info("producer queue has room again",
+                             waited_s=round(time.monotonic() - waiting_since, 1))
                 return
             except BufferError:
-                self._producer.poll(0.05)  # local queue full: serve callbacks, then retry
+                # the local queue is full: the broker is slow or away. Serve callbacks and
+                # retry; the loop is waiting, not stuck (heartbeat), and a stop request ends
+                # the wait (at once while running, at the drain deadline while shutting down)
+                now = time.monotonic()
+                if not waiting_since:
+                    waiting_since = now
+                    log.warning("producer queue full; waiting for the broker", topic=topic,
+                                queued=len(self._producer))
+                self.health.beat()
+                if self._fatal:
+                    raise FatalError(self._fatal) from None
+                if self._stop.is_set() and (self._drain_deadline is None
+                                            or now >= self._drain_deadline):
+                    raise _Abandoned from None
+                self._producer.poll(0.05)
             except KafkaException as exc:  # refused at once (too large, unknown topic, ...)
-                raise FatalError(f"cannot produce to {topic}: {exc}") from None
+                err = exc.args[0]
+                if smaller is not None and err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+                    value, smaller = smaller, None
+                    continue
+                raise FatalError(f"cannot produce to {topic}: {exc}; record: {what()}") from None
 
     def _store_offsets(self) -> None:
         assert self._consumer is not None
@@ -619,7 +687,11 @@ class DetectorService:
         assert self._producer is not None and self.detector is not None
         if self._drain_deadline is not None:  # shutting down: within what is left of the grace
             timeout_s = min(timeout_s, max(0.0, self._drain_deadline - time.monotonic()))
-        self._publish(self.detector.flush_batches())
+        try:
+            self._publish(self.detector.flush_batches())
+        except _Abandoned:
+            log.error("producer queue still full at the end of the grace period; the "
+                      "readings not handed to it are read again after the restart")
         remaining = self._producer.flush(timeout_s)
         if remaining:
             log.error("producer could not deliver everything", remaining=remaining)

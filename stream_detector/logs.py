@@ -64,3 +64,26 @@ def configure_logging(fmt: str = "console", level: str = "INFO") -> None:
         logger_factory=factory,
         cache_logger_on_first_use=False,
     )
+
+
+class _ToStructlog(logging.Handler):
+    """Hands stdlib log records (librdkafka's, through confluent-kafka's ``logger``) to
+    structlog, so they come out as the same JSON lines as the service's own."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            structlog.get_logger(record.name).log(record.levelno, record.getMessage())
+        except Exception:  # noqa: BLE001 - a log line must never break a Kafka callback
+            self.handleError(record)
+
+
+def kafka_logger() -> logging.Logger:
+    """The logger handed to every librdkafka client of the service (config key ``logger``):
+    without one, librdkafka prints its own plain-text lines on stderr (hundreds a minute while
+    a broker is unreachable), outside the JSON log."""
+    logger = logging.getLogger("librdkafka")
+    if not any(isinstance(h, _ToStructlog) for h in logger.handlers):
+        logger.addHandler(_ToStructlog())
+        logger.propagate = False
+        logger.setLevel(logging.DEBUG)  # structlog's level filter decides
+    return logger

@@ -637,6 +637,20 @@ def test_secrets_are_hidden_everywhere_but_the_client_config(clean_env, monkeypa
         assert conf["ssl.ca.location"] == "/etc/ca.pem"
 
 
+def test_secrets_passed_through_extra_are_masked_in_reprs(clean_env, monkeypatch) -> None:
+    """SD_KAFKA__EXTRA is the way to pass any librdkafka property, secret ones included; its
+    values were shown in full by repr(settings) (and so by any log of the settings)."""
+    monkeypatch.setenv("SD_KAFKA__EXTRA", '{"sasl.oauthbearer.client.secret": "Extra456", '
+                       '"ssl.keystore.password": "Store789", "fetch.max.bytes": 52428800}')
+    s = load_settings()
+    for text in (repr(s), str(s), repr(s.kafka), str(s.kafka)):
+        assert "Extra456" not in text and "Store789" not in text, text
+        assert "52428800" in text  # the others stay readable
+    conf = s.kafka.consumer_config()
+    assert conf["sasl.oauthbearer.client.secret"] == "Extra456"  # the clients get the value
+    assert conf["ssl.keystore.password"] == "Store789"
+
+
 def test_extra_librdkafka_properties_pass_through(clean_env, monkeypatch) -> None:
     s = _sasl_settings(monkeypatch)
     for conf in (s.kafka.consumer_config(), s.kafka.producer_config()):

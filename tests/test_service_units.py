@@ -8,6 +8,7 @@ import time
 from http.client import HTTPConnection
 from pathlib import Path
 
+import orjson
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
@@ -417,7 +418,8 @@ def test_wait_for_broker_returns_once_the_broker_answers(clean_env, fake_admin) 
     assert delays == [0.5, 1.0]
     admin = fake_admin.instances[0]
     assert admin.calls == 3
-    assert admin.conf == settings.kafka.common()  # same security settings as the clients
+    # same security settings as the clients (and the log bridge every client gets)
+    assert {k: v for k, v in admin.conf.items() if k != "logger"} == settings.kafka.common()
     assert admin.conf["sasl.password"] == "pw"
 
 
@@ -441,11 +443,24 @@ def test_waiting_for_the_broker_beats_the_heartbeat_and_stops_on_sigterm(clean_e
     settings = _settings("b:9092", retries=5, backoff=0.01)
     with pytest.raises(FatalError):
         wait_for_broker(settings, beat=lambda: beats.append(1), stop=stop)
-    assert len(beats) == 6  # every attempt
+    assert len(beats) == 11  # every attempt, and every wait between them
     stop.set()
     assert wait_for_broker(settings, beat=lambda: beats.append(1), stop=stop) is False
     fake_admin.fail = 0
     assert wait_for_broker(settings, stop=threading.Event()) is True
+
+
+def test_a_long_backoff_keeps_beating_the_heartbeat(clean_env, fake_admin) -> None:
+    """Waits between attempts reach 30 s, the liveness probe's stall limit: the heartbeat beat
+    once per attempt only, so /healthz went 503 during each long wait."""
+    import threading
+
+    fake_admin.fail = 100
+    stamps: list[float] = []
+    with pytest.raises(FatalError):
+        wait_for_broker(_settings("b:9092", retries=1, backoff=1.5),
+                        beat=lambda: stamps.append(time.monotonic()), stop=threading.Event())
+    assert len(stamps) == 4  # attempt, 1 s into the wait, at its end (1.5 s), attempt
 
 
 def test_check_broker_answers_once_and_fails_with_1(clean_env, fake_admin, capsys) -> None:
@@ -705,8 +720,152 @@ def test_a_record_the_producer_refuses_at_once_stops_the_service_cleanly() -> No
     from stream_detector.records import ReadingDecoder
 
     decoder = ReadingDecoder(service.manifest.features, 65536)
-    with pytest.raises(FatalError, match="cannot produce to sensor-readings-dlq"):
+    # the error names the record, so on-call can find it (it named the output topic only)
+    with pytest.raises(FatalError, match="cannot produce to sensor-readings-dlq: .*record: dead "
+                       r"letter of input record readings 0 0 \(\d+ bytes\)"):
         service._ingest([_msg(0, b"{nope")], decoder, service.detector)
+
+
+class _SizeLimitedProducer(_RecordingProducer):
+    """Refuses records over ``limit`` bytes at once, as librdkafka does over
+    message.max.bytes; with ``broker_limit``, accepts them and fails their delivery later, as
+    a topic with a smaller max.message.bytes does."""
+
+    def __init__(self, limit: int = 10**9, broker_limit: int = 10**9) -> None:
+        super().__init__()
+        self.limit, self.broker_limit = limit, broker_limit
+
+    def produce(self, topic, value, key, on_delivery) -> None:
+        if len(value) > self.limit:
+            raise KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
+        super().produce(topic, value, key, on_delivery)
+
+    def deliver(self) -> None:
+        """Acknowledge (or fail) every record, those a callback produces included."""
+        i = 0
+        while i < len(self.sent):
+            too_large = len(self.sent[i][1]) > self.broker_limit
+            self.callbacks[i](KafkaError(KafkaError.MSG_SIZE_TOO_LARGE) if too_large else None,
+                              None)
+            i += 1
+
+
+@pytest.mark.parametrize("where", ["producer", "broker"])
+def test_a_dead_letter_too_large_for_its_topic_goes_without_the_payload(where) -> None:
+    """A dead-letter topic with a smaller max.message.bytes than the copy of the record: the
+    service stopped (exit 2) on the same record at every restart, a crash loop. Now the dead
+    letter goes without original_b64, and the reading's offset is stored once it is
+    acknowledged."""
+    import base64
+
+    from stream_detector.records import ReadingDecoder
+
+    big = b"x" * 3000  # not JSON: a dead letter with a 4,000-byte copy
+    limits = {"limit": 1500} if where == "producer" else {"broker_limit": 1500}
+    producer = _SizeLimitedProducer(**limits)
+    service = _service(producer)
+    service._consumer = _ScriptedConsumer(service, [])
+    service._consumer.assigned = {A}
+    decoder = ReadingDecoder(service.manifest.features, 65536)
+    service._ingest([_msg(0, big)], decoder, service.detector)
+    producer.deliver()
+    assert service._fatal is None
+    letters = [orjson.loads(v) for topic, v in producer.sent if topic == "sensor-readings-dlq"]
+    last = letters[-1]
+    assert (last["topic"], last["partition"], last["offset"]) == ("readings", 0, 0)
+    assert last["original_b64"] == "" and "original_b64 left out" in last["detail"]
+    if where == "broker":  # the full copy was tried first
+        assert base64.b64decode(letters[0]["original_b64"]) == big
+    service._store_offsets()
+    assert service._consumer.stored == {A: 1}
+
+
+class _FullQueueProducer(_RecordingProducer):
+    """The local queue stays full (broker away): every produce() raises BufferError."""
+
+    def __init__(self, on_poll=None) -> None:
+        super().__init__()
+        self.polls, self.on_poll = 0, on_poll
+
+    def produce(self, topic, value, key, on_delivery) -> None:
+        raise BufferError("Local: Queue full")
+
+    def poll(self, timeout: float = 0) -> int:
+        self.polls += 1
+        if self.on_poll is not None:
+            self.on_poll(self.polls)
+        return 0
+
+    def __len__(self) -> int:
+        return 100_000
+
+
+def test_a_full_producer_queue_keeps_the_heartbeat_and_yields_to_sigterm() -> None:
+    """The wait for room in the producer's queue looped forever: no heartbeat (liveness
+    killed the pod), SIGTERM ignored until SIGKILL, no log line."""
+    from stream_detector.consumer import _Abandoned
+    from stream_detector.records import ReadingDecoder
+
+    def on_poll(n: int) -> None:
+        service.health._beat -= 100  # the heartbeat must be renewed while waiting
+        if n == 5:
+            service._stop.set()  # SIGTERM
+
+    producer = _FullQueueProducer(on_poll)
+    service = _service(producer)
+    decoder = ReadingDecoder(service.manifest.features, 65536)
+    with pytest.raises(_Abandoned):
+        service._ingest([_msg(0, b"{nope")], decoder, service.detector)
+    assert producer.polls == 5 and service.health.alive
+    # shutting down: it waits for room until the drain deadline, then gives up
+    service._stop.clear()
+    producer.on_poll = None
+    service._drain_deadline = time.monotonic() + 0.3
+    service._stop.set()
+    t0 = time.monotonic()
+    with pytest.raises(_Abandoned):
+        service._ingest([_msg(1, b"{nope")], decoder, service.detector)
+    assert producer.polls > 5 and time.monotonic() - t0 >= 0.3
+    # a delivery failure reported meanwhile stops it as fatal
+    service._stop.clear()
+    service._drain_deadline = None
+    service._fatal = "delivery to sensor-alerts failed: broker down"
+    with pytest.raises(FatalError, match="broker down"):
+        service._ingest([_msg(2, b"{nope")], decoder, service.detector)
+
+
+def test_librdkafka_refusing_the_client_settings_is_a_config_error() -> None:
+    """A mistyped SD_KAFKA__EXTRA property ended serve with a KafkaException traceback and
+    exit 1 (documented as 'records left undelivered')."""
+    from confluent_kafka import Producer
+
+    from stream_detector.consumer import _client
+    from stream_detector.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="SD_KAFKA__EXTRA.*no.such.property"):
+        _client(Producer, {"bootstrap.servers": "127.0.0.1:1", "no.such.property": "x"})
+    with pytest.raises(ConfigError, match="SD_KAFKA__EXTRA"):
+        _client(Producer, {"bootstrap.servers": "127.0.0.1:1", "linger.ms": "soon"})
+
+
+def test_librdkafka_log_lines_are_structured(capsys) -> None:
+    """librdkafka printed its own plain-text lines on stderr, outside the JSON log (hundreds a
+    minute while a broker was unreachable)."""
+    from confluent_kafka import Producer
+
+    from stream_detector.consumer import _client
+    from stream_detector.logs import configure_logging
+
+    configure_logging("json", "INFO")
+    try:
+        p = _client(Producer, {"bootstrap.servers": "127.0.0.1:1", "fetch.max.bytes": 52428800})
+        p.poll(0)
+    finally:
+        configure_logging("console", "INFO")
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert lines and all(ln.startswith("{") for ln in lines), lines
+    event = orjson.loads(next(ln for ln in lines if "CONFWARN" in ln))
+    assert event["level"] == "warning" and "fetch.max.bytes" in event["event"]
 
 
 def test_messages_outdated_by_a_rebalance_between_consume_calls_are_not_ingested() -> None:
