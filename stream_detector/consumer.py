@@ -634,21 +634,23 @@ class DetectorService:
                     max(0.0, time.time() - latency_from_ms / 1000.0))
             self.tracker.release(chunk)
 
-        waiting_since = 0.0
+        waiting_since, warned = 0.0, False
         while True:
             try:
                 self._producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
-                if waiting_since:
+                if warned:
                     log.info("producer queue has room again",
                              waited_s=round(time.monotonic() - waiting_since, 1))
                 return
             except BufferError:
                 # the local queue is full: the broker is slow or away. Serve callbacks and
                 # retry; the loop is waiting, not stuck (heartbeat), and a stop request ends
-                # the wait (at once while running, at the drain deadline while shutting down)
+                # the wait (at once while running, at the drain deadline while shutting down).
+                # Short waits are ordinary back-pressure; one of a second or more is logged.
                 now = time.monotonic()
-                if not waiting_since:
-                    waiting_since = now
+                waiting_since = waiting_since or now
+                if not warned and now - waiting_since >= 1.0:
+                    warned = True
                     log.warning("producer queue full; waiting for the broker", topic=topic,
                                 queued=len(self._producer))
                 self.health.beat()
