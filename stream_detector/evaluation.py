@@ -6,7 +6,8 @@ each baseline computed in the same run:
 * ``best_f1``: the best F1 over all thresholds, **no point adjustment**;
 * ``f1_at_threshold``: F1 at the label-free threshold (the model's from its manifest, calibrated
   on validation scores; a baseline's from the same quantile of its scores on the last
-  ``val_fraction`` of the train rows, fitted on the rest);
+  ``val_fraction`` of the train rows, fitted on the rest, and applied to the test scores of
+  that same fit: :func:`baseline_label_free`);
 * ``auc_pr``: average precision;
 * ``pa_best_f1``: best F1 *with point adjustment*, labelled as such and shown next to the
   random baseline's, because random scores already reach 0.76-0.96 with it. The random baseline
@@ -43,18 +44,28 @@ class EvaluationResult:
     scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
-def baseline_threshold(entity: Entity, name: str, q: float, val_fraction: float,
-                       seed: int = 0) -> float:
-    """Label-free threshold of a baseline: quantile ``q`` of its scores on held-out train rows."""
+def baseline_label_free(entity: Entity, name: str, q: float, val_fraction: float,
+                        seed: int = 0) -> tuple[float, np.ndarray | None]:
+    """A baseline's label-free operating point, as the model's is made: the baseline fitted on
+    the first ``1 - val_fraction`` of the train rows scores the rest of them and then the test
+    rows; the threshold is quantile ``q`` of its scores on those held-out train rows, and it is
+    applied to the test scores *of that same fit*. Returns (threshold, those test scores); NaN
+    and None when too few rows are left to fit.
+
+    (The test scores of the baseline fitted on all train rows, which its best-F1 and AUC-PR
+    use, are not comparable with a threshold taken from another fit: IsolationForest's scale,
+    for one, moves with its training set.)
+    """
     from stream_detector.baselines import run_baselines
 
     n_val = max(1, int(len(entity.train) * val_fraction))
     fit, val = entity.train[:-n_val], entity.train[-n_val:]
     if len(fit) < 50:
-        return float("nan")
-    proxy = Entity(entity.name, fit, val, np.zeros(len(val), np.int8), entity.features)
+        return float("nan"), None
+    after = np.concatenate([val, entity.test])
+    proxy = Entity(entity.name, fit, after, np.zeros(len(after), np.int8), entity.features)
     s = run_baselines(proxy, [name], seed)[name]
-    return float(np.quantile(s, q))
+    return float(np.quantile(s[:n_val], q)), s[n_val:]
 
 
 def prepare_out_dir(path: Path, option: str = "--out") -> Path:
@@ -125,9 +136,15 @@ def run_evaluation(
         scores = {"model": ref.score}
         bs = run_baselines(e, baselines, seed)
         for b in baselines:
-            # uniform random scores: quantile q of their distribution is q itself
-            thr = q if b == "random" else baseline_threshold(e, b, q, val_fraction, seed)
-            bm = entity_metrics(bs[b], e.labels, thr)
+            if b == "random":  # uniform scores: quantile q of their distribution is q itself
+                bm = entity_metrics(bs[b], e.labels, q)
+            else:
+                bm = entity_metrics(bs[b], e.labels)
+                thr, held_out_fit = baseline_label_free(e, b, q, val_fraction, seed)
+                if held_out_fit is not None:
+                    at = entity_metrics(held_out_fit, e.labels, thr)
+                    for k in ("precision", "recall", "f1_at_threshold"):
+                        bm[k] = at[k]
             per_method[b].append({"entity": e.name, **bm})
             for k in METRICS:
                 row[f"{b}_{k}"] = bm[k]
