@@ -436,6 +436,8 @@ def _stream(opts: ReplayOptions, manifest: Any, scorer: Any, names: list[str],
                        "alert_topic": topics["alerts"], "score_topic": topics["scores"],
                        "dead_letter_topic": topics["dlq"], "group_id": f"replay-{run}",
                        "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000},
+                # every rise of an episode's peak is an update event, each one a root-cause
+                # sample for HitRate (docs/backtesting.md: long episodes weigh more)
                 detector={"update_interval_s": 0},
                 service={"http_port": 0},
             )
