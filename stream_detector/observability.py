@@ -1,7 +1,10 @@
 """Prometheus metrics and the liveness / readiness / metrics HTTP endpoints.
 
 ``/healthz`` (liveness): 200 while the main loop has turned within ``stall_s`` seconds.
-``/readyz`` (readiness): 200 once the consumer joined its group and the model is loaded.
+``/readyz`` (readiness): 200 from the consumer group's first assignment on (the model is loaded
+before the consumer starts), even an assignment of no partitions, and still 200 after partitions
+are revoked or lost: a member beyond the partition count idles ready, so it does not block a
+rollout. It does not mean that this replica holds partitions (``sd_assigned_partitions`` does).
 ``/metrics``: Prometheus text format. Each :class:`Metrics` has its own registry, so several
 services (tests, benchmarks) can live in one process.
 """
@@ -20,13 +23,32 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from stream_detector.records import REASONS
+from stream_detector.scoring import EventKind, Level
+
 _LAT = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
 #: Finer around the tens of milliseconds that a latency objective is set in.
 _PROC = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
          0.3, 0.5, 1, 2, 5, 10, 30)
 
+#: (event, level) of every alert event the detector can publish (scoring.EpisodeTracker):
+#: open and update at warning or critical, resolve always at normal.
+ALERT_LABELS: tuple[tuple[str, str], ...] = (
+    *((EventKind.OPEN.value, lv.label) for lv in (Level.WARNING, Level.CRITICAL)),
+    *((EventKind.UPDATE.value, lv.label) for lv in (Level.WARNING, Level.CRITICAL)),
+    (EventKind.RESOLVE.value, Level.NORMAL.label),
+)
+#: Generations of Python's cycle collector (gc.callbacks reports 0, 1 or 2).
+GC_GENERATIONS: tuple[str, ...] = ("0", "1", "2")
+
 
 class Metrics:
+    """The service's series. Every labelled series with a known, finite label set (alerts,
+    dead-letter reasons, collector generations) is created at 0 here, so that it is exposed from
+    the first scrape on: Prometheus' rate() / increase() need a sample before the first increment,
+    or they miss the first event of each label set in each pod. ``sd_consumer_lag`` is labelled
+    by whatever partitions a replica owns and appears with them."""
+
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.readings = Counter("sd_readings_total", "Readings consumed", registry=r)
@@ -72,6 +94,12 @@ class Metrics:
             "Pauses of Python's cycle collector while the consumer loop runs, per generation",
             ["generation"], registry=r, buckets=_LAT,
         )
+        for event, level in ALERT_LABELS:
+            self.alerts.labels(event, level)
+        for reason in REASONS:
+            self.dead_letters.labels(reason)
+        for generation in GC_GENERATIONS:
+            self.gc_pause.labels(generation)
         # the standard process_*, python_gc_* and python_info series, as in the default registry
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
@@ -80,7 +108,7 @@ class Metrics:
     def gc_callback(self) -> Callable[[str, dict[str, Any]], None]:
         """A ``gc.callbacks`` entry that times each collection into :attr:`gc_pause`."""
         started = [0.0]
-        by_gen = [self.gc_pause.labels(str(g)) for g in range(3)]
+        by_gen = [self.gc_pause.labels(g) for g in GC_GENERATIONS]
 
         def callback(phase: str, info: dict[str, Any]) -> None:
             if phase == "start":

@@ -552,12 +552,143 @@ def test_alert_rules_parse_and_use_series_the_consumer_exposes(name):
         ident = rule["alert"]
         assert rule["labels"]["severity"] in {"warning", "critical"}, ident
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], ident
-        assert re.fullmatch(r"\d+[smh]", rule["for"]), ident
+        assert re.fullmatch(r"\d+[smh]", rule.get("for", "0s")), ident
         grouped = _check_promql(rule["expr"], ident, series)
         # annotations may only name labels the expression keeps
         for text in rule["annotations"].values():
             for label in re.findall(r"\$labels\.(\w+)", text):
                 assert label in grouped, f"{ident}: $labels.{label} is aggregated away"
+
+
+_DURATION = {"s": 1, "m": 60, "h": 3600}
+
+
+def _seconds(duration: str) -> int:
+    m = re.fullmatch(r"(\d+)([smh])", duration)
+    assert m, f"bad duration {duration!r}"
+    return int(m.group(1)) * _DURATION[m.group(2)]
+
+
+def _range_calls(expr: str) -> list[tuple[str, int, str]]:
+    """(function, range in seconds, series) of every range-vector call in ``expr``."""
+    import promql_parser as promql
+
+    out: list[tuple[str, int, str]] = []
+
+    def visit(node) -> None:
+        if isinstance(node, promql.Call):
+            for arg in node.args:
+                if isinstance(arg, promql.MatrixSelector):
+                    out.append((node.func.name, int(arg.range.total_seconds()),
+                                arg.vector_selector.name))
+
+    promql.walk(promql.parse(expr), visit)
+    return out
+
+
+def _comparisons(expr: str) -> list[tuple[str, float, set[str]]]:
+    """(operator, number, functions of its left side) of every ``<expr> <op> <number>``."""
+    import promql_parser as promql
+
+    out: list[tuple[str, float, set[str]]] = []
+
+    def visit(node) -> None:
+        if isinstance(node, promql.BinaryExpr) and isinstance(node.rhs, promql.NumberLiteral):
+            funcs: set[str] = set()
+            promql.walk(node.lhs, lambda n: funcs.add(n.func.name)
+                        if isinstance(n, promql.Call) else None)
+            out.append((str(node.op), node.rhs.val, funcs))
+
+    promql.walk(promql.parse(expr), visit)
+    return out
+
+
+def _compares(expr: str, op: str, funcs: set[str]) -> bool:
+    """Whether ``expr`` holds ``<one of funcs>(...) <op> 0``."""
+    return any(o == op and v == 0.0 and f & funcs for o, v, f in _comparisons(expr))
+
+
+def _rules() -> list[dict]:
+    (doc,) = [d for d in render("base") if d["kind"] == "PrometheusRule"]
+    return [r for g in doc["spec"]["groups"] for r in g["rules"]]
+
+
+def test_event_alerts_fire_on_a_single_burst():
+    """A rule that fires on "any event" (a rate / increase > 0) must fire on one burst: its
+    `for` shorter than its range, or the value is back to 0 before `for` has passed."""
+    event_rules = 0
+    for rule in _rules():
+        ident, calls = rule["alert"], _range_calls(rule["expr"])
+        if _compares(rule["expr"], ">", {"rate", "increase"}):
+            event_rules += 1
+            wait = _seconds(rule.get("for", "0s"))
+            assert all(wait < r for _, r, _ in calls), (
+                f"{ident}: for {wait}s is not shorter than the range: a burst never fires it")
+    assert event_rules >= 1
+    (dead,) = [r for r in _rules() if "sd_dead_letters_total" in r["expr"]]
+    calls = _range_calls(dead["expr"])
+    assert [f for f, _, s in calls if s == "sd_dead_letters_total"] == ["increase"], calls
+    assert dead["labels"]["severity"] == "warning"
+    assert "partition" in dead["annotations"]["description"]  # where to find the records
+    assert "offset" in dead["annotations"]["description"]
+
+
+def test_alert_table_in_the_deploy_readme_matches_the_rules():
+    """deploy/README.md's Alerts table: one row per rule, its severity, and the time it states
+    is when the rule fires: its `for`, plus the range for "no increase" rules (rate(..) == 0)."""
+    text = (DEPLOY / "README.md").read_text()
+    section = text.split("### Alerts", 1)[1].split("\n### ", 1)[0]
+    rows = {m.group(1): (m.group(2), m.group(3)) for m in re.finditer(
+        r"^\| `(\w+)` \| (\w+) \| (.*) \|$", section, re.M)}
+    rules = {r["alert"]: r for r in _rules()}
+    assert set(rows) == set(rules)
+    for ident, (severity, fires_when) in rows.items():
+        rule = rules[ident]
+        assert severity == rule["labels"]["severity"], ident
+        stated = re.findall(r"for (\d+) min", fires_when)
+        wait = _seconds(rule.get("for", "0s"))
+        if _compares(rule["expr"], "==", {"rate", "increase"}):  # `range` after the last one
+            wait += max(r for _, r, _ in _range_calls(rule["expr"]))
+        if stated:
+            assert [int(n) * 60 for n in stated] == [wait], f"{ident}: fires after {wait}s"
+        # the description states the same time
+        minutes = {int(n) for n in re.findall(r"(\d+) minutes",
+                                              rule["annotations"]["description"])}
+        if wait and minutes:
+            assert wait // 60 in minutes, f"{ident}: description says {minutes} min"
+
+
+def _panel_unit(panel: dict, ref_id: str) -> str:
+    """The unit Grafana shows a query's series in: a by-query override, else the default."""
+    unit = panel["fieldConfig"]["defaults"].get("unit", "")
+    for override in panel["fieldConfig"].get("overrides", []):
+        if override["matcher"] == {"id": "byFrameRefID", "options": ref_id}:
+            unit = next((p["value"] for p in override["properties"] if p["id"] == "unit"),
+                        unit)
+    return unit
+
+
+def test_grafana_dashboard_units_fit_the_series():
+    """Seconds are shown in `s`, bytes in `bytes`, nothing else in either: one panel must not
+    put seconds and counts on one axis with one unit."""
+    (cm,) = [d for d in render("base") if d["kind"] == "ConfigMap"
+             and d["metadata"].get("labels", {}).get("grafana_dashboard") == "1"]
+    (text,) = cm["data"].values()
+    for panel in json.loads(text)["panels"]:
+        ref_ids = [t["refId"] for t in panel["targets"]]
+        assert len(set(ref_ids)) == len(ref_ids), panel["title"]
+        for target in panel["targets"]:
+            expr, unit = target["expr"], _panel_unit(panel, target["refId"])
+            if re.search(r"histogram_quantile\(.*_seconds_bucket", expr):
+                expected = "s"
+            elif re.search(r"_bytes\b", expr):
+                expected = "bytes"
+            else:
+                expected = ""
+            if expected:
+                assert unit == expected, f"{panel['title']} {target['refId']}: {unit}"
+            else:
+                assert unit not in ("s", "ms", "bytes"), f"{panel['title']} {target['refId']}"
 
 
 @pytest.mark.parametrize("name", SERVING)
