@@ -323,6 +323,7 @@ class DetectorService:
         self._touched: set[TP] = set()  # partitions a rebalance callback changed (see _loop)
         self._drain_deadline: float | None = None  # shutdown: when the grace period ends
         self._max_future_ms = settings.detector.max_future_s * 1000.0
+        self._limit_warn_at, self._limit_refused = 0.0, 0  # sensor-limit warnings
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
 
@@ -525,9 +526,11 @@ class DetectorService:
                                       messages[i], chunk)
                 else:
                     tracker.release(chunk)
-            else:  # FULL
-                self._dead_letter("bad_sensor", "sensor limit reached (max_sensors)",
-                                  messages[i], chunk)
+            else:  # FULL: this replica holds SD_DETECTOR__MAX_SENSORS sensors already
+                self._dead_letter("sensor_limit", f"sensor {batch.sensors[j]!r} is new and this "
+                                  f"replica holds {detector.settings.max_sensors} sensors "
+                                  "(SD_DETECTOR__MAX_SENSORS)", messages[i], chunk)
+                self._warn_sensor_limit(batch.sensors[j], detector.settings.max_sensors)
         if n_warming:
             m.warming.inc(n_warming)
 
@@ -552,6 +555,17 @@ class DetectorService:
                     f"milliseconds expected", messages[i], chunk)
         return DecodedBatch([batch.index[j] for j in keep], [batch.sensors[j] for j in keep],
                             [batch.ts_ms[j] for j in keep], batch.values[keep], batch.bad)
+
+    def _warn_sensor_limit(self, sensor: str, cap: int) -> None:
+        """A warning at the first refused sensor and then at most once a minute: the replica is
+        full (more partitions or replicas, or a higher cap), not a producer sending bad ids."""
+        now = time.monotonic()
+        self._limit_refused += 1
+        if now >= self._limit_warn_at:
+            log.warning("sensor limit reached; readings of new sensors go to the dead-letter "
+                        "topic (reason sensor_limit)", sensor=sensor, max_sensors=cap,
+                        refused_since_last_warning=self._limit_refused)
+            self._limit_warn_at, self._limit_refused = now + 60.0, 0
 
     def _dead_letter(self, reason: str, detail: str, msg: Message, chunk: Chunk) -> None:
         assert self._producer is not None

@@ -44,6 +44,7 @@ REASONS = (
     "non_numeric",
     "non_finite",
     "late_or_duplicate",
+    "sensor_limit",
     "internal_error",
 )
 

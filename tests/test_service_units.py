@@ -780,6 +780,34 @@ def test_a_dead_letter_too_large_for_its_topic_goes_without_the_payload(where) -
     assert service._consumer.stored == {A: 1}
 
 
+def test_a_full_replica_dead_letters_new_sensors_as_sensor_limit_and_says_so(capsys) -> None:
+    """Readings of new sensors beyond SD_DETECTOR__MAX_SENSORS went to the dead-letter topic as
+    bad_sensor, the reason of a malformed sensor id, with no log line: "this replica is full"
+    read as "producers send bad ids" and could not be alerted on."""
+    from stream_detector.config import DetectorSettings
+    from stream_detector.detector import Detector
+    from stream_detector.records import ReadingDecoder, encode_reading
+    from stream_detector.testing import NumpyScorer
+
+    service = _service()
+    service.detector = Detector(service.manifest, NumpyScorer(),
+                                DetectorSettings(max_batch=1000, max_sensors=2))
+    decoder = ReadingDecoder(service.manifest.features, 65536)
+    msgs = [_msg(o, encode_reading(f"s{o % 4}", 1000 + o, [1.0, 2.0, 3.0])) for o in range(12)]
+    service._ingest(msgs, decoder, service.detector)
+    letters = [orjson.loads(v) for topic, v in service._producer.sent
+               if topic == "sensor-readings-dlq"]
+    assert [d["offset"] for d in letters] == [2, 3, 6, 7, 10, 11]  # sensors s2 and s3
+    assert {d["reason"] for d in letters} == {"sensor_limit"}
+    assert "SD_DETECTOR__MAX_SENSORS" in letters[0]["detail"]
+    metric = service.metrics.dead_letters.labels("sensor_limit")._value.get()
+    assert metric == 6
+    captured = capsys.readouterr()  # stdout or stderr, depending on the logging set up so far
+    logged = [ln for ln in (captured.out + captured.err).splitlines()
+              if "sensor limit reached" in ln]
+    assert len(logged) == 1  # once, not once per reading
+
+
 class _FullQueueProducer(_RecordingProducer):
     """The local queue stays full (broker away): every produce() raises BufferError."""
 
