@@ -396,6 +396,11 @@ class DetectorService:
         finally:
             if self.http is not None:
                 self.http.stop()
+            # the clients are done: let them go now. A Producer lives (and keeps reconnecting
+            # to its broker, logging every failure) as long as it is referenced, and an
+            # embedding process (replay, bench, tests) keeps this object after run() returns
+            self._producer = None
+            self._consumer = None
 
     # -- the hot loop ------------------------------------------------------------------
     def _loop(self) -> None:
