@@ -7,6 +7,8 @@ Conventions, used by every function here:
 * *best F1* is the best F1 over all thresholds **without** point adjustment; *PA best F1* is the
   same with point adjustment. Point adjustment is very generous (random scores reach 0.76-0.88 on
   SMD/SMAP/MSL), so never report it alone.
+* The metrics that rank scores (best F1, AUC-PR, PA best F1) compare them at float32 precision,
+  the model's (:func:`_at_model_precision`); F1 at a given threshold uses the scores as they are.
 * An entity whose test labels hold no anomaly has no defined recall, F1 or AUC-PR: the
   label-dependent metrics are NaN there, meaning "skip this entity", and :func:`summarize` and
   :func:`markdown_table` average over the entities where the metric is defined.
@@ -41,6 +43,24 @@ def _as_arrays(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
     if np.isnan(s).any():
         raise ValueError("scores contain NaN")
     return s, y
+
+
+def _at_model_precision(s: np.ndarray) -> np.ndarray:
+    """Scores rounded to float32 (about 7 significant digits), the precision the model computes
+    in, for the metrics that rank scores (best-F1, AUC-PR, PA best-F1). They count equal scores
+    as ties, so differences far below that precision used to decide them: the model's float32
+    arithmetic varies in its last bits with the micro-batch a window is scored in, and on SMAP
+    channels with long constant stretches such noise (~1e-13) moved one channel's PA best-F1
+    by 0.012 between ``evaluate`` and ``replay`` for the same scores."""
+    with np.errstate(over="ignore"):
+        return s.astype(np.float32).astype(np.float64)
+
+
+def _original_threshold(orig: np.ndarray, rounded: np.ndarray, t: float) -> float:
+    """The threshold ``t`` found on rounded scores, as a value of the original scores: the
+    smallest original score whose rounded value reaches ``t`` (rounding keeps the order, so
+    ``orig >= it`` flags exactly the rows that ``rounded >= t`` flags)."""
+    return float(orig[rounded >= t].min())
 
 
 def _prf(tp: float, fp: float, fn: float) -> tuple[float, float, float]:
@@ -83,6 +103,7 @@ def best_f1(scores: Any, labels: Any) -> dict[str, float]:
     everything is NaN; with no row at all too.
     """
     s, y = _as_arrays(scores, labels)
+    orig, s = s, _at_model_precision(s)
     n_pos = int(np.count_nonzero(y))
     if n_pos == 0 or s.size == 0:
         return {"f1": NAN, "precision": NAN, "recall": NAN, "threshold": NAN}
@@ -100,13 +121,14 @@ def best_f1(scores: Any, labels: Any) -> dict[str, float]:
         "f1": float(f1[i]),
         "precision": float(tp_c[i] / k_c[i]),
         "recall": float(tp_c[i] / n_pos),
-        "threshold": float(s_sorted[last[i]]),
+        "threshold": _original_threshold(orig, s, float(s_sorted[last[i]])),
     }
 
 
 def auc_pr(scores: Any, labels: Any) -> float:
     """Area under the precision-recall curve as average precision; NaN without positives."""
     s, y = _as_arrays(scores, labels)
+    s = _at_model_precision(s)
     if not y.any():
         return NAN
     from sklearn.metrics import average_precision_score
@@ -141,6 +163,7 @@ def pa_best_f1(scores: Any, labels: Any) -> dict[str, float]:
     in the sorted normal scores. Same keys as :func:`best_f1`; NaN without positives.
     """
     s, y = _as_arrays(scores, labels)
+    orig, s = s, _at_model_precision(s)
     segs = segments(y)
     if not segs:
         return {"f1": NAN, "precision": NAN, "recall": NAN, "threshold": NAN}
@@ -163,7 +186,7 @@ def pa_best_f1(scores: Any, labels: Any) -> dict[str, float]:
         "f1": float(f1[i]),
         "precision": float(tp_c[i] / (tp_c[i] + fp_c[i])),
         "recall": float(tp_c[i] / n_pos),
-        "threshold": float(t_c[i]),
+        "threshold": _original_threshold(orig, s, float(t_c[i])),
     }
 
 

@@ -230,3 +230,23 @@ def test_length_mismatch_raises() -> None:
         best_f1([1.0, 2.0], [1])
     with pytest.raises(ValueError):
         point_adjust([1, 0], [1])
+
+
+def test_ranking_metrics_ignore_differences_below_the_models_precision() -> None:
+    """Long runs of equal scores (SMAP channels) perturbed by ~1e-13, as the model's float32
+    arithmetic does between micro-batches: best-F1, AUC-PR and PA best-F1 must not move (they
+    treated the perturbed values as distinct and moved by up to 0.012 between evaluate and
+    replay). A real difference, above float32 precision, still counts."""
+    from stream_detector.metrics import auc_pr, best_f1, pa_best_f1
+
+    rng = np.random.default_rng(0)
+    base = np.repeat(rng.random(40), 50)  # 40 runs of 50 equal scores
+    labels = np.zeros(base.size, dtype=np.int8)
+    for a in (120, 700, 1510):
+        labels[a : a + 60] = 1
+    noisy = base + rng.normal(0, 1e-13, base.size)
+    for fn in (auc_pr, lambda s, y: best_f1(s, y)["f1"], lambda s, y: pa_best_f1(s, y)["f1"]):
+        assert fn(noisy, labels) == fn(base, labels)
+    real = base.copy()
+    real[130] += 1e-3 * real[130]  # one row of a labelled segment really scores higher
+    assert auc_pr(real, labels) != auc_pr(base, labels)
