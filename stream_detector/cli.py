@@ -45,16 +45,10 @@ def _entities(text: str | None) -> list[str] | None:
     entity, each once."""
     if text is None:
         return None
-    names = [e.strip() for e in text.split(",") if e.strip()]
-    if not names:
-        raise ConfigError(f"--entities {text!r} names no entity: give comma-separated names, "
-                          "or leave the option out for all")
-    from stream_detector.datasets import repeated_names
+    from stream_detector.datasets import check_entity_names
 
-    repeated = repeated_names(names)
-    if repeated:
-        raise ConfigError(f"--entities names {', '.join(repeated)} more than once: name each "
-                          "entity once")
+    names = [e.strip() for e in text.split(",") if e.strip()]
+    check_entity_names(names, "--entities")
     return names
 
 

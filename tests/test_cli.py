@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from stream_detector.cli import main
-from stream_detector.errors import ConfigError
+from stream_detector.errors import DatasetError
 
 
 def _cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None):
@@ -125,8 +125,8 @@ def test_evaluate_refuses_artifact_of_other_features(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        ("", "--entities '' names no entity"),
-        (" , ,", "--entities ' , ,' names no entity"),
+        ("", "--entities names no entity"),
+        (" , ,", "--entities names no entity"),
         ("sensor-000, sensor-001,sensor-000", "--entities names sensor-000 more than once"),
     ],
 )
@@ -146,7 +146,7 @@ def test_entities_must_name_each_entity_once(value: str, message: str, tmp_path:
     r = _cli("replay", "--entities", value, "--artifact", missing, "--out", str(tmp_path / "r"),
              "--no-plots", timeout=60)
     assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
-    with pytest.raises(ConfigError, match="names"):  # datasets download uses the same parser
+    with pytest.raises(DatasetError, match="names"):  # datasets download uses the same parser
         _entities(value)
     assert _entities(None) is None and _entities(" a ,b,, ") == ["a", "b"]
 

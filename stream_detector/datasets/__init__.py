@@ -12,8 +12,8 @@ current directory or to the repository root); when that is absent too, loading f
 :class:`~stream_detector.errors.DatasetError` asking for ``--data-dir``.
 
 :func:`load_dataset` refuses, with a DatasetError, a directory that holds no entity of the
-dataset (e.g. SMAP/MSL's directory given for SMD), an empty entity list (None means all) and an
-entity named more than once.
+dataset (e.g. SMAP/MSL's directory given for SMD), and (:func:`check_entity_names`) an empty
+entity list (None means all) or an entity named more than once.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ __all__ = [
     "default_data_dir",
     "get_loader",
     "load_dataset",
-    "repeated_names",
+    "check_entity_names",
     "resolve_data_dir",
 ]
 
@@ -108,10 +108,17 @@ def resolve_data_dir(name: str, data_dir: str | Path | None) -> Path:
     return path
 
 
-def repeated_names(names: Sequence[str]) -> list[str]:
-    """The names that occur more than once in ``names``, in first-seen order."""
+def check_entity_names(names: Sequence[str], source: str) -> None:
+    """DatasetError when ``names`` (from ``source``, e.g. ``--entities``) is empty or names an
+    entity more than once: each would be scored, and averaged, once per mention."""
+    if not names:
+        raise DatasetError(f"{source} names no entity: give comma-separated names, or leave "
+                           "the option out for all")
     counts = Counter(names)
-    return [n for n in counts if counts[n] > 1]
+    repeated = [n for n in counts if counts[n] > 1]
+    if repeated:
+        raise DatasetError(f"{source} names {', '.join(repeated)} more than once: name each "
+                           "entity once")
 
 
 def load_dataset(
@@ -136,11 +143,5 @@ def load_dataset(
             )
     else:
         names = list(entities)
-        if not names:
-            raise DatasetError(f"dataset {name!r}: the entity list is empty; name at least "
-                               "one entity, or none at all for every entity")
-        repeated = repeated_names(names)
-        if repeated:
-            raise DatasetError(f"dataset {name!r}: entities named more than once: "
-                               f"{', '.join(repeated)}")
+        check_entity_names(names, f"the entity list of dataset {name!r}")
     return [loader.load_entity(path, e) for e in names]
