@@ -706,14 +706,17 @@ class DetectorService:
         """Score what is pending, deliver everything, store offsets. Returns how many records
         are still undelivered (their readings' offsets are not stored)."""
         assert self._producer is not None and self.detector is not None
+        end = time.monotonic() + timeout_s
         if self._drain_deadline is not None:  # shutting down: within what is left of the grace
-            timeout_s = min(timeout_s, max(0.0, self._drain_deadline - time.monotonic()))
+            end = min(end, self._drain_deadline)
         try:
             self._publish(self.detector.flush_batches())
         except _Abandoned:
             log.error("producer queue still full at the end of the grace period; the "
                       "readings not handed to it are read again after the restart")
-        remaining = self._producer.flush(timeout_s)
+        # what the publishing took (it can wait for room in a full queue) counts: the flush
+        # gets what is left, not the whole budget again
+        remaining = self._producer.flush(max(0.0, end - time.monotonic()))
         if remaining:
             log.error("producer could not deliver everything", remaining=remaining)
         if self._fatal:

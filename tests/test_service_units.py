@@ -854,6 +854,16 @@ def test_a_full_producer_queue_keeps_the_heartbeat_and_yields_to_sigterm() -> No
     with pytest.raises(_Abandoned):
         service._ingest([_msg(1, b"{nope")], decoder, service.detector)
     assert producer.polls > 5 and time.monotonic() - t0 >= 0.3
+    # the drain at shutdown: the wait for room uses up the grace period, and the flush after it
+    # gets what is left of it (it got the whole budget again: a 10 s grace period took 17 s)
+    service._consumer = _ScriptedConsumer(service, [])
+    service._publish = lambda batches: time.sleep(0.3)  # as long as the wait for room
+    service._drain_deadline = time.monotonic() + 0.2
+    assert service._drain_all(5.0) == 0
+    assert producer.flush_timeouts[-1] == 0.0
+    service._drain_deadline = None  # a revoke's drain: its own budget, the wait included
+    service._drain_all(0.5)
+    assert producer.flush_timeouts[-1] < 0.25
     # a delivery failure reported meanwhile stops it as fatal
     service._stop.clear()
     service._drain_deadline = None
