@@ -132,14 +132,17 @@ class KafkaSettings(_Group):
     @model_validator(mode="after")
     def _check(self) -> KafkaSettings:
         if self.heartbeat_interval_ms >= self.session_timeout_ms:
-            raise ValueError("heartbeat_interval_ms must be below session_timeout_ms")
+            raise ValueError("SD_KAFKA__HEARTBEAT_INTERVAL_MS must be below "
+                             "SD_KAFKA__SESSION_TIMEOUT_MS")
         topics = [self.input_topic, self.alert_topic, self.dead_letter_topic]
         if self.score_topic:
             topics.append(self.score_topic)
         if len(set(topics)) != len(topics):
-            raise ValueError(f"input, alert, score and dead-letter topics must differ: {topics}")
+            raise ValueError("SD_KAFKA__INPUT_TOPIC, __ALERT_TOPIC, __SCORE_TOPIC and "
+                             f"__DEAD_LETTER_TOPIC must differ: {topics}")
         if self.security_protocol.startswith("SASL") and not self.sasl_mechanism:
-            raise ValueError("sasl_mechanism is required with a SASL security_protocol")
+            raise ValueError("SD_KAFKA__SASL_MECHANISM is required with a SASL "
+                             "SD_KAFKA__SECURITY_PROTOCOL")
         return self
 
     def __repr_args__(self) -> Any:
@@ -252,7 +255,7 @@ class DetectorSettings(_Group):
     def _check(self) -> DetectorSettings:
         if not self.clear_ratio < self.warning_ratio <= self.critical_ratio:
             raise ValueError(
-                "need clear_ratio < warning_ratio <= critical_ratio, got "
+                "need SD_DETECTOR__CLEAR_RATIO < __WARNING_RATIO <= __CRITICAL_RATIO, got "
                 f"{self.clear_ratio} / {self.warning_ratio} / {self.critical_ratio}"
             )
         return self

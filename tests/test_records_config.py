@@ -572,25 +572,26 @@ def test_extra_tunes_the_producer_defaults_and_keys_map_like_the_java_client(cle
 
 def test_ratio_ordering_is_validated(clean_env, monkeypatch) -> None:
     monkeypatch.setenv("SD_DETECTOR__CLEAR_RATIO", "1.2")
-    with pytest.raises(ConfigError, match=r"detector.*clear_ratio < warning_ratio") as info:
+    with pytest.raises(ConfigError, match=r"detector.*SD_DETECTOR__CLEAR_RATIO < __WARNING_RATIO") as info:
         load_settings()
     assert "1.2 / 1.0 / 2.0" in str(info.value)
     monkeypatch.setenv("SD_DETECTOR__CLEAR_RATIO", "0.5")
     monkeypatch.setenv("SD_DETECTOR__WARNING_RATIO", "3")
-    with pytest.raises(ConfigError, match="warning_ratio <= critical_ratio"):
+    with pytest.raises(ConfigError, match="__WARNING_RATIO <= __CRITICAL_RATIO"):
         load_settings()
     monkeypatch.setenv("SD_DETECTOR__CRITICAL_RATIO", "3")  # equal is allowed
     assert load_settings().detector.critical_ratio == 3.0
 
 
 def test_kafka_consistency_checks(clean_env) -> None:
-    with pytest.raises(ConfigError, match="heartbeat_interval_ms must be below"):
+    with pytest.raises(ConfigError, match="SD_KAFKA__HEARTBEAT_INTERVAL_MS must be below SD_KAFKA__SESSION"):
         load_settings(kafka={"session_timeout_ms": 6000, "heartbeat_interval_ms": 6000})
-    with pytest.raises(ConfigError, match="topics must differ"):
+    # cross-field errors name the variables (they named only the group, SD_KAFKA)
+    with pytest.raises(ConfigError, match="SD_KAFKA__INPUT_TOPIC, __ALERT_TOPIC.* must differ"):
         load_settings(kafka={"alert_topic": "sensor-readings"})
-    with pytest.raises(ConfigError, match="topics must differ"):
+    with pytest.raises(ConfigError, match="must differ"):
         load_settings(kafka={"score_topic": "sensor-alerts"})
-    with pytest.raises(ConfigError, match="sasl_mechanism is required"):
+    with pytest.raises(ConfigError, match="SD_KAFKA__SASL_MECHANISM is required"):
         load_settings(kafka={"security_protocol": "SASL_SSL"})
 
 
