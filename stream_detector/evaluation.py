@@ -237,6 +237,10 @@ def _plots(out_dir: Path, data: list[Entity], rows: list[dict[str, Any]],
 
     chosen = plot_choice(rows)
     by_name = {e.name: e for e in data}
+    # the plots of an earlier run into the same folder (other entities) would sit beside this
+    # report as if they were its own
+    for old in (*out_dir.glob("best-*.png"), *out_dir.glob("worst-*.png")):
+        old.unlink()
     lines = ["", "## Plots", ""]
     for kind, rs in chosen.items():
         for r in rs:

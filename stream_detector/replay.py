@@ -351,12 +351,12 @@ def run_replay(opts: ReplayOptions) -> ReplayReport:
     summary = _summary(rows, stream_result, n_readings, expected, max_err, parity_ok, opts,
                        manifest, time.time() - t_begin)
     md = _markdown(opts, rows, summary, manifest, out_dir)
+    if opts.plots:  # first: a report is never written with links to plots not (yet) there
+        _plots(out_dir, data, manifest, opts.progress)
     (out_dir / "report.md").write_text(md)
     (out_dir / "report.json").write_bytes(orjson.dumps(
         {"summary": summary, "entities": rows},
         option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
-    if opts.plots:
-        _plots(out_dir, data, manifest, opts.progress)
     log.info("replay done", parity_max_abs=max_err, parity_ok=parity_ok,
              report=str(out_dir / "report.md"))
     return ReplayReport(out_dir, md, parity_ok, max_err, rows, summary, data)

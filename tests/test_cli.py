@@ -415,3 +415,20 @@ def test_baseline_label_free_f1_uses_the_fit_its_threshold_came_from(quick_artif
             old = f1_at(full, e.labels, float(np.quantile(s[:n_val], 0.995)))["f1"]
             differs += abs(old - want) > 1e-6
     assert differs  # the two fits do give different operating points here
+
+
+def test_evaluate_removes_the_plots_of_an_earlier_run_into_its_folder(quick_artifact: Path,
+                                                                      tmp_path: Path) -> None:
+    """Evaluating other entities into the same --out left the earlier run's best-/worst-
+    plots beside the new report, as if they were its own."""
+    from stream_detector.evaluation import run_evaluation
+
+    out = tmp_path / "e"
+    run_evaluation("synthetic", None, ["sensor-000", "sensor-001"], quick_artifact, out,
+                   baselines=[], progress=False)
+    first = sorted(p.name for p in out.glob("*.png"))
+    assert any("sensor-001" in n for n in first)
+    run_evaluation("synthetic", None, ["sensor-000"], quick_artifact, out, baselines=[],
+                   progress=False)
+    assert sorted(p.name for p in out.glob("*.png")) == ["best-sensor-000.png"]
+    assert "best-sensor-000.png" in (out / "evaluation.md").read_text()

@@ -572,7 +572,8 @@ def test_extra_tunes_the_producer_defaults_and_keys_map_like_the_java_client(cle
 
 def test_ratio_ordering_is_validated(clean_env, monkeypatch) -> None:
     monkeypatch.setenv("SD_DETECTOR__CLEAR_RATIO", "1.2")
-    with pytest.raises(ConfigError, match=r"detector.*SD_DETECTOR__CLEAR_RATIO < __WARNING_RATIO") as info:
+    with pytest.raises(ConfigError,
+                       match=r"detector.*SD_DETECTOR__CLEAR_RATIO < __WARNING_RATIO") as info:
         load_settings()
     assert "1.2 / 1.0 / 2.0" in str(info.value)
     monkeypatch.setenv("SD_DETECTOR__CLEAR_RATIO", "0.5")
@@ -584,7 +585,8 @@ def test_ratio_ordering_is_validated(clean_env, monkeypatch) -> None:
 
 
 def test_kafka_consistency_checks(clean_env) -> None:
-    with pytest.raises(ConfigError, match="SD_KAFKA__HEARTBEAT_INTERVAL_MS must be below SD_KAFKA__SESSION"):
+    with pytest.raises(ConfigError,
+                       match="SD_KAFKA__HEARTBEAT_INTERVAL_MS must be below SD_KAFKA__SESSION"):
         load_settings(kafka={"session_timeout_ms": 6000, "heartbeat_interval_ms": 6000})
     # cross-field errors name the variables (they named only the group, SD_KAFKA)
     with pytest.raises(ConfigError, match="SD_KAFKA__INPUT_TOPIC, __ALERT_TOPIC.* must differ"):
