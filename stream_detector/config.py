@@ -58,11 +58,14 @@ _OWN_SETTING = {
     "ssl.certificate.location": "SD_KAFKA__SSL_CERTIFICATE_LOCATION",
     "ssl.key.location": "SD_KAFKA__SSL_KEY_LOCATION",
     "ssl.key.password": "SD_KAFKA__SSL_KEY_PASSWORD",
+    "metadata.broker.list": "SD_KAFKA__BOOTSTRAP_SERVERS",  # librdkafka's alias
 }
 _SECRET_KEY = re.compile(r"secret|password|passwd|token|credential|sasl\.jaas|\.key\b|"
                          r"key\.pem|keystore", re.IGNORECASE)
 _DELIVERY = ("enable.auto.offset.store", "enable.auto.commit", "enable.idempotence", "acks",
-             "enable.partition.eof")
+             "request.required.acks", "enable.partition.eof")
+# librdkafka's other names of the producer defaults that SD_KAFKA__EXTRA may change
+_PRODUCER_ALIASES = {"linger.ms": "queue.buffering.max.ms", "compression.type": "compression.codec"}
 
 
 class KafkaSettings(_Group):
@@ -211,7 +214,8 @@ class KafkaSettings(_Group):
         }
         for key, value in (("linger.ms", 5), ("compression.type", "lz4"),
                            ("partitioner", "murmur2_random")):
-            conf.setdefault(key, value)
+            if key not in conf and _PRODUCER_ALIASES.get(key) not in conf:
+                conf[key] = value
         return conf
 
 

@@ -322,6 +322,11 @@ class DetectorService:
         self._owned: set[TP] = set()  # partitions assigned to this instance now
         self._touched: set[TP] = set()  # partitions a rebalance callback changed (see _loop)
         self._drain_deadline: float | None = None  # shutdown: when the grace period ends
+        self._wait_until: float | None = None  # a drain's end: the queue wait gives up there
+        self._abandoned = False  # records given up in a full queue (exit code 1, not 0)
+        # dead letters to send again without their payload: a delivery callback must not
+        # produce (nor poll, as a full queue would make it), so they wait for the loop
+        self._resend: list[tuple[Any, ...]] = []
         self._max_future_ms = settings.detector.max_future_s * 1000.0
         self._limit_warn_at, self._limit_refused = 0.0, 0  # sensor-limit warnings
         self._consumer: Consumer | None = None
@@ -440,6 +445,8 @@ class DetectorService:
                 self._ingest(messages, decoder, detector)
             self._publish(detector.poll_batches())
             producer.poll(0)
+            if self._resend:
+                self._send_resends()
             self._store_offsets()
 
     def _ingest(self, messages: list[Message], decoder: ReadingDecoder,
@@ -644,7 +651,8 @@ class DetectorService:
                 if smaller is not None and err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
                     log.warning("record too large for its topic; sending it without the "
                                 "original payload", topic=topic, record=what())
-                    self._produce(topic, key, smaller, chunk, latency_from_ms, context)
+                    # sent by _send_resends, outside this callback (its chunk stays held)
+                    self._resend.append((topic, key, smaller, chunk, latency_from_ms, context))
                     return
                 self._fatal = f"delivery to {topic} failed: {err}; record: {what()}"
                 return
@@ -675,8 +683,10 @@ class DetectorService:
                 self.health.beat()
                 if self._fatal:
                     raise FatalError(self._fatal) from None
-                if self._stop.is_set() and (self._drain_deadline is None
-                                            or now >= self._drain_deadline):
+                if (self._stop.is_set() and (self._drain_deadline is None
+                                             or now >= self._drain_deadline)) or (
+                        self._wait_until is not None and now >= self._wait_until):
+                    self._abandoned = True
                     raise _Abandoned from None
                 self._producer.poll(0.05)
             except KafkaException as exc:  # refused at once (too large, unknown topic, ...)
@@ -702,21 +712,37 @@ class DetectorService:
             except KafkaException as exc:  # partition no longer assigned: harmless
                 log.debug("store_offsets failed", error=str(exc))
 
+    def _send_resends(self) -> None:
+        """Send the dead letters that delivery callbacks queued to go again without payload."""
+        todo, self._resend = self._resend, []
+        for topic, key, value, chunk, latency_from_ms, context in todo:
+            self._produce(topic, key, value, chunk, latency_from_ms, context)
+
     def _drain_all(self, timeout_s: float) -> int:
-        """Score what is pending, deliver everything, store offsets. Returns how many records
-        are still undelivered (their readings' offsets are not stored)."""
+        """Score what is pending, deliver everything, store offsets, all within ``timeout_s``
+        (and the shutdown deadline). Returns how many records are still undelivered (their
+        readings' offsets are not stored)."""
         assert self._producer is not None and self.detector is not None
         end = time.monotonic() + timeout_s
         if self._drain_deadline is not None:  # shutting down: within what is left of the grace
             end = min(end, self._drain_deadline)
+        # the wait for room in a full queue ends with the budget too (a revoke's drain waited
+        # without limit; the shutdown's only once SIGTERM had come)
+        self._wait_until = end
         try:
             self._publish(self.detector.flush_batches())
+            # what publishing took counts: each flush gets what is left, not the budget again
+            remaining = self._producer.flush(max(0.0, end - time.monotonic()))
+            while self._resend and time.monotonic() < end:
+                self._send_resends()
+                remaining = self._producer.flush(max(0.0, end - time.monotonic()))
         except _Abandoned:
-            log.error("producer queue still full at the end of the grace period; the "
-                      "readings not handed to it are read again after the restart")
-        # what the publishing took (it can wait for room in a full queue) counts: the flush
-        # gets what is left, not the whole budget again
-        remaining = self._producer.flush(max(0.0, end - time.monotonic()))
+            log.error("producer queue still full at the end of the drain; the readings not "
+                      "handed to it are read again from the committed offsets")
+            remaining = len(self._producer)
+        finally:
+            self._wait_until = None
+        remaining += len(self._resend)
         if remaining:
             log.error("producer could not deliver everything", remaining=remaining)
         if self._fatal:
@@ -735,7 +761,7 @@ class DetectorService:
         self._drain_deadline = t0 + grace * 0.9  # the rest: commit and close
         log.info("draining", pending=self.detector.pending if self.detector else 0)
         remaining = self._drain_all(grace * 0.8)
-        code = 2 if self._fatal else 1 if remaining else 0
+        code = 2 if self._fatal else 1 if remaining or self._abandoned else 0
         try:
             self._consumer.commit(asynchronous=False)
         except KafkaException as exc:

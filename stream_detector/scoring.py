@@ -89,7 +89,9 @@ class ScoreFunction:
 
 
 def smooth(raw: np.ndarray, k: int) -> np.ndarray:
-    """Trailing mean of the last ``k`` values (fewer at the start), as the detector smooths."""
+    """Trailing mean of the last ``k`` values (fewer at the start), as the detector smooths:
+    equal to its values within rounding (it sums its ring in another order), and exactly equal
+    wherever the raw scores are equal."""
     raw = np.asarray(raw, dtype=np.float64)
     if k <= 1 or raw.size == 0:
         return raw.copy()

@@ -250,3 +250,8 @@ def test_ranking_metrics_ignore_differences_below_the_models_precision() -> None
     real = base.copy()
     real[130] += 1e-3 * real[130]  # one row of a labelled segment really scores higher
     assert auc_pr(real, labels) != auc_pr(base, labels)
+
+    # finite scores beyond float32's range: still finite, still ranked (they became inf, which
+    # sklearn refuses)
+    assert auc_pr([1.0, 2.0, 1e39], [0, 1, 1]) == pytest.approx(1.0)
+    assert best_f1([1.0, -1e39, 1e39], [0, 0, 1])["f1"] == 1.0

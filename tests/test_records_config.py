@@ -549,6 +549,8 @@ def test_bad_extra_value_names_the_real_env_variable_once(clean_env, monkeypatch
     ("sasl.password", "use SD_KAFKA__SASL_PASSWORD"),
     ("enable.auto.offset.store", "set by the service (at-least-once delivery"),
     ("acks", "set by the service (at-least-once delivery"),
+    ("metadata.broker.list", "use SD_KAFKA__BOOTSTRAP_SERVERS"),  # librdkafka's aliases too
+    ("request.required.acks", "set by the service (at-least-once delivery"),
 ])
 def test_extra_cannot_set_what_has_its_own_setting_or_guards_delivery(clean_env, monkeypatch,
                                                                       key, says) -> None:
@@ -568,6 +570,12 @@ def test_extra_tunes_the_producer_defaults_and_keys_map_like_the_java_client(cle
     assert (p["linger.ms"], p["compression.type"], p["partitioner"]) == (0, "zstd",
                                                                           "murmur2_random")
     assert p["enable.idempotence"] is True and p["acks"] == "all"
+    # the same through librdkafka's other names (the defaults were set beside them and won)
+    monkeypatch.setenv("SD_KAFKA__EXTRA", '{"queue.buffering.max.ms": 0, '
+                       '"compression.codec": "zstd"}')
+    p = load_settings().kafka.producer_config()
+    assert "linger.ms" not in p and "compression.type" not in p
+    assert (p["queue.buffering.max.ms"], p["compression.codec"]) == (0, "zstd")
 
 
 def test_ratio_ordering_is_validated(clean_env, monkeypatch) -> None:

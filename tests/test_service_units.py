@@ -8,6 +8,7 @@ import time
 from http.client import HTTPConnection
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
@@ -741,13 +742,15 @@ class _SizeLimitedProducer(_RecordingProducer):
         super().produce(topic, value, key, on_delivery)
 
     def deliver(self) -> None:
-        """Acknowledge (or fail) every record, those a callback produces included."""
-        i = 0
-        while i < len(self.sent):
+        """Acknowledge (or fail) every record not yet reported, as poll()/flush() do; a
+        callback must not produce (librdkafka's own rule, enforced here)."""
+        start = getattr(self, "reported", 0)
+        end = self.reported = len(self.sent)
+        for i in range(start, end):
             too_large = len(self.sent[i][1]) > self.broker_limit
             self.callbacks[i](KafkaError(KafkaError.MSG_SIZE_TOO_LARGE) if too_large else None,
                               None)
-            i += 1
+        assert len(self.sent) == end, "a delivery callback produced"
 
 
 @pytest.mark.parametrize("where", ["producer", "broker"])
@@ -769,7 +772,14 @@ def test_a_dead_letter_too_large_for_its_topic_goes_without_the_payload(where) -
     decoder = ReadingDecoder(service.manifest.features, 65536)
     service._ingest([_msg(0, big)], decoder, service.detector)
     producer.deliver()
-    assert service._fatal is None
+    if where == "broker":
+        # refused by the broker: the delivery callback only queues the bare copy (producing,
+        # or polling a full queue, from inside a callback aborted the process), and the loop
+        # sends it
+        assert len(service._resend) == 1 and len(producer.sent) == 1
+        service._send_resends()
+        producer.deliver()
+    assert service._fatal is None and not service._resend
     letters = [orjson.loads(v) for topic, v in producer.sent if topic == "sensor-readings-dlq"]
     last = letters[-1]
     assert (last["topic"], last["partition"], last["offset"]) == ("readings", 0, 0)
@@ -870,6 +880,23 @@ def test_a_full_producer_queue_keeps_the_heartbeat_and_yields_to_sigterm() -> No
     service._fatal = "delivery to sensor-alerts failed: broker down"
     with pytest.raises(FatalError, match="broker down"):
         service._ingest([_msg(2, b"{nope")], decoder, service.detector)
+
+
+def test_a_revoke_drain_gives_up_on_a_full_queue_at_the_end_of_its_budget() -> None:
+    """A revoke's drain (no SIGTERM) whose publishing met a full queue waited without limit;
+    it now ends with its budget, the readings not handed over are not stored (read again by
+    the partition's next owner), and shutdown would report exit code 1, not a clean 0."""
+    producer = _FullQueueProducer()
+    service = _service(producer, score_topic="sensor-scores")
+    service._consumer = _ScriptedConsumer(service, [])
+    service._consumer.assigned = {A}
+    chunk = service.tracker.begin(A, 103, 3, time.monotonic())
+    service.detector.submit_many(["q"] * 3, [1, 2, 3], np.ones((3, 3)), [(chunk, 0)] * 3)
+    t0 = time.monotonic()
+    assert service._drain_all(0.3) > 0
+    assert 0.3 <= time.monotonic() - t0 < 5
+    assert service._abandoned and service._wait_until is None
+    assert service._consumer.stored == {}  # nothing stored for the windows not published
 
 
 def test_librdkafka_refusing_the_client_settings_is_a_config_error() -> None:
