@@ -241,6 +241,11 @@ def _client(cls: Any, conf: dict[str, Any]) -> Any:
                           f"and the SD_KAFKA__* values): {exc}") from None
 
 
+def _describe(context: tuple[Any, ...], value: bytes) -> str:
+    """A produced record, named in an error: what it is (``context``) and its size."""
+    return " ".join(map(str, (*context, f"({len(value)} bytes)")))
+
+
 def wait_for_broker(settings: Settings, sleep: Callable[[float], None] = time.sleep,
                     *, beat: Callable[[], None] | None = None,
                     stop: threading.Event | None = None) -> bool:
@@ -591,8 +596,10 @@ class DetectorService:
         payload = dead_letter(reason, detail, raw, *where)
         # a dead-letter topic whose max.message.bytes is below the copy: the same dead letter
         # without original_b64 (topic/partition/offset still point at the record)
-        bare = dead_letter(reason, f"{detail}; original_b64 left out: the dead letter with it "
-                           "was too large for the dead-letter topic", None, *where)
+        def bare() -> bytes:  # built only when needed
+            return dead_letter(reason, f"{detail}; original_b64 left out: the dead letter with "
+                               "it was too large for the dead-letter topic", None, *where)
+
         self._produce(self.settings.kafka.dead_letter_topic, msg.key(), payload, chunk, None,
                       ("dead letter of input record", *where), bare)
 
@@ -637,24 +644,22 @@ class DetectorService:
 
     def _produce(self, topic: str, key: bytes | None, value: bytes, chunk: Chunk,
                  latency_from_ms: int | None, context: tuple[Any, ...] = (),
-                 smaller: bytes | None = None) -> None:
+                 smaller: Callable[[], bytes] | None = None) -> None:
         """Hand one record to the producer; ``chunk`` is released when the broker acknowledged
-        it. ``context`` names the record in errors (formatted only then); ``smaller`` is sent
+        it. ``context`` names the record in errors (formatted only then); ``smaller()`` is sent
         instead when the record is too large for the topic or the producer."""
         assert self._producer is not None
-
-        def what() -> str:
-            return " ".join(map(str, (*context, f"({len(value)} bytes)")))
 
         def on_delivery(err: KafkaError | None, _msg: Message) -> None:
             if err is not None:
                 if smaller is not None and err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
                     log.warning("record too large for its topic; sending it without the "
-                                "original payload", topic=topic, record=what())
+                                "original payload", topic=topic, record=_describe(context, value))
                     # sent by _send_resends, outside this callback (its chunk stays held)
-                    self._resend.append((topic, key, smaller, chunk, latency_from_ms, context))
+                    self._resend.append((topic, key, smaller(), chunk, latency_from_ms, context))
                     return
-                self._fatal = f"delivery to {topic} failed: {err}; record: {what()}"
+                self._fatal = (f"delivery to {topic} failed: {err}; record: "
+                               f"{_describe(context, value)}")
                 return
             if latency_from_ms is not None and latency_from_ms > 0:
                 self.metrics.reading_to_alert.observe(
@@ -692,9 +697,10 @@ class DetectorService:
             except KafkaException as exc:  # refused at once (too large, unknown topic, ...)
                 err = exc.args[0]
                 if smaller is not None and err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
-                    value, smaller = smaller, None
+                    value, smaller = smaller(), None
                     continue
-                raise FatalError(f"cannot produce to {topic}: {exc}; record: {what()}") from None
+                raise FatalError(f"cannot produce to {topic}: {exc}; record: "
+                                 f"{_describe(context, value)}") from None
 
     def _store_offsets(self) -> None:
         assert self._consumer is not None

@@ -139,12 +139,8 @@ def run_evaluation(
             if b == "random":  # uniform scores: quantile q of their distribution is q itself
                 bm = entity_metrics(bs[b], e.labels, q)
             else:
-                bm = entity_metrics(bs[b], e.labels)
                 thr, held_out_fit = baseline_label_free(e, b, q, val_fraction, seed)
-                if held_out_fit is not None:
-                    at = entity_metrics(held_out_fit, e.labels, thr)
-                    for k in ("precision", "recall", "f1_at_threshold"):
-                        bm[k] = at[k]
+                bm = entity_metrics(bs[b], e.labels, thr, threshold_scores=held_out_fit)
             per_method[b].append({"entity": e.name, **bm})
             for k in METRICS:
                 row[f"{b}_{k}"] = bm[k]

@@ -222,7 +222,8 @@ def hit_rate(
     return len(gt.intersection(ranked)) / len(gt)
 
 
-def entity_metrics(scores: Any, labels: Any, threshold: float | None = None) -> dict[str, float]:
+def entity_metrics(scores: Any, labels: Any, threshold: float | None = None,
+                   threshold_scores: Any = None) -> dict[str, float]:
     """One entity's detection metrics, all floats.
 
     Keys: ``best_f1`` (best over thresholds, no point adjustment), ``precision``, ``recall`` and
@@ -230,6 +231,8 @@ def entity_metrics(scores: Any, labels: Any, threshold: float | None = None) -> 
     ``auc_pr`` (average precision), ``pa_best_f1`` (best F1 with point adjustment) and
     ``best_threshold`` (the score value giving ``best_f1``). Without positive labels every value
     is NaN (skip the entity); with ``threshold`` None the three threshold metrics are NaN.
+    ``threshold_scores``, when given, are the scores the threshold is applied to instead of
+    ``scores`` (a baseline's threshold belongs to another fit than its ``scores``).
     """
     s, y = _as_arrays(scores, labels)
     out = dict.fromkeys((*ENTITY_METRIC_KEYS, "best_threshold"), NAN)
@@ -239,7 +242,7 @@ def entity_metrics(scores: Any, labels: Any, threshold: float | None = None) -> 
     out["best_f1"] = b["f1"]
     out["best_threshold"] = b["threshold"]
     if threshold is not None and not math.isnan(threshold):
-        at = f1_at(s, y, threshold)
+        at = f1_at(s if threshold_scores is None else threshold_scores, y, threshold)
         out["precision"] = at["precision"]
         out["recall"] = at["recall"]
         out["f1_at_threshold"] = at["f1"]
