@@ -182,6 +182,10 @@ class Detector:
         self._sm_ring = np.zeros((cap, self._k))
         self._sm_n = np.zeros(cap, dtype=np.int64)
         self._open = np.zeros(cap, dtype=bool)
+        # consecutive fully smoothed windows below the clear level, up to clear_after (-1: no
+        # window scored yet): a sensor that reached clear_after has the state any earlier
+        # start would have given it (see inexact())
+        self._calm = np.full(cap, -1, dtype=np.int32)
         self._trackers: dict[str, EpisodeTracker] = {}
         self._ready: list[Batch] = []
         self._start = getattr(scorer, "errors_async", None)
@@ -294,9 +298,35 @@ class Detector:
     def sensors(self) -> list[str]:
         return self._store.sensors()
 
+    def inexact(self, sensors: Iterable[str]) -> list[str]:
+        """Those of ``sensors`` whose alert state may differ from the state they would have
+        had with more history before their first reading here.
+
+        A sensor's state (its window, score smoothing and episode) depends on readings before
+        the ones this detector saw only until it has had ``clear_after`` consecutive fully
+        smoothed windows below the clear level: any episode an earlier start would have opened
+        has resolved by then, and from there on both evolve identically (a closed episode
+        tracker keeps nothing). A sensor with at least one scored window that has not had such
+        a run is *inexact*: its open episode may have begun earlier (another ``alert_id``), or
+        an episode an earlier start would have kept open is closed here. Sensors without a
+        full window yet are not listed (nothing of theirs was scored), nor unknown ones. The
+        Kafka driver deepens its rebuild while a partition has inexact sensors."""
+        slot_of, need = self._store.slot, self._hyst.clear_after
+        out = []
+        for s in sensors:
+            slot = slot_of(s)
+            if slot is not None and 0 <= self._calm[slot] < need:
+                out.append(s)
+        return out
+
+    def unscored(self, sensors: Iterable[str]) -> list[str]:
+        """Those of ``sensors`` with state here but no window scored yet (still warming)."""
+        slot_of = self._store.slot
+        return [s for s in sensors if (slot := slot_of(s)) is not None and self._calm[slot] < 0]
+
     def state_bytes(self) -> int:
         per_slot = (self._thr.nbytes + self._row.nbytes + self._sm_ring.nbytes
-                    + self._sm_n.nbytes + self._open.nbytes)
+                    + self._sm_n.nbytes + self._open.nbytes + self._calm.nbytes)
         return self._store.nbytes + per_slot
 
     # -- internals ---------------------------------------------------------------------
@@ -309,6 +339,7 @@ class Detector:
             self._sm_ring = np.concatenate([self._sm_ring, np.zeros((extra, self._k))])
             self._sm_n = np.concatenate([self._sm_n, np.zeros(extra, dtype=np.int64)])
             self._open = np.concatenate([self._open, np.zeros(extra, dtype=bool)])
+            self._calm = np.concatenate([self._calm, np.full(extra, -1, dtype=np.int32)])
         thresholds, row = self.manifest.thresholds, self._score_fn.row
         for sensor, slot in new:
             self._thr[slot] = thresholds.for_sensor(sensor)
@@ -316,6 +347,7 @@ class Detector:
             self._sm_ring[slot] = 0.0
             self._sm_n[slot] = 0
             self._open[slot] = False
+            self._calm[slot] = -1
             self._trackers.pop(sensor, None)
 
     def _complete(self) -> None:
@@ -409,6 +441,9 @@ class Detector:
         smoothed = self._smooth(scored.score, sl)
         thr = self._thr[sl]
         m = len(sl)
+        inexact = np.flatnonzero(self._calm[sl] < self._hyst.clear_after)
+        if len(inexact):  # windows of sensors not yet exact (none once all are)
+            self._count_calm(sl[inexact], smoothed[inexact], thr[inexact])
         levels = [_NORMAL_LABEL] * m
         alerts: dict[int, Alert] = {}
         # Only windows that can change an alert state go through the per-sensor state machine:
@@ -427,6 +462,31 @@ class Detector:
         return ScoredBatch(sensors, refs, list(starts), list(ends), smoothed.tolist(),
                            scored.reconstruction.tolist(), scored.forecast.tolist(),
                            thr.tolist(), levels, alerts, self.manifest.model_version)
+
+    def _count_calm(self, sl: np.ndarray, smoothed: np.ndarray, thr: np.ndarray) -> None:
+        """Advance each inexact sensor's run of calm windows (see :meth:`inexact`): fully
+        smoothed (its ``k``-th score or later) and below ``clear_ratio * threshold``.
+        The arguments hold every window of this batch of those sensors, in order. ``_smooth``
+        has counted this batch's scores already (it keeps no count when k is 1: every window
+        is fully smoothed then)."""
+        need, k = self._hyst.clear_after, self._k
+        calm = self._calm
+        with np.errstate(divide="ignore", invalid="ignore"):
+            quiet = ((thr > 0) & (smoothed / thr < self._hyst.clear_ratio)).tolist()
+        pushed: dict[int, int] = {}
+        if k > 1:
+            uniq, counts = np.unique(sl, return_counts=True)
+            pushed = dict(zip(uniq.tolist(), (self._sm_n[uniq] - counts).tolist(), strict=True))
+        for j, slot in enumerate(sl.tolist()):
+            full = True
+            if k > 1:
+                before = pushed[slot]
+                pushed[slot] = before + 1
+                full = before + 1 >= k
+            run = int(calm[slot])
+            if run >= need:
+                continue
+            calm[slot] = max(run, 0) + 1 if quiet[j] and full else 0
 
     def _track(self, todo: list[int], sensors: tuple[str, ...], sl: np.ndarray,
                starts: tuple[int, ...], ends: tuple[int, ...], smoothed: np.ndarray,

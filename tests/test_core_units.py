@@ -385,3 +385,86 @@ def test_detector_deadline_flush_and_forget() -> None:
     det.forget(["a"])
     assert det.sensors() == []
     assert det.submit(Reading("a", 0, np.zeros(3, np.float32))) is Status.WARMING
+
+
+# ------------------------------------------------------------------ rebuilt state: exactness
+
+
+def _bursty_stream(seed: int, n: int = 260) -> np.ndarray:
+    """Readings of one sensor (3 features): calm stretches and oscillating bursts of random
+    lengths (the NumpyScorer scores oscillation high), some of them long."""
+    rng = np.random.default_rng(seed)
+    values = np.ones((n, 3))
+    t = 0
+    while t < n:
+        t += int(rng.integers(5, 40))  # calm
+        length = int(rng.integers(3, 60))
+        amp = float(rng.uniform(0.5, 3.0))  # some bursts stay between clear and warning
+        values[t : t + length, 0] += amp * (np.arange(len(values[t : t + length])) % 2)
+        t += length
+    return values
+
+
+@pytest.mark.parametrize("smoothing", [1, 3])
+def test_a_detector_started_late_matches_the_uninterrupted_one_once_exact(smoothing) -> None:
+    """What the consumer's rebuild relies on: a detector that sees a stream from reading
+    ``start`` on gives, from the first moment no sensor is ``inexact()`` on, exactly the
+    alerts (ids, events, levels) that a detector which saw the whole stream gives. Before that
+    moment it may not (an episode open since before ``start`` gets another id)."""
+    manifest = make_manifest(window=4, smoothing=smoothing)
+    settings = DetectorSettings(max_batch=1, clear_after=5, update_interval_s=0.0)
+
+    def run(values: np.ndarray, first: int) -> dict[int, tuple]:
+        det = Detector(manifest, NumpyScorer(), settings, wall_clock_ms=lambda: 0)
+        alerts, exact_from = {}, None
+        for t in range(first, len(values)):
+            det.submit(Reading("s", 1000 * t, values[t], ref=t))
+            for r in det.flush():
+                if r.alert is not None:
+                    a = r.alert
+                    alerts[r.ref] = (a.alert_id, a.event, a.level, a.episode_start_ms)
+            if (exact_from is None and det.sensors() and not det.unscored(["s"])
+                    and not det.inexact(["s"])):
+                exact_from = t
+        return alerts, exact_from
+
+    differed = checked = 0
+    for seed in range(8):
+        values = _bursty_stream(seed)
+        reference, _ = run(values, 0)
+        for first in range(10, 200, 9):
+            late, exact_from = run(values, first)
+            if exact_from is None:
+                continue
+            checked += 1
+            after = {t: a for t, a in reference.items() if t > exact_from}
+            assert {t: a for t, a in late.items() if t > exact_from} == after, (seed, first)
+            if {t: a for t, a in late.items() if t >= first} != {
+                    t: a for t, a in reference.items() if t >= first}:
+                differed += 1
+    assert checked > 80
+    assert differed > 0  # the late starts do lose ids before they become exact
+
+
+def test_inexact_and_unscored_sensors() -> None:
+    manifest = make_manifest(window=3, smoothing=4)
+    det = Detector(manifest, NumpyScorer(), DetectorSettings(max_batch=1000, clear_after=10))
+    ones = np.ones((1, 3))
+    for t in range(30):
+        det.submit_many(["calm", "busy"], [t, t],
+                        np.array([[1.0, 1, 1], [0.0 if t % 2 else 5.0, 1, 1]]))
+    for t in range(12):  # 10 windows, the first 3 of them smoothed over fewer than 4 scores
+        det.submit_many(["short"], [t], ones)
+    det.submit_many(["new", "new"], [0, 1], np.ones((2, 3)))  # no full window
+    det.flush()
+    names = ["calm", "busy", "short", "new", "unknown"]
+    assert det.inexact(names) == ["busy", "short"]
+    assert det.unscored(names) == ["new"]
+    for t in range(12, 15):
+        det.submit_many(["short"], [t], ones)
+    det.flush()
+    assert det.inexact(names) == ["busy"]  # 10 calm windows now
+    det.forget(["calm"])
+    det.submit_many(["calm"], [100], ones)  # its slot starts over
+    det.flush()
+    assert det.unscored(names) == ["calm", "new"] and det.inexact(["calm"]) == []
