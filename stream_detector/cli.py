@@ -258,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "0 = torch's default, one per core)")
     s.add_argument("--rebuild-lookback", type=_count, default=None,
                    help="records re-read per assigned partition to rebuild windows and alert "
-                        "state (default SD_SERVICE__REBUILD_LOOKBACK, 10,000)")
+                        "state, doubled while a sensor's state is not exact, up to "
+                        "SD_SERVICE__REBUILD_MAX_LOOKBACK (default SD_SERVICE__REBUILD_LOOKBACK, "
+                        "10,000)")
     s.set_defaults(func=cmd_serve)
 
     r = sub.add_parser("replay", help="backtest: dataset -> Kafka -> consumer -> metrics")

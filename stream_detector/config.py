@@ -285,7 +285,17 @@ class ServiceSettings(_Group):
         description="Records re-read per assigned partition to rebuild windows, smoothing and "
         "alert state. Size it to cover, for every sensor of a partition, a window plus the "
         "smoothing length, and the longest alert episode whose alert_id must survive a "
-        "rebalance: sensors per partition x readings per sensor (docs/messages.md).",
+        "rebalance: sensors per partition x readings per sensor (docs/messages.md). The "
+        "rebuild doubles it while a sensor's alert state is not yet exact, up to "
+        "SD_SERVICE__REBUILD_MAX_LOOKBACK.",
+    )
+    rebuild_max_lookback: int = Field(
+        500_000, ge=0, le=100_000_000,
+        description="Largest look-back the rebuild deepens to (doubling from "
+        "SD_SERVICE__REBUILD_LOOKBACK) while a sensor of the partition has an alert state that "
+        "earlier records could change: an episode open since before the look-back, or fewer "
+        "calm windows than SD_DETECTOR__CLEAR_AFTER. At or below the look-back: no deepening "
+        "(docs/messages.md).",
     )
     torch_threads: int = Field(
         1, ge=0, le=256,

@@ -20,14 +20,17 @@ Delivery guarantee: **at least once.**
 State after restart or rebalance: when a partition is assigned and it has a committed offset
 ``C``, the consumer seeks to ``max(low watermark, C - rebuild_lookback)`` and feeds the records
 before ``C`` through the detector *silently* (no alert, no score record, no offset store), so
-ring buffers, score smoothing and alert hysteresis are rebuilt exactly as an uninterrupted
-consumer had them, provided every sensor on the partition has a full window plus the smoothing
-length, and the start of its open alert episode if any, within the look-back
-(``SD_SERVICE__REBUILD_LOOKBACK``). An episode that began earlier cannot be known: it goes on
-under a new ``alert_id`` and the old one gets no resolve (docs/messages.md tells subscribers how
-to read that). Cost: re-reading and scoring up to ``rebuild_lookback`` records per assigned
-partition. On revocation the detector is flushed, results are delivered, offsets are
-committed synchronously, and the partition's sensors are forgotten.
+ring buffers, score smoothing and alert hysteresis are rebuilt as an uninterrupted consumer had
+them. Before the first live record the rebuild is checked (:meth:`DetectorService._end_rebuilds`):
+while a sensor of the partition is *inexact* (:meth:`Detector.inexact`: its open episode may
+have begun before the look-back, or an earlier one may still be open) or most have no full
+window, its sensors are forgotten and the partition is rebuilt with twice the look-back, up to
+``SD_SERVICE__REBUILD_MAX_LOOKBACK`` or the log's start. An episode that began beyond that
+goes on under a new ``alert_id`` and the old one gets no resolve (docs/messages.md tells
+subscribers how to read that). Cost: re-reading and scoring the look-back (about twice the
+final one in all, when it deepens) per assigned partition. On revocation the detector is
+flushed, results are delivered, offsets are committed synchronously, and the partition's
+sensors are forgotten.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any, cast
 
@@ -216,6 +220,17 @@ class OffsetTracker:
         self._dirty.discard(tp)
 
 
+@dataclass(frozen=True, slots=True)
+class _Rebuild:
+    """A partition's rebuild in progress: records ``start`` to ``committed - 1`` are read
+    silently; ``low`` is the log's start when it was planned."""
+
+    committed: int
+    low: int
+    start: int
+    lookback: int
+
+
 #: The driver's token of a reading, handed to the Detector and back: its chunk (None for a
 #: silent rebuild reading) and its Kafka timestamp (for the reading -> alert latency metric).
 Ref = tuple[Chunk | None, int]
@@ -314,6 +329,9 @@ class DetectorService:
         self.scorer = scorer
         self.rebuild_lookback = (settings.service.rebuild_lookback if rebuild_lookback is None
                                  else rebuild_lookback)
+        # never below the look-back itself (an explicit --rebuild-lookback above it: no deepening)
+        self.rebuild_max_lookback = max(settings.service.rebuild_max_lookback,
+                                        self.rebuild_lookback)
         self.metrics = metrics or Metrics()
         self.health = HealthState()
         self.serve_http = serve_http
@@ -323,6 +341,7 @@ class DetectorService:
         self.detector: Detector | None = None
         self.tracker = OffsetTracker()
         self._silent_until: dict[TP, int] = {}
+        self._rebuilds: dict[TP, _Rebuild] = {}  # rebuilds whose exactness is checked at the end
         self._sensor_tp: dict[str, TP] = {}
         self._owned: set[TP] = set()  # partitions assigned to this instance now
         self._touched: set[TP] = set()  # partitions a rebalance callback changed (see _loop)
@@ -456,9 +475,107 @@ class DetectorService:
 
     def _ingest(self, messages: list[Message], decoder: ReadingDecoder,
                 detector: Detector) -> None:
-        """Decode and submit one ``consume()`` batch, in order. The Kafka bookkeeping is one
-        chunk per partition (:class:`OffsetTracker`); decoding and the ring buffers work on
-        the whole batch."""
+        """Decode and submit one ``consume()`` batch, in order. A partition whose checked
+        rebuild reaches its committed offset in this batch is checked before its first live
+        reading goes in (:meth:`_end_rebuilds`): either its live readings follow, or the rebuild
+        starts again from further back and they are read again after it."""
+        ended: dict[TP, list[Message]] = {}
+        if self._rebuilds:
+            messages, ended = self._split_rebuild_ends(messages)
+        self._ingest_batch(messages, decoder, detector)
+        if ended:
+            done = self._end_rebuilds(list(ended), detector)
+            live = [m for tp in done for m in ended[tp]]
+            if live:
+                self._ingest_batch(live, decoder, detector)
+
+    def _split_rebuild_ends(self, messages: list[Message]
+                            ) -> tuple[list[Message], dict[TP, list[Message]]]:
+        """The batch without the live records (at or after the committed offset) of the
+        partitions whose checked rebuild has read its last record here, and those records."""
+        rebuilds = self._rebuilds
+        ended: dict[TP, list[Message]] = {}
+        for msg in messages:
+            if msg.error() is None:
+                tp = cast("TP", (msg.topic(), msg.partition()))
+                rb = rebuilds.get(tp)
+                if rb is not None and tp not in ended and cast(int, msg.offset()) >= (
+                        rb.committed - 1):
+                    ended[tp] = []
+        if not ended:
+            return messages, ended
+        kept = []
+        for msg in messages:
+            if msg.error() is None:
+                tp = cast("TP", (msg.topic(), msg.partition()))
+                if tp in ended and cast(int, msg.offset()) >= rebuilds[tp].committed:
+                    ended[tp].append(msg)
+                    continue
+            kept.append(msg)
+        return kept, ended
+
+    def _end_rebuilds(self, tps: list[TP], detector: Detector) -> list[TP]:
+        """Check the rebuilt state of partitions whose rebuild read its last record. A
+        partition is read again with twice the look-back (its sensors forgotten first) while a
+        sensor of it is inexact (:meth:`Detector.inexact`: an episode may have begun before the
+        look-back, or one would still be open) or more than half of its sensors have no full
+        window (the look-back is short for the partition's traffic; a few rare sensors do not
+        count), until the look-back reaches its maximum or the log's start. Returns the
+        partitions done."""
+        self._publish(detector.flush_batches())  # the rebuild's readings are all scored now
+        done = []
+        for tp in tps:
+            rb = self._rebuilds.pop(tp, None)
+            if rb is None:
+                continue
+            sensors = [s for s, t in self._sensor_tp.items() if t == tp]
+            inexact = detector.inexact(sensors)
+            cold = len(detector.unscored(sensors))
+            where = {"topic": tp[0], "partition": tp[1], "lookback": rb.lookback,
+                     "from_offset": rb.start, "committed": rb.committed,
+                     "sensors": len(sensors), "without_window": cold}
+            if not inexact and 2 * cold <= len(sensors):
+                log.info("rebuilt exactly", **where)
+                done.append(tp)
+                continue
+            if rb.start <= rb.low or rb.lookback >= self.rebuild_max_lookback:
+                # as far back as this partition's log or the setting allows
+                if not inexact or (rb.start <= rb.low and rb.low == 0):
+                    log.info("rebuilt as far back as allowed", log_start=rb.low, **where)
+                else:
+                    log.warning(
+                        "rebuild look-back exhausted: these sensors' alert state may differ "
+                        "from an uninterrupted consumer's (an open episode continues under a "
+                        "new alert_id, or one is not resolved); raise "
+                        "SD_SERVICE__REBUILD_MAX_LOOKBACK", inexact=len(inexact),
+                        examples=inexact[:5], log_start=rb.low, **where)
+                    self.metrics.rebuild_inexact.inc(len(inexact))
+                done.append(tp)
+                continue
+            lookback = min(self.rebuild_max_lookback, 2 * rb.lookback)
+            start = max(rb.low, rb.committed - lookback)
+            assert self._consumer is not None
+            try:
+                self._consumer.seek(TopicPartition(tp[0], tp[1], start))
+            except KafkaException as exc:  # best effort, like the rebuild itself
+                log.warning("cannot deepen the rebuild; going on with this one",
+                            error=str(exc)[:300], **where)
+                done.append(tp)
+                continue
+            log.info("deepening the rebuild", inexact=len(inexact), examples=inexact[:5],
+                     next_lookback=lookback, next_from_offset=start, **where)
+            for s in sensors:
+                del self._sensor_tp[s]
+            detector.forget(sensors)
+            self._rebuilds[tp] = _Rebuild(rb.committed, rb.low, start, lookback)
+            self.metrics.rebuild_deepened.inc()
+        return done
+
+    def _ingest_batch(self, messages: list[Message], decoder: ReadingDecoder,
+                      detector: Detector) -> None:
+        """Decode and submit messages in order. The Kafka bookkeeping is one chunk per
+        partition (:class:`OffsetTracker`); decoding and the ring buffers work on the whole
+        batch."""
         tracker = self.tracker
         if any(msg.error() is not None for msg in messages):
             kept = []
@@ -808,8 +925,14 @@ class DetectorService:
                             committed=c.offset, end=high)
                 continue
             start = max(low, c.offset - self.rebuild_lookback)
+            tp = (p.topic, p.partition)
+            self._rebuilds.pop(tp, None)
             if start < c.offset:
-                self._silent_until[(p.topic, p.partition)] = c.offset
+                self._silent_until[tp] = c.offset
+                # checked at its end (and deepened) unless it reads the whole log already
+                if ((start > low or low > 0)
+                        and self.rebuild_max_lookback > self.rebuild_lookback):
+                    self._rebuilds[tp] = _Rebuild(c.offset, low, start, self.rebuild_lookback)
             p.offset = start
             log.info("rebuilding windows", topic=p.topic, partition=p.partition,
                      from_offset=start, committed=c.offset)
@@ -829,6 +952,7 @@ class DetectorService:
                 for p in partitions:
                     p.offset = OFFSET_INVALID
                     self._silent_until.pop((p.topic, p.partition), None)
+                    self._rebuilds.pop((p.topic, p.partition), None)
         if self.settings.kafka.partition_assignment_strategy == "cooperative-sticky":
             consumer.incremental_assign(partitions)
         else:
@@ -863,6 +987,7 @@ class DetectorService:
         for tp in gone:
             self.tracker.drop(tp)
             self._silent_until.pop(tp, None)
+            self._rebuilds.pop(tp, None)
             with contextlib.suppress(KeyError):  # its lag is its new owner's to report
                 self.metrics.lag.remove(tp[0], str(tp[1]))
         sensors = [s for s, tp in self._sensor_tp.items() if tp in gone]

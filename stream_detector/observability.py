@@ -84,6 +84,17 @@ class Metrics:
         self.rebuilt = Counter(
             "sd_readings_rebuilt_total", "Readings re-read to rebuild windows", registry=r
         )
+        self.rebuild_deepened = Counter(
+            "sd_rebuild_deepened_total",
+            "Rebuilds started again with twice the look-back (a sensor's state was inexact)",
+            registry=r,
+        )
+        self.rebuild_inexact = Counter(
+            "sd_rebuild_inexact_sensors_total",
+            "Sensors whose rebuilt alert state may be inexact: the maximum look-back or the "
+            "log's start was reached first",
+            registry=r,
+        )
         self.lag = Gauge(
             "sd_consumer_lag", "Consumer lag in messages", ["topic", "partition"], registry=r
         )

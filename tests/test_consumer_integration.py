@@ -236,6 +236,44 @@ def test_two_consumers_with_rebalance_emit_reference_alerts(
     assert got == expected
 
 
+@pytest.mark.slow
+def test_a_short_rebuild_look_back_deepens_until_alert_ids_survive_a_restart(
+    kafka_broker, topics, artifact, reference_alerts
+) -> None:
+    """A consumer stopped in the middle of sensor-0's spike episode; its successor starts with
+    a look-back of 4 records per partition (less than a window: it rebuilt nobody, and the
+    episode went on under a new alert_id). It deepens the rebuild through the real consumer's
+    seek() until every sensor's state is exact, and publishes the reference's events."""
+    items, expected = reference_alerts
+    bs = kafka_broker.bootstrap_servers
+    settings = settings_for(bs, topics, artifact)
+    scorer = TorchScorer.load(artifact)
+    window = scorer.manifest.window
+    split = 3 * (window - 1 + 200 + 3)  # sensor-0's spike (test row 200) began 3 readings ago
+    produce_readings(bs, topics["input"], items[:split])
+    first = DetectorService(settings, scorer.manifest, scorer, serve_http=False)
+    th = _run_in_thread(first)
+    read_all(bs, topics["scores"], expect=split - 3 * (window - 1))
+    first.stop()
+    th.join(30)
+    before = read_all(bs, topics["alerts"])
+    assert [a["event"] for a in before if a["sensor"] == "sensor-0"][-1] == "open"
+    produce_readings(bs, topics["input"], items[split:])
+    second = DetectorService(settings, scorer.manifest, scorer, serve_http=False,
+                             rebuild_lookback=4)
+    th = _run_in_thread(second)
+    n = _expected_windows(tiny_entities(), window)
+    _wait_for(lambda: len({(s["sensor"], s["window_end"]) for s in
+                           read_all(bs, topics["scores"], idle_s=0.5, max_s=5)}) >= n, 120)
+    second.stop()
+    th.join(30)
+    assert not th.is_alive() and second.failure is None
+    assert _event_ids(read_all(bs, topics["alerts"])) == expected
+    m = second.metrics
+    assert m.rebuild_deepened._value.get() >= 3  # 4 -> 8 -> 16 -> 32 records at least
+    assert m.rebuild_inexact._value.get() == 0
+
+
 def test_sigterm_drains_and_exits_zero(kafka_broker, topics, artifact, tmp_path) -> None:
     bs = kafka_broker.bootstrap_servers
     settings = settings_for(bs, topics, artifact)

@@ -1103,3 +1103,199 @@ def test_a_failing_rebuild_lookup_does_not_fail_the_assignment() -> None:
     assert fake.assigned == {A, B} and service.health.ready
     assert service._silent_until == {}
     assert set(fake.positions.values()) == {-1001}  # the committed offsets
+
+
+# ------------------------------------------------------------- rebuild: deepened until exact
+
+
+class _AckingProducer(_RecordingProducer):
+    """Acknowledges what was produced at the next poll(), as a healthy broker does."""
+
+    def poll(self, timeout: float = 0) -> int:
+        pending, self.callbacks = self.callbacks, []
+        for cb in pending:
+            cb(None, None)
+        return len(pending)
+
+
+class _LogConsumer:
+    """One partition's log: consume() returns up to ``batch`` records from the position, seek()
+    moves the position; the assignment starts where _on_assign's plan puts it."""
+
+    def __init__(self, service, records, committed: int, low: int = 0, batch: int = 7) -> None:
+        self.svc, self.records, self.committed_offset = service, records, committed
+        self.low, self.batch = low, batch
+        self.assigned: set = set()
+        self.pos, self.idle = -1, 0
+        self.seeks: list[int] = []
+        self.stored: dict = {}
+
+    def consume(self, num_messages: int = 1, timeout: float = -1):
+        if not self.assigned:
+            self.svc._on_assign(self, [TopicPartition("readings", 0)])
+            return []
+        out = [m for m in self.records if m.offset() >= self.pos][: min(num_messages, self.batch)]
+        if not out:
+            self.idle += 1
+            if self.idle > 3:
+                self.svc.stop()
+            return []
+        self.pos = out[-1].offset() + 1
+        return out
+
+    def committed(self, partitions, timeout=None):
+        return [TopicPartition(p.topic, p.partition, self.committed_offset) for p in partitions]
+
+    def get_watermark_offsets(self, partition, timeout=None, cached=False):
+        return self.low, self.records[-1].offset() + 1
+
+    def assign(self, partitions) -> None:
+        self.assigned = {(p.topic, p.partition) for p in partitions}
+        self.pos = partitions[0].offset if partitions[0].offset >= 0 else self.committed_offset
+
+    incremental_assign = assign
+
+    def seek(self, partition) -> None:
+        self.seeks.append(partition.offset)
+        self.pos = partition.offset
+
+    def assignment(self):
+        return [TopicPartition(t, p) for t, p in self.assigned]
+
+    def store_offsets(self, offsets) -> None:
+        for o in offsets:
+            self.stored[(o.topic, o.partition)] = o.offset
+
+
+def _episode_log(low: int = 0):
+    """Three sensors in turn on partition 0: "a" calm; "b" calm for 100 readings, then an
+    episode of 90 readings (oscillating, scored high), then calm; "c" calm but for a burst
+    at its readings 175-185. Record offset = low + 3 x reading + sensor index."""
+    from confluent_kafka import Message
+
+    from stream_detector.records import encode_reading
+
+    records = []
+    for t in range(220):
+        for i, sensor in enumerate("abc"):
+            hot = (sensor == "b" and 100 <= t < 190) or (sensor == "c" and 175 <= t < 185)
+            values = [5.0 * (t % 2) if hot else 1.0, 1.0, 1.0]
+            off = low + 3 * t + i
+            records.append(Message(topic="readings", partition=0, offset=off, key=sensor.encode(),
+                                   value=encode_reading(sensor, 1000 * t, values),
+                                   timestamp=(1, 1)))
+    return records
+
+
+def _reference_alerts(records, manifest, settings, committed: int) -> dict[str, tuple]:
+    """The alerts an uninterrupted consumer publishes for the records from ``committed`` on."""
+    from stream_detector.detector import Detector
+    from stream_detector.records import ReadingDecoder
+    from stream_detector.testing import NumpyScorer
+
+    det = Detector(manifest, NumpyScorer(), settings.detector)
+    batch = ReadingDecoder(manifest.features, 65536).decode_many([m.value() for m in records])
+    det.submit_many(batch.sensors, batch.ts_ms, batch.values,
+                    [records[i].offset() for i in batch.index])
+    out = {}
+    for res in det.flush():
+        if res.alert is not None and res.ref >= committed:
+            out[res.alert.event_id] = (res.alert.alert_id, res.alert.event, res.alert.sensor)
+    return out
+
+
+def _rebuild_run(records, committed: int, lookback: int, max_lookback: int, low: int = 0):
+    from stream_detector.consumer import DetectorService
+    from stream_detector.detector import Detector
+    from stream_detector.testing import NumpyScorer, make_manifest
+
+    manifest = make_manifest(window=3, smoothing=2)
+    settings = Settings(kafka={"input_topic": "readings", "score_topic": ""},
+                        detector={"max_batch": 1000, "clear_after": 5},
+                        service={"grace_period_s": 1.0, "rebuild_lookback": lookback,
+                                 "rebuild_max_lookback": max_lookback})
+    service = DetectorService(settings, manifest, NumpyScorer(), serve_http=False)
+    service.detector = Detector(manifest, NumpyScorer(), settings.detector)
+    service._producer = _AckingProducer()
+    fake = _LogConsumer(service, records, committed, low=low)
+    service._consumer = fake
+    service._loop()
+    service._publish(service.detector.flush_batches())
+    service._producer.poll(0)
+    service._store_offsets()
+    sent = {}
+    for topic, payload in service._producer.sent:
+        assert topic == settings.kafka.alert_topic
+        a = orjson.loads(payload)
+        sent[a["event_id"]] = (a["alert_id"], a["event"], a["sensor"])
+    return service, fake, sent, _reference_alerts(records, manifest, settings, committed)
+
+
+def test_a_rebuild_deepens_until_an_episode_open_since_before_the_look_back_is_found() -> None:
+    """A partition assigned in the middle of sensor b's long episode: the 12-record look-back
+    rebuilt b with the episode open from its first window, so b's episode went on under a new
+    alert_id and its real one was never resolved. The rebuild now doubles the look-back until
+    every sensor's state is exact: the published events are the uninterrupted consumer's."""
+    records = _episode_log()
+    committed = 3 * 160  # b's reading 160: its episode has been open for 60 readings
+    service, fake, sent, reference = _rebuild_run(records, committed, 12, 10_000)
+    assert any(e == "resolve" and s == "b" for _, e, s in reference.values())
+    assert sent == reference
+    # 12 -> 24 -> 48 -> 96 -> 192 -> 384 records: from offset 96 (b's reading 32) b has had
+    # its calm windows before the episode began
+    assert fake.seeks == [committed - 24, committed - 48, committed - 96, committed - 192,
+                          committed - 384]
+    m = service.metrics
+    assert m.rebuild_deepened._value.get() == 5 and m.rebuild_inexact._value.get() == 0
+    assert fake.stored == {A: len(records)}  # every live record done and stored
+    assert m.windows._value.get() == len(records) - committed
+
+
+def test_a_rebuild_stops_deepening_at_its_maximum_and_counts_the_inexact_sensors() -> None:
+    records = _episode_log()
+    committed = 3 * 160
+    service, fake, sent, reference = _rebuild_run(records, committed, 12, 48)
+    assert fake.seeks == [committed - 24, committed - 48]
+    assert service.metrics.rebuild_inexact._value.get() == 1  # b
+    # a and c as uninterrupted; b's episode under another id (documented in docs/messages.md)
+    assert {k: v for k, v in sent.items() if v[2] != "b"} == {
+        k: v for k, v in reference.items() if v[2] != "b"}
+    assert {v[0] for v in sent.values() if v[2] == "b"}.isdisjoint(
+        v[0] for v in reference.values() if v[2] == "b")
+    assert fake.stored == {A: len(records)}
+
+
+def test_a_rebuild_deepens_while_most_sensors_have_no_window_and_not_past_the_log_start() -> None:
+    """A look-back shorter than a window per sensor rebuilt nobody (every sensor's first live
+    readings only warmed it up again); the log's start (retention) ends the deepening."""
+    records = _episode_log(low=500)
+    committed = 500 + 3 * 60  # all calm here
+    service, fake, sent, reference = _rebuild_run(records, committed, 4, 10_000, low=500)
+    # 4 records: no sensor has a window (3 readings); 8: two have one, not yet exact (too few
+    # calm windows); 16 and 32: enough calm windows for all three
+    assert fake.seeks[0] == committed - 8 and len(fake.seeks) >= 2
+    assert sent == reference
+    m = service.metrics
+    assert m.windows._value.get() == len(records) - (committed - 500)  # no live reading warms
+    service, fake, sent, _ = _rebuild_run(records, committed, 4, 10_000, low=committed - 10)
+    assert fake.seeks == [committed - 8, committed - 10]  # the log starts there
+    assert service.metrics.rebuild_inexact._value.get() == 3  # a retention-truncated log
+
+
+def test_a_seek_the_consumer_refuses_ends_the_deepening_not_the_service() -> None:
+    records = _episode_log()
+    committed = 3 * 160
+
+    def refuse(partition) -> None:
+        raise KafkaException(KafkaError(KafkaError._STATE))
+
+    original = _LogConsumer.seek
+    _LogConsumer.seek = lambda self, partition: refuse(partition)  # type: ignore[method-assign]
+    try:
+        service, fake, sent, reference = _rebuild_run(records, committed, 12, 10_000)
+    finally:
+        _LogConsumer.seek = original  # type: ignore[method-assign]
+    assert service.metrics.rebuild_deepened._value.get() == 0
+    assert fake.stored == {A: len(records)}  # the live records were processed all the same
+    assert {k: v for k, v in sent.items() if v[2] != "b"} == {
+        k: v for k, v in reference.items() if v[2] != "b"}
