@@ -223,12 +223,14 @@ class OffsetTracker:
 @dataclass(frozen=True, slots=True)
 class _Rebuild:
     """A partition's rebuild in progress: records ``start`` to ``committed - 1`` are read
-    silently; ``low`` is the log's start when it was planned."""
+    silently; ``low`` is the log's start when it was planned. A deepened rebuild reads only
+    the records of the sensors it forgot, not those keyed by a sensor in ``keep``."""
 
     committed: int
     low: int
     start: int
     lookback: int
+    keep: frozenset[bytes] = frozenset()  # keys of the sensors whose rebuilt state is kept
 
 
 #: The driver's token of a reading, handed to the Detector and back: its chunk (None for a
@@ -492,26 +494,30 @@ class DetectorService:
     def _split_rebuild_ends(self, messages: list[Message]
                             ) -> tuple[list[Message], dict[TP, list[Message]]]:
         """The batch without the live records (at or after the committed offset) of the
-        partitions whose checked rebuild has read its last record here, and those records."""
+        partitions whose checked rebuild has read its last record here, and those records.
+        A deepened rebuild's records of sensors whose state was kept (exact) are left out too:
+        keyed by their sensor id, they would only be late readings of those sensors."""
         rebuilds = self._rebuilds
         ended: dict[TP, list[Message]] = {}
+        kept = []
+        skipped = 0
         for msg in messages:
             if msg.error() is None:
                 tp = cast("TP", (msg.topic(), msg.partition()))
                 rb = rebuilds.get(tp)
-                if rb is not None and tp not in ended and cast(int, msg.offset()) >= (
-                        rb.committed - 1):
-                    ended[tp] = []
-        if not ended:
-            return messages, ended
-        kept = []
-        for msg in messages:
-            if msg.error() is None:
-                tp = cast("TP", (msg.topic(), msg.partition()))
-                if tp in ended and cast(int, msg.offset()) >= rebuilds[tp].committed:
-                    ended[tp].append(msg)
-                    continue
+                if rb is not None:
+                    offset = cast(int, msg.offset())
+                    if offset >= rb.committed - 1 and tp not in ended:
+                        ended[tp] = []
+                    if offset >= rb.committed:
+                        ended[tp].append(msg)
+                        continue
+                    if rb.keep and msg.key() in rb.keep:
+                        skipped += 1
+                        continue
             kept.append(msg)
+        if skipped:
+            self.metrics.rebuilt.inc(skipped)
         return kept, ended
 
     def _end_rebuilds(self, tps: list[TP], detector: Detector) -> list[TP]:
@@ -564,10 +570,15 @@ class DetectorService:
                 continue
             log.info("deepening the rebuild", inexact=len(inexact), examples=inexact[:5],
                      next_lookback=lookback, next_from_offset=start, **where)
-            for s in sensors:
+            # only the inexact and the windowless sensors start over; the others keep their
+            # exact state (their older readings would be late: skipped by key, or by the
+            # detector as late if a record's key is not its sensor)
+            redo = set(inexact).union(detector.unscored(sensors))
+            for s in redo:
                 del self._sensor_tp[s]
-            detector.forget(sensors)
-            self._rebuilds[tp] = _Rebuild(rb.committed, rb.low, start, lookback)
+            detector.forget(redo)
+            keep = rb.keep.union(s.encode() for s in sensors if s not in redo)
+            self._rebuilds[tp] = _Rebuild(rb.committed, rb.low, start, lookback, keep)
             self.metrics.rebuild_deepened.inc()
         return done
 

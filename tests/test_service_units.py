@@ -1249,6 +1249,12 @@ def test_a_rebuild_deepens_until_an_episode_open_since_before_the_look_back_is_f
     assert m.rebuild_deepened._value.get() == 5 and m.rebuild_inexact._value.get() == 0
     assert fake.stored == {A: len(records)}  # every live record done and stored
     assert m.windows._value.get() == len(records) - committed
+    # each deeper pass re-reads the records of the sensors still inexact only: 12 and 24 of
+    # all three (4, then 8 readings each: a and c are exact from there on), then b's third of
+    # 48, 96, 192, 384; the rest are skipped by key (12 + 24 + 16 + 32 + 64 + 128 = 276)
+    live = len(records) - committed
+    assert service.detector.counters["readings"] == 276 + live
+    assert m.rebuilt._value.get() == 12 + 24 + 48 + 96 + 192 + 384
 
 
 def test_a_rebuild_stops_deepening_at_its_maximum_and_counts_the_inexact_sensors() -> None:
