@@ -215,6 +215,13 @@ def _markdown(dataset: str, manifest: Any, rows: list[dict[str, Any]],
     return "\n".join(lines) + "\n"
 
 
+def plot_file_name(entity: str, prefix: str = "") -> str:
+    """A PNG file name for an entity's plot: characters other than letters, digits, ``-_.``
+    become ``_`` (entity names are machine ids, channel names, NAB file paths)."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in entity)
+    return f"{prefix}{safe}.png"
+
+
 def plot_choice(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """The entities to plot: up to two ``best`` (highest best-F1 first) and up to two ``worst``
     (lowest first), never one entity in both. The better half of the entities (the larger half
@@ -241,8 +248,7 @@ def _plots(out_dir: Path, data: list[Entity], rows: list[dict[str, Any]],
     for kind, rs in chosen.items():
         for r in rs:
             e = by_name[r["entity"]]
-            name = "".join(c if c.isalnum() or c in "-_." else "_" for c in e.name)
-            path = out_dir / f"{kind}-{name}.png"
+            path = out_dir / plot_file_name(e.name, f"{kind}-")
             plot_entity(path, e.name, kept[e.name]["model"], e.labels,
                         manifest.thresholds.for_sensor(e.name), signal=e.test,
                         feature_names=list(e.features),

@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from stream_detector.datasets.base import Entity
 from stream_detector.errors import StreamDetectorError
+from stream_detector.evaluation import plot_file_name
 
 log = structlog.get_logger(__name__)
 
@@ -668,14 +669,9 @@ def _markdown(opts: ReplayOptions, rows: list[dict[str, Any]], s: dict[str, Any]
         "",
     ]
     if opts.plots:
-        lines += ["Plots: " + ", ".join(f"[{r['entity']}]({_plot_name(r['entity'])})"
+        lines += ["Plots: " + ", ".join(f"[{r['entity']}]({plot_file_name(r['entity'])})"
                                         for r in rows[:50]), ""]
     return "\n".join(lines)
-
-
-def _plot_name(entity: str) -> str:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in entity)
-    return f"{safe}.png"
 
 
 def alert_ranges(alerts: list[dict[str, Any]], n_ctx: int, n_rows: int,
@@ -708,7 +704,7 @@ def _plots(out_dir: Path, data: dict[str, Any], manifest: Any, progress: bool) -
     for name, d in tqdm(data.items(), desc="plots", disable=not progress, leave=False):
         e: Entity = d["entity"]
         alert_rows = alert_ranges(d["alerts"], d["n_ctx"], len(e.labels), d["t0_ms"])
-        plot_entity(out_dir / _plot_name(name), name, d["score"], e.labels, d["ref"].threshold,
+        plot_entity(out_dir / plot_file_name(name), name, d["score"], e.labels, d["ref"].threshold,
                     signal=e.test, feature_names=list(e.features), alerts=alert_rows,
                     title=f"{name}: streamed score, threshold, labelled anomalies, alerts")
 
