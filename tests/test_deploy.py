@@ -1006,3 +1006,15 @@ def test_dockerignore():
     for needed in (".venv", "data", "reports", ".git", ".env", ".pytest_cache"):
         assert needed in entries, f".dockerignore should exclude {needed}"
     assert "artifacts" in entries or "artifacts/*" in entries
+
+
+def test_alert_rules_aggregate_per_install_not_across_the_whole_prometheus():
+    """Two installs scraped by one Prometheus (staging and production) mixed their alerts: the
+    rules summed over every namespace (e.g. NoPartitions stayed silent while one install held
+    no partitions, because the other held some)."""
+    for rule in _rules():
+        if rule["alert"] == "StreamDetectorMetricsAbsent":  # absent() keeps no labels
+            continue
+        grouped = _check_promql(rule["expr"], rule["alert"], _exposed_series())
+        assert {"namespace", "job"} <= grouped, rule["alert"]
+        assert "{{ $labels.namespace }}" in rule["annotations"]["summary"], rule["alert"]
