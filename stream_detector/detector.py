@@ -420,8 +420,12 @@ class Detector:
             rows = gstart[:, None] + (q - c0[:, None])
             ring[fresh] = rs[rows[fresh]]
         ring[q < 0] = 0.0
+        # summed oldest to newest (count x sits at position x mod k), as the offline smoothing
+        # sums each window: the same scores whatever count a sensor's ring started from (a
+        # rebuild from another offset), and offline's exactly
+        chrono = np.take_along_axis(ring, (c[:, None] + 1 + np.arange(k)) % k, axis=1)
         smoothed = np.empty_like(raw)
-        smoothed[order] = ring.sum(axis=1) / np.minimum(c + 1, k)
+        smoothed[order] = chrono.sum(axis=1) / np.minimum(c + 1, k)
         sizes = np.diff(np.append(starts, len(sls)))
         keep = (np.repeat(sizes, sizes) - rank) <= k
         self._sm_ring[sls[keep], c[keep] % k] = rs[keep]

@@ -89,21 +89,17 @@ class ScoreFunction:
 
 
 def smooth(raw: np.ndarray, k: int) -> np.ndarray:
-    """Trailing mean of the last ``k`` values (fewer at the start), as the detector smooths:
-    equal to its values within rounding (it sums its ring in another order), and exactly equal
-    wherever the raw scores are equal."""
+    """Trailing mean of the last ``k`` values (fewer at the start), exactly as the detector
+    smooths online: each window's ``k`` values summed oldest to newest (zeros before the
+    first value), so equal raw scores give equal smoothed scores, bit for bit."""
     raw = np.asarray(raw, dtype=np.float64)
     if k <= 1 or raw.size == 0:
         return raw.copy()
-    # each mean sums its own k values: equal raw scores give exactly equal smoothed scores, as
-    # online. (Differences of a running sum gave them ~1e-13 apart, and the metrics' tie
-    # handling turned that noise into different best-F1 / AUC-PR for evaluate and replay.)
-    out = np.empty_like(raw)
-    head = min(k - 1, raw.size)
-    out[:head] = np.cumsum(raw[:head]) / np.arange(1, head + 1)
-    if raw.size >= k:
-        out[k - 1 :] = sliding_window_view(raw, k).sum(axis=1) / k
-    return out
+    # each mean sums its own k values (differences of a running sum left ~1e-13 of noise,
+    # which the metrics' tie handling turned into different best-F1 / AUC-PR for evaluate and
+    # replay); the first k - 1 sum zeros first, as the detector's ring before it is full
+    padded = np.concatenate([np.zeros(k - 1), raw])
+    return sliding_window_view(padded, k).sum(axis=1) / np.minimum(np.arange(1, raw.size + 1), k)
 
 
 def fit_threshold(
