@@ -283,11 +283,9 @@ class ServiceSettings(_Group):
     rebuild_lookback: int = Field(
         10_000, ge=0, le=100_000_000,
         description="Records re-read per assigned partition to rebuild windows, smoothing and "
-        "alert state. Size it to cover, for every sensor of a partition, a window plus the "
-        "smoothing length, and the longest alert episode whose alert_id must survive a "
-        "rebalance: sensors per partition x readings per sensor (docs/messages.md). The "
-        "rebuild doubles it while a sensor's alert state is not yet exact, up to "
-        "SD_SERVICE__REBUILD_MAX_LOOKBACK.",
+        "alert state: sensors per partition x (window + smoothing) readings covers every "
+        "sensor's window in one pass. The rebuild doubles it while a sensor's alert state is "
+        "not yet exact, up to SD_SERVICE__REBUILD_MAX_LOOKBACK (docs/messages.md).",
     )
     rebuild_max_lookback: int = Field(
         500_000, ge=0, le=100_000_000,

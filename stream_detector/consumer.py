@@ -22,15 +22,15 @@ State after restart or rebalance: when a partition is assigned and it has a comm
 before ``C`` through the detector *silently* (no alert, no score record, no offset store), so
 ring buffers, score smoothing and alert hysteresis are rebuilt as an uninterrupted consumer had
 them. Before the first live record the rebuild is checked (:meth:`DetectorService._end_rebuilds`):
-while a sensor of the partition is *inexact* (:meth:`Detector.inexact`: its open episode may
-have begun before the look-back, or an earlier one may still be open) or most have no full
-window, its sensors are forgotten and the partition is rebuilt with twice the look-back, up to
-``SD_SERVICE__REBUILD_MAX_LOOKBACK`` or the log's start. An episode that began beyond that
+while a sensor with readings in the first look-back is *inexact* (:meth:`Detector.inexact`:
+its open episode may have begun before the look-back, or an earlier one may still be open) or
+most have no full window, those sensors are forgotten and rebuilt with twice the look-back, up
+to ``SD_SERVICE__REBUILD_MAX_LOOKBACK`` or the log's start. An episode that began beyond that
 goes on under a new ``alert_id`` and the old one gets no resolve (docs/messages.md tells
-subscribers how to read that). Cost: re-reading and scoring the look-back (about twice the
-final one in all, when it deepens) per assigned partition. On revocation the detector is
-flushed, results are delivered, offsets are committed synchronously, and the partition's
-sensors are forgotten.
+subscribers how to read that). Cost: re-reading and scoring the look-back per assigned
+partition (less than three times the final one fetched, when it deepens). On revocation the
+detector is flushed, results are delivered, offsets are committed synchronously, and the
+partition's sensors are forgotten.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ import numpy as np
 import orjson
 import structlog
 from confluent_kafka import (
+    OFFSET_BEGINNING,
     OFFSET_INVALID,
     Consumer,
     KafkaError,
@@ -231,6 +232,7 @@ class _Rebuild:
     start: int
     lookback: int
     keep: frozenset[bytes] = frozenset()  # keys of the sensors whose rebuilt state is kept
+    recent: frozenset[str] | None = None  # the sensors of the first pass (None: this is it)
 
 
 #: The driver's token of a reading, handed to the Detector and back: its chunk (None for a
@@ -522,12 +524,13 @@ class DetectorService:
 
     def _end_rebuilds(self, tps: list[TP], detector: Detector) -> list[TP]:
         """Check the rebuilt state of partitions whose rebuild read its last record. A
-        partition is read again with twice the look-back (its sensors forgotten first) while a
-        sensor of it is inexact (:meth:`Detector.inexact`: an episode may have begun before the
-        look-back, or one would still be open) or more than half of its sensors have no full
-        window (the look-back is short for the partition's traffic; a few rare sensors do not
-        count), until the look-back reaches its maximum or the log's start. Returns the
-        partitions done."""
+        partition is read again with twice the look-back while one of its *recent* sensors
+        (those with readings in the first look-back: a sensor silent since then sends nothing
+        an id could be wrong on) is inexact (:meth:`Detector.inexact`: an episode may have
+        begun before the look-back, or one would still be open), or more than half of them have
+        no full window (the look-back is short for the partition's traffic; a few rare sensors
+        do not count), until the look-back reaches its maximum or the log's start. Only those
+        sensors start over; the others keep their state. Returns the partitions done."""
         self._publish(detector.flush_batches())  # the rebuild's readings are all scored now
         done = []
         for tp in tps:
@@ -535,34 +538,42 @@ class DetectorService:
             if rb is None:
                 continue
             sensors = [s for s, t in self._sensor_tp.items() if t == tp]
-            inexact = detector.inexact(sensors)
-            cold = len(detector.unscored(sensors))
+            recent = sensors if rb.recent is None else [s for s in sensors if s in rb.recent]
+            inexact = detector.inexact(recent)
+            cold = detector.unscored(recent)
             where = {"topic": tp[0], "partition": tp[1], "lookback": rb.lookback,
                      "from_offset": rb.start, "committed": rb.committed,
-                     "sensors": len(sensors), "without_window": cold}
-            if not inexact and 2 * cold <= len(sensors):
+                     "sensors": len(recent), "without_window": len(cold)}
+            if not inexact and 2 * len(cold) <= len(recent):
                 log.info("rebuilt exactly", **where)
                 done.append(tp)
                 continue
-            if rb.start <= rb.low or rb.lookback >= self.rebuild_max_lookback:
+            low = rb.low
+            if rb.start > low and rb.lookback < self.rebuild_max_lookback:
+                low = max(low, self._log_start(tp))  # retention may have moved it meanwhile
+            if rb.start <= low or rb.lookback >= self.rebuild_max_lookback:
                 # as far back as this partition's log or the setting allows
-                if not inexact or (rb.start <= rb.low and rb.low == 0):
-                    log.info("rebuilt as far back as allowed", log_start=rb.low, **where)
+                if not inexact or (rb.start <= low and low == 0):
+                    log.info("rebuilt as far back as allowed", log_start=low, **where)
                 else:
                     log.warning(
                         "rebuild look-back exhausted: these sensors' alert state may differ "
                         "from an uninterrupted consumer's (an open episode continues under a "
                         "new alert_id, or one is not resolved); raise "
                         "SD_SERVICE__REBUILD_MAX_LOOKBACK", inexact=len(inexact),
-                        examples=inexact[:5], log_start=rb.low, **where)
+                        examples=inexact[:5], log_start=low, **where)
                     self.metrics.rebuild_inexact.inc(len(inexact))
                 done.append(tp)
                 continue
             lookback = min(self.rebuild_max_lookback, 2 * rb.lookback)
-            start = max(rb.low, rb.committed - lookback)
+            start = max(low, rb.committed - lookback)
             assert self._consumer is not None
             try:
-                self._consumer.seek(TopicPartition(tp[0], tp[1], start))
+                # from the log's start: the logical offset, so that a retention run between
+                # the watermark request and the fetch cannot make it out of range (and
+                # auto.offset.reset=latest jump past the committed offset)
+                self._consumer.seek(TopicPartition(tp[0], tp[1],
+                                                   OFFSET_BEGINNING if start <= low else start))
             except KafkaException as exc:  # best effort, like the rebuild itself
                 log.warning("cannot deepen the rebuild; going on with this one",
                             error=str(exc)[:300], **where)
@@ -570,17 +581,34 @@ class DetectorService:
                 continue
             log.info("deepening the rebuild", inexact=len(inexact), examples=inexact[:5],
                      next_lookback=lookback, next_from_offset=start, **where)
-            # only the inexact and the windowless sensors start over; the others keep their
-            # exact state (their older readings would be late: skipped by key, or by the
+            # only the inexact and the windowless recent sensors start over; the others keep
+            # their state (their older readings would be late: skipped by key, or by the
             # detector as late if a record's key is not its sensor)
-            redo = set(inexact).union(detector.unscored(sensors))
+            redo = set(inexact).union(cold)
             for s in redo:
                 del self._sensor_tp[s]
             detector.forget(redo)
             keep = rb.keep.union(s.encode() for s in sensors if s not in redo)
-            self._rebuilds[tp] = _Rebuild(rb.committed, rb.low, start, lookback, keep)
+            self._rebuilds[tp] = _Rebuild(rb.committed, low, start, lookback, keep,
+                                          frozenset(recent))
             self.metrics.rebuild_deepened.inc()
         return done
+
+    def _log_start(self, tp: TP) -> int:
+        """The partition's low watermark now: librdkafka's figure from its latest fetch
+        response for the partition (no round trip: it is being fetched), else asked of the
+        broker; 0 when neither answers (the rebuild's own figure stands)."""
+        assert self._consumer is not None
+        part = TopicPartition(tp[0], tp[1])
+        try:
+            low, _ = self._consumer.get_watermark_offsets(part, cached=True)
+            if low is None or low < 0:
+                low, _ = self._consumer.get_watermark_offsets(part, timeout=10, cached=False)
+            return int(low)
+        except KafkaException as exc:
+            log.warning("cannot read the partition's start", topic=tp[0], partition=tp[1],
+                        error=str(exc)[:300])
+            return 0
 
     def _ingest_batch(self, messages: list[Message], decoder: ReadingDecoder,
                       detector: Detector) -> None:

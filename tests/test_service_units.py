@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 import stream_detector.consumer as consumer_mod
@@ -1157,7 +1157,7 @@ class _LogConsumer:
 
     def seek(self, partition) -> None:
         self.seeks.append(partition.offset)
-        self.pos = partition.offset
+        self.pos = self.low if partition.offset == OFFSET_BEGINNING else partition.offset
 
     def assignment(self):
         return [TopicPartition(t, p) for t, p in self.assigned]
@@ -1284,7 +1284,8 @@ def test_a_rebuild_deepens_while_most_sensors_have_no_window_and_not_past_the_lo
     m = service.metrics
     assert m.windows._value.get() == len(records) - (committed - 500)  # no live reading warms
     service, fake, sent, _ = _rebuild_run(records, committed, 4, 10_000, low=committed - 10)
-    assert fake.seeks == [committed - 8, committed - 10]  # the log starts there
+    # the log starts there: the logical offset, which retention cannot make out of range
+    assert fake.seeks == [committed - 8, OFFSET_BEGINNING]
     assert service.metrics.rebuild_inexact._value.get() == 3  # a retention-truncated log
 
 
@@ -1305,3 +1306,104 @@ def test_a_seek_the_consumer_refuses_ends_the_deepening_not_the_service() -> Non
     assert fake.stored == {A: len(records)}  # the live records were processed all the same
     assert {k: v for k, v in sent.items() if v[2] != "b"} == {
         k: v for k, v in reference.items() if v[2] != "b"}
+
+
+class _RetentionLog(_LogConsumer):
+    """Retention deletes the log's first 100 records once the rebuild began; a fetch below the
+    log's start resets to its end, as librdkafka does with auto.offset.reset=latest."""
+
+    def consume(self, num_messages: int = 1, timeout: float = -1):
+        out = super().consume(num_messages, timeout)
+        if out and not getattr(self, "expired", False):
+            self.expired = True
+            self.low += 100
+            self.records = [m for m in self.records if m.offset() >= self.low]
+        return out
+
+    def seek(self, partition) -> None:
+        self.seeks.append(partition.offset)
+        if partition.offset == OFFSET_BEGINNING:
+            self.pos = self.low
+        elif partition.offset < self.low:  # out of range: reset to the end
+            self.pos = self.records[-1].offset() + 1
+        else:
+            self.pos = partition.offset
+
+
+def test_a_deeper_rebuild_past_a_log_start_that_retention_moved_loses_no_record() -> None:
+    """The deepening sought max(log start at assignment, committed - look-back): after
+    retention moved the log's start past that, the fetch was out of range, the consumer jumped
+    to the end of the log (auto.offset.reset=latest), and every record from the committed
+    offset to there was never scored, its offset stored all the same (found in review)."""
+    records = _episode_log(low=500)
+    committed = 500 + 3 * 160  # mid-episode of b: the rebuild deepens
+    original = _LogConsumer
+    try:
+        globals()["_LogConsumer"] = _RetentionLog
+        service, fake, sent, reference = _rebuild_run(records, committed, 12, 10_000, low=500)
+    finally:
+        globals()["_LogConsumer"] = original
+    live = len(records) - (committed - 500)
+    assert service.metrics.windows._value.get() == live  # every live record scored
+    assert fake.stored == {A: records[-1].offset() + 1}
+    assert fake.low == 600 and fake.seeks[-1] == OFFSET_BEGINNING  # the start as it is now
+    assert all(s == OFFSET_BEGINNING or s >= 600 for s in fake.seeks)
+    assert {k: v for k, v in sent.items() if v[2] != "b"} == {
+        k: v for k, v in reference.items() if v[2] != "b"}
+
+
+def _with_a_dead_sensor():
+    """_episode_log's a, b, c plus sensor d: calm, then in an episode from its 20th reading,
+    then silent for good (a failing sensor) from reading 40 of the others, long before the
+    committed offset."""
+    from confluent_kafka import Message
+
+    from stream_detector.records import encode_reading
+
+    rows = []
+    for t in range(220):
+        for s in "abc":
+            hot = (s == "b" and 100 <= t < 190) or (s == "c" and 175 <= t < 185)
+            rows.append((s, t, [5.0 * (t % 2) if hot else 1.0, 1.0, 1.0]))
+        if 10 <= t < 40:
+            rows.append(("d", t, [5.0 * (t % 2) if t >= 30 else 1.0, 1.0, 1.0]))
+    return [Message(topic="readings", partition=0, offset=i, key=s.encode(),
+                    value=encode_reading(s, 1000 * t, v), timestamp=(1, 1))
+            for i, (s, t, v) in enumerate(rows)]
+
+
+def test_a_sensor_silent_since_before_the_first_look_back_neither_deepens_nor_alarms() -> None:
+    """d went silent in an episode: every pass that reached its last readings found it
+    inexact, so the rebuild went on deeper for it alone and, at the maximum, counted it in
+    sd_rebuild_inexact_sensors_total (firing StreamDetectorRebuildInexact) although every
+    sensor still sending was exact (found in review). Only sensors with readings in the first
+    look-back are judged now; d sends nothing an id could be wrong on."""
+    records = _with_a_dead_sensor()
+    committed = next(m.offset() for m in records if m.key() == b"a"
+                     and orjson.loads(m.value())["ts"] == 160_000)
+    service, fake, sent, reference = _rebuild_run(records, committed, 12, 384)
+    m = service.metrics
+    assert m.rebuild_inexact._value.get() == 0
+    assert sent == reference
+    service, fake, _, _ = _rebuild_run(records, committed, 12, 10_000)
+    assert fake.seeks[-1] > 0  # stopped once b was exact: not on to the log's start for d
+
+
+def test_the_log_start_comes_from_the_fetch_responses_else_from_the_broker() -> None:
+    """A round trip per deeper pass cost 0.1-0.5 s on the embedded broker (whose answer also
+    had a wrong high watermark); librdkafka keeps the log start of a partition it fetches."""
+    service = _service()
+    asked: list[bool] = []
+
+    class Watermarks:
+        def __init__(self, cached_low: int) -> None:
+            self.cached_low = cached_low
+
+        def get_watermark_offsets(self, partition, timeout=None, cached=False):
+            asked.append(cached)
+            return (self.cached_low, 99) if cached else (42, 99)
+
+    service._consumer = Watermarks(7)  # type: ignore[assignment]
+    assert service._log_start(A) == 7 and asked == [True]
+    service._consumer = Watermarks(-1001)  # type: ignore[assignment]  # not fetched yet
+    assert service._log_start(A) == 42 and asked == [True, True, False]
