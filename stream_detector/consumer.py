@@ -22,10 +22,10 @@ State after restart or rebalance: when a partition is assigned and it has a comm
 before ``C`` through the detector *silently* (no alert, no score record, no offset store), so
 ring buffers, score smoothing and alert hysteresis are rebuilt as an uninterrupted consumer had
 them. Before the first live record the rebuild is checked (:meth:`DetectorService._end_rebuilds`):
-while a sensor with readings in the first look-back is *inexact* (:meth:`Detector.inexact`:
-its open episode may have begun before the look-back, or an earlier one may still be open) or
-most have no full window, those sensors are forgotten and rebuilt with twice the look-back, up
-to ``SD_SERVICE__REBUILD_MAX_LOOKBACK`` or the log's start. An episode that began beyond that
+while a sensor it found is *inexact* (:meth:`Detector.inexact`: its open episode may have
+begun before the look-back, or an earlier one may still be open) or most have no full window,
+those sensors are forgotten and rebuilt with twice the look-back, up to
+``SD_SERVICE__REBUILD_MAX_LOOKBACK`` or the log's start. An episode that began beyond that
 goes on under a new ``alert_id`` and the old one gets no resolve (docs/messages.md tells
 subscribers how to read that). Cost: re-reading and scoring the look-back per assigned
 partition (less than three times the final one fetched, when it deepens). On revocation the
@@ -524,13 +524,15 @@ class DetectorService:
 
     def _end_rebuilds(self, tps: list[TP], detector: Detector) -> list[TP]:
         """Check the rebuilt state of partitions whose rebuild read its last record. A
-        partition is read again with twice the look-back while one of its *recent* sensors
-        (those with readings in the first look-back: a sensor silent since then sends nothing
-        an id could be wrong on) is inexact (:meth:`Detector.inexact`: an episode may have
-        begun before the look-back, or one would still be open), or more than half of them have
-        no full window (the look-back is short for the partition's traffic; a few rare sensors
-        do not count), until the look-back reaches its maximum or the log's start. Only those
-        sensors start over; the others keep their state. Returns the partitions done."""
+        partition is read again with twice the look-back while one of its sensors is inexact
+        (:meth:`Detector.inexact`: an episode may have begun before the look-back, or one would
+        still be open), or more than half of them have no full window (the look-back is short
+        for the partition's traffic; a few rare sensors do not count), until the look-back
+        reaches its maximum or the log's start. Only those sensors start over; the others keep
+        their state. Every sensor the rebuild found is checked, also one first found in a
+        deeper pass (a sensor a short first look-back missed is as active as the others; one
+        silent in an open episode keeps the deepening going only while its last readings lie
+        within the maximum look-back). Returns the partitions done."""
         self._publish(detector.flush_batches())  # the rebuild's readings are all scored now
         done = []
         for tp in tps:
@@ -538,13 +540,14 @@ class DetectorService:
             if rb is None:
                 continue
             sensors = [s for s, t in self._sensor_tp.items() if t == tp]
-            recent = sensors if rb.recent is None else [s for s in sensors if s in rb.recent]
-            inexact = detector.inexact(recent)
-            cold = detector.unscored(recent)
+            inexact = detector.inexact(sensors)
+            cold = detector.unscored(sensors)
+            first = rb.recent if rb.recent is not None else frozenset(sensors)
             where = {"topic": tp[0], "partition": tp[1], "lookback": rb.lookback,
                      "from_offset": rb.start, "committed": rb.committed,
-                     "sensors": len(recent), "without_window": len(cold)}
-            if not inexact and 2 * len(cold) <= len(recent):
+                     "sensors": len(sensors), "without_window": len(cold),
+                     "not_in_first_lookback": len(sensors) - len(first.intersection(sensors))}
+            if not inexact and 2 * len(cold) <= len(sensors):
                 log.info("rebuilt exactly", **where)
                 done.append(tp)
                 continue
@@ -561,7 +564,11 @@ class DetectorService:
                         "from an uninterrupted consumer's (an open episode continues under a "
                         "new alert_id, or one is not resolved); raise "
                         "SD_SERVICE__REBUILD_MAX_LOOKBACK", inexact=len(inexact),
-                        examples=inexact[:5], log_start=low, **where)
+                        examples=inexact[:5], log_start=low,
+                        # a sensor with no reading in the first look-back may have gone silent
+                        # (a failed sensor in an open episode): only its next reading, if any,
+                        # would show the difference
+                        inexact_not_in_first_lookback=len(set(inexact) - first), **where)
                     self.metrics.rebuild_inexact.inc(len(inexact))
                 done.append(tp)
                 continue
@@ -581,16 +588,15 @@ class DetectorService:
                 continue
             log.info("deepening the rebuild", inexact=len(inexact), examples=inexact[:5],
                      next_lookback=lookback, next_from_offset=start, **where)
-            # only the inexact and the windowless recent sensors start over; the others keep
-            # their state (their older readings would be late: skipped by key, or by the
+            # only the inexact and the windowless sensors start over; the others keep their
+            # state (their older readings would be late: skipped by key, or by the
             # detector as late if a record's key is not its sensor)
             redo = set(inexact).union(cold)
             for s in redo:
                 del self._sensor_tp[s]
             detector.forget(redo)
             keep = rb.keep.union(s.encode() for s in sensors if s not in redo)
-            self._rebuilds[tp] = _Rebuild(rb.committed, low, start, lookback, keep,
-                                          frozenset(recent))
+            self._rebuilds[tp] = _Rebuild(rb.committed, low, start, lookback, keep, first)
             self.metrics.rebuild_deepened.inc()
         return done
 
