@@ -291,9 +291,9 @@ class ServiceSettings(_Group):
         500_000, ge=0, le=100_000_000,
         description="Largest look-back the rebuild deepens to (doubling from "
         "SD_SERVICE__REBUILD_LOOKBACK) while a sensor of the partition has an alert state that "
-        "earlier records could change: an episode open since before the look-back, or fewer "
-        "calm windows than SD_DETECTOR__CLEAR_AFTER. At or below the look-back: no deepening "
-        "(docs/messages.md).",
+        "earlier records could change (an episode open since before the look-back, fewer "
+        "calm windows than SD_DETECTOR__CLEAR_AFTER) or no full window though one would fit. "
+        "At or below the look-back: no deepening (docs/messages.md).",
     )
     torch_threads: int = Field(
         1, ge=0, le=256,

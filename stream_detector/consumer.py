@@ -23,8 +23,9 @@ before ``C`` through the detector *silently* (no alert, no score record, no offs
 ring buffers, score smoothing and alert hysteresis are rebuilt as an uninterrupted consumer had
 them. Before the first live record the rebuild is checked (:meth:`DetectorService._end_rebuilds`):
 while a sensor it found is *inexact* (:meth:`Detector.inexact`: its open episode may have
-begun before the look-back, or an earlier one may still be open) or most have no full window,
-those sensors are forgotten and rebuilt with twice the look-back, up to
+begun before the look-back, or an earlier one may still be open) or has no full window though
+one would fit in the maximum, those sensors are forgotten and rebuilt with twice the look-back,
+up to
 ``SD_SERVICE__REBUILD_MAX_LOOKBACK`` or the log's start. An episode that began beyond that
 goes on under a new ``alert_id`` and the old one gets no resolve (docs/messages.md tells
 subscribers how to read that). Cost: re-reading and scoring the look-back per assigned
@@ -524,17 +525,19 @@ class DetectorService:
 
     def _end_rebuilds(self, tps: list[TP], detector: Detector) -> list[TP]:
         """Check the rebuilt state of partitions whose rebuild read its last record. A
-        partition is read again with twice the look-back while one of its sensors is inexact
-        (:meth:`Detector.inexact`: an episode may have begun before the look-back, or one would
-        still be open), or more than half of them have no full window (the look-back is short
-        for the partition's traffic; a few rare sensors do not count), until the look-back
-        reaches its maximum or the log's start. Only those sensors start over; the others keep
-        their state. Every sensor the rebuild found is checked, also one first found in a
-        deeper pass (a sensor a short first look-back missed is as active as the others; one
-        silent in an open episode keeps the deepening going only while its last readings lie
-        within the maximum look-back). Returns the partitions done."""
+        partition is read again with twice the look-back (at most the maximum) while one of
+        its sensors is inexact (:meth:`Detector.inexact`: an episode may have begun before the
+        look-back, or one would still be open), or has no full window yet though its share of
+        the records read says one would fit within the maximum look-back (a sensor too rare
+        for that starts cold, and does not make every rebalance read to the maximum), until
+        the look-back reaches its maximum or the log's start. Only those sensors start over;
+        the others keep their state. Every sensor the rebuild found is checked, also one first
+        found in a deeper pass (a sensor a short first look-back missed is as active as the
+        others; one silent in an open episode keeps the deepening going only while its last
+        readings lie within the maximum look-back). Returns the partitions done."""
         self._publish(detector.flush_batches())  # the rebuild's readings are all scored now
         done = []
+        window = detector.manifest.window
         for tp in tps:
             rb = self._rebuilds.pop(tp, None)
             if rb is None:
@@ -542,13 +545,19 @@ class DetectorService:
             sensors = [s for s, t in self._sensor_tp.items() if t == tp]
             inexact = detector.inexact(sensors)
             cold = detector.unscored(sensors)
+            # n readings in `covered` records: a window needs about covered * W / n of them
+            covered = max(1, rb.committed - rb.start)
+            hopeful = [s for s in cold if covered * window
+                       <= self.rebuild_max_lookback * detector.readings_of(s)]
             first = rb.recent if rb.recent is not None else frozenset(sensors)
             where = {"topic": tp[0], "partition": tp[1], "lookback": rb.lookback,
                      "from_offset": rb.start, "committed": rb.committed,
                      "sensors": len(sensors), "without_window": len(cold),
                      "not_in_first_lookback": len(sensors) - len(first.intersection(sensors))}
-            if not inexact and 2 * len(cold) <= len(sensors):
-                log.info("rebuilt exactly", **where)
+            if not inexact and not hopeful:
+                log.info("rebuilt exactly" if not cold else
+                         "rebuilt exactly; sensors too rare for a window in the maximum "
+                         "look-back start cold", **where)
                 done.append(tp)
                 continue
             low = rb.low
@@ -562,9 +571,11 @@ class DetectorService:
                     log.warning(
                         "rebuild look-back exhausted: these sensors' alert state may differ "
                         "from an uninterrupted consumer's (an open episode continues under a "
-                        "new alert_id, or one is not resolved); raise "
-                        "SD_SERVICE__REBUILD_MAX_LOOKBACK", inexact=len(inexact),
-                        examples=inexact[:5], log_start=low,
+                        "new alert_id, or one is not resolved)",
+                        limit=("log start (retention deleted the older records)"
+                               if rb.start <= low else
+                               "SD_SERVICE__REBUILD_MAX_LOOKBACK (raise it to reach further)"),
+                        inexact=len(inexact), examples=inexact[:5], log_start=low,
                         # a sensor with no reading in the first look-back may have gone silent
                         # (a failed sensor in an open episode): only its next reading, if any,
                         # would show the difference

@@ -319,6 +319,10 @@ class Detector:
                 out.append(s)
         return out
 
+    def readings_of(self, sensor: str) -> int:
+        """Readings the sensor's window has taken in (0 for an unknown sensor)."""
+        return self._store.count(sensor)
+
     def unscored(self, sensors: Iterable[str]) -> list[str]:
         """Those of ``sensors`` with state here but no window scored yet (still warming)."""
         slot_of = self._store.slot

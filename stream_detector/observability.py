@@ -86,7 +86,8 @@ class Metrics:
         )
         self.rebuild_deepened = Counter(
             "sd_rebuild_deepened_total",
-            "Rebuilds started again with twice the look-back (a sensor's state was inexact)",
+            "Rebuilds started again with a longer look-back (a sensor's state was inexact, "
+            "or it had no full window yet)",
             registry=r,
         )
         self.rebuild_inexact = Counter(

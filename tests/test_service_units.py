@@ -1377,14 +1377,17 @@ def test_a_sensor_silent_mid_episode_is_counted_only_when_the_maximum_is_reached
     sensor (a sensor a short first look-back missed is as active as the others, see the next
     test), so it keeps the deepening going while its last readings lie within the maximum: to
     the log's start here (everything exact, nothing counted), or to a maximum of 384 records,
-    where it is the one sensor counted (the warning names it as not in the first look-back)."""
+    where it is the one sensor counted."""
     records = _with_a_dead_sensor()
     committed = next(m.offset() for m in records if m.key() == b"a"
                      and orjson.loads(m.value())["ts"] == 160_000)
     service, fake, sent, reference = _rebuild_run(records, committed, 12, 10_000)
     assert sent == reference and service.metrics.rebuild_inexact._value.get() == 0
     service, fake, sent, reference = _rebuild_run(records, committed, 12, 384)
-    assert service.metrics.rebuild_inexact._value.get() == 1  # d
+    assert service.metrics.rebuild_inexact._value.get() == 1
+    assert service.detector.inexact(["a", "b", "c", "d"]) == ["d"]  # the one counted
+    # b was exact at 384 already: the last doublings were d's, up to the maximum
+    assert fake.seeks[-1] == committed - 384
     assert sent == reference  # d sends nothing more: no event differs
 
 
@@ -1419,3 +1422,53 @@ def test_the_log_start_comes_from_the_fetch_responses_else_from_the_broker() -> 
     assert service._log_start(A) == 7 and asked == [True]
     service._consumer = Watermarks(-1001)  # type: ignore[assignment]  # not fetched yet
     assert service._log_start(A) == 42 and asked == [True, True, False]
+
+
+def _log_of(rows) -> list:
+    from confluent_kafka import Message
+
+    from stream_detector.records import encode_reading
+
+    return [Message(topic="readings", partition=0, offset=i, key=s.encode(),
+                    value=encode_reading(s, 1000 * t, v), timestamp=(1, 1))
+            for i, (s, t, v) in enumerate(rows)]
+
+
+def test_a_rarer_sensor_without_a_window_is_rebuilt_when_one_fits_in_the_maximum() -> None:
+    """c reports once per 8 readings of a and b and is in an episode at the committed offset.
+    The 40-record look-back gave it no window; the rebuild stopped (at most half of the
+    sensors were windowless) and c's episode went on under a new alert_id (found in review).
+    Now a windowless sensor deepens the rebuild while a window of it fits in the maximum."""
+    rows = []
+    for t in range(400):
+        rows += [(s, t, [1.0, 1.0, 1.0]) for s in "ab"]
+        if t % 8 == 0:  # c's reading u = t / 8; in an episode from u = 20
+            u = t // 8
+            rows.append(("c", t, [5.0 * (u % 2) if u >= 20 else 1.0, 1.0, 1.0]))
+    records = _log_of(rows)
+    committed = next(i for i, r in enumerate(rows) if r[0] == "a" and r[1] == 300)
+    service, fake, sent, reference = _rebuild_run(records, committed, 40, 10_000)
+    # the uninterrupted consumer sends nothing for c here (its episode goes on quietly); a
+    # rebuild that left c cold opened a second episode for it
+    assert sent == reference
+    assert service.metrics.rebuild_deepened._value.get() >= 1
+    assert service.metrics.windows._value.get() == len(records) - committed
+
+
+def test_a_sensor_too_rare_for_a_window_does_not_make_the_rebuild_read_to_the_maximum() -> None:
+    """r sent one reading: at its rate a window (3 readings) needs 3x the records read so
+    far. The rebuild deepens while that fits in the maximum (2,000 here), then stops: r starts
+    cold, nothing is counted, and a stray reading does not cost every rebalance the maximum."""
+    rows = []
+    for t in range(1500):
+        rows += [(s, t, [1.0, 1.0, 1.0]) for s in "ab"]
+        if t == 1490:  # within the first look-back
+            rows.append(("r", t, [1.0, 1.0, 1.0]))
+    records = _log_of(rows)
+    committed = len(records) - 10
+    service, fake, sent, reference = _rebuild_run(records, committed, 40, 2_000)
+    # 40 -> 80 -> ... -> 1,280 records: 1,280 x 3 > 2,000, so no further
+    assert fake.seeks == [committed - n for n in (80, 160, 320, 640, 1280)]
+    assert service.metrics.rebuild_inexact._value.get() == 0
+    assert service.detector.unscored(["a", "b", "r"]) == ["r"]
+    assert sent == reference
