@@ -401,9 +401,10 @@ class Detector:
         out, self._out = self._out, []
         return out
 
-    def _smooth(self, raw: np.ndarray, sl: np.ndarray) -> np.ndarray:
+    def _smooth(self, raw: np.ndarray, sl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per sensor, the mean of its last ``k`` raw scores (this one included), in window
-        order, as :func:`~stream_detector.scoring.smooth` computes offline.
+        order, as :func:`~stream_detector.scoring.smooth` computes offline; and per window
+        whether that mean is over ``k`` scores (*fully smoothed*; always when ``k`` is 1).
 
         The sensor keeps its last ``k`` raw scores in a ring (slot row ``_sm_ring``). Each
         window's row is that ring as it is after the window's own score went in (position
@@ -411,7 +412,7 @@ class Detector:
         sum is taken in the same order whatever the batch holds."""
         k = self._k
         if k == 1:
-            return raw
+            return raw, np.ones(len(raw), dtype=bool)
         order, starts, rank = group_ranks(sl)
         sls, rs = sl[order], raw[order]
         c0 = self._sm_n[sls]
@@ -430,11 +431,13 @@ class Detector:
         chrono = np.take_along_axis(ring, (c[:, None] + 1 + np.arange(k)) % k, axis=1)
         smoothed = np.empty_like(raw)
         smoothed[order] = chrono.sum(axis=1) / np.minimum(c + 1, k)
+        full = np.empty(len(raw), dtype=bool)
+        full[order] = c + 1 >= k
         sizes = np.diff(np.append(starts, len(sls)))
         keep = (np.repeat(sizes, sizes) - rank) <= k
         self._sm_ring[sls[keep], c[keep] % k] = rs[keep]
         self._sm_n[sls[starts]] += sizes
-        return smoothed
+        return smoothed, full
 
     def _finish(self, batch: Batch, rec_err: np.ndarray, fc_err: np.ndarray,
                 seconds: float) -> ScoredBatch:
@@ -446,12 +449,12 @@ class Detector:
         sensors, slot_list, starts, ends, refs = zip(*batch.items, strict=True)
         sl = np.array(slot_list, dtype=np.intp)
         scored = self._score_fn(rec_err, fc_err, self._row[sl])
-        smoothed = self._smooth(scored.score, sl)
+        smoothed, full = self._smooth(scored.score, sl)
         thr = self._thr[sl]
         m = len(sl)
         inexact = np.flatnonzero(self._calm[sl] < self._hyst.clear_after)
         if len(inexact):  # windows of sensors not yet exact (none once all are)
-            self._count_calm(sl[inexact], smoothed[inexact], thr[inexact])
+            self._count_calm(sl[inexact], smoothed[inexact], thr[inexact], full[inexact])
         levels = [_NORMAL_LABEL] * m
         alerts: dict[int, Alert] = {}
         # Only windows that can change an alert state go through the per-sensor state machine:
@@ -471,30 +474,18 @@ class Detector:
                            scored.reconstruction.tolist(), scored.forecast.tolist(),
                            thr.tolist(), levels, alerts, self.manifest.model_version)
 
-    def _count_calm(self, sl: np.ndarray, smoothed: np.ndarray, thr: np.ndarray) -> None:
+    def _count_calm(self, sl: np.ndarray, smoothed: np.ndarray, thr: np.ndarray,
+                    full: np.ndarray) -> None:
         """Advance each inexact sensor's run of calm windows (see :meth:`inexact`): fully
-        smoothed (its ``k``-th score or later) and below ``clear_ratio * threshold``.
-        The arguments hold every window of this batch of those sensors, in order. ``_smooth``
-        has counted this batch's scores already (it keeps no count when k is 1: every window
-        is fully smoothed then)."""
-        need, k = self._hyst.clear_after, self._k
-        calm = self._calm
+        smoothed (``full``, from :meth:`_smooth`) and below ``clear_ratio * threshold``.
+        The arguments hold every window of this batch of those sensors, in order."""
+        need, calm = self._hyst.clear_after, self._calm
         with np.errstate(divide="ignore", invalid="ignore"):
-            quiet = ((thr > 0) & (smoothed / thr < self._hyst.clear_ratio)).tolist()
-        pushed: dict[int, int] = {}
-        if k > 1:
-            uniq, counts = np.unique(sl, return_counts=True)
-            pushed = dict(zip(uniq.tolist(), (self._sm_n[uniq] - counts).tolist(), strict=True))
-        for j, slot in enumerate(sl.tolist()):
-            full = True
-            if k > 1:
-                before = pushed[slot]
-                pushed[slot] = before + 1
-                full = before + 1 >= k
+            quiet = ((thr > 0) & (smoothed / thr < self._hyst.clear_ratio) & full).tolist()
+        for slot, ok in zip(sl.tolist(), quiet, strict=True):
             run = int(calm[slot])
-            if run >= need:
-                continue
-            calm[slot] = max(run, 0) + 1 if quiet[j] and full else 0
+            if run < need:
+                calm[slot] = max(run, 0) + 1 if ok else 0
 
     def _track(self, todo: list[int], sensors: tuple[str, ...], sl: np.ndarray,
                starts: tuple[int, ...], ends: tuple[int, ...], smoothed: np.ndarray,
