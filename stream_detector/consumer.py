@@ -25,8 +25,7 @@ them. Before the first live record the rebuild is checked (:meth:`DetectorServic
 while a sensor it found is *inexact* (:meth:`Detector.inexact`: its open episode may have
 begun before the look-back, or an earlier one may still be open) or has no full window though
 one would fit in the maximum, those sensors are forgotten and rebuilt with twice the look-back,
-up to
-``SD_SERVICE__REBUILD_MAX_LOOKBACK`` or the log's start. An episode that began beyond that
+up to ``SD_SERVICE__REBUILD_MAX_LOOKBACK`` or the log's start. An episode that began beyond that
 goes on under a new ``alert_id`` and the old one gets no resolve (docs/messages.md tells
 subscribers how to read that). Cost: re-reading and scoring the look-back per assigned
 partition (less than three times the final one fetched, when it deepens). On revocation the
@@ -542,7 +541,7 @@ class DetectorService:
             rb = self._rebuilds.pop(tp, None)
             if rb is None:
                 continue
-            sensors = [s for s, t in self._sensor_tp.items() if t == tp]
+            sensors = self._sensors_on({tp})
             inexact = detector.inexact(sensors)
             cold = detector.unscored(sensors)
             # n readings in `covered` records: a window needs about covered * W / n of them
@@ -610,6 +609,10 @@ class DetectorService:
             self._rebuilds[tp] = _Rebuild(rb.committed, low, start, lookback, keep, first)
             self.metrics.rebuild_deepened.inc()
         return done
+
+    def _sensors_on(self, tps: set[TP]) -> list[str]:
+        """The sensors with state here whose readings come from partitions ``tps``."""
+        return [s for s, tp in self._sensor_tp.items() if tp in tps]
 
     def _log_start(self, tp: TP) -> int:
         """The partition's low watermark now: librdkafka's figure from its latest fetch
@@ -1046,7 +1049,7 @@ class DetectorService:
             self._rebuilds.pop(tp, None)
             with contextlib.suppress(KeyError):  # its lag is its new owner's to report
                 self.metrics.lag.remove(tp[0], str(tp[1]))
-        sensors = [s for s, tp in self._sensor_tp.items() if tp in gone]
+        sensors = self._sensors_on(gone)
         for s in sensors:
             del self._sensor_tp[s]
         if self.detector is not None:

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from stream_detector.datasets.base import Entity
 from stream_detector.errors import StreamDetectorError
-from stream_detector.evaluation import plot_file_name
+from stream_detector.evaluation import plot_file_name, prepare_out_dir
 
 log = structlog.get_logger(__name__)
 
@@ -260,7 +260,6 @@ def _check_options(opts: ReplayOptions) -> None:
 # -- main entry ------------------------------------------------------------------------------
 def run_replay(opts: ReplayOptions) -> ReplayReport:
     from stream_detector.datasets import load_dataset
-    from stream_detector.evaluation import prepare_out_dir
 
     _check_options(opts)
     t_begin = time.time()
