@@ -80,6 +80,10 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 #: near the broker's size limit would make the dead letter too large for the producer
 #: (``message.max.bytes``, 1,000,000 by default), and the record could then never be passed on.
 DEAD_LETTER_MAX_ORIGINAL_BYTES = 512 * 1024
+#: How often the rebuild plan asks for a partition's end before it believes that the committed
+#: offset lies beyond it, and how long it waits between the questions.
+WATERMARK_ASKS = 3
+WATERMARK_RETRY_S = 0.2
 
 _gc_lock = threading.Lock()
 _gc_users = 0
@@ -974,6 +978,13 @@ class DetectorService:
             if c.offset is None or c.offset < 0 or c.offset == OFFSET_INVALID:
                 continue
             low, high = consumer.get_watermark_offsets(p, timeout=10, cached=False)
+            asked = 1
+            while c.offset > high and asked < WATERMARK_ASKS:
+                # a broker can answer one request with a stale high watermark (seen on
+                # Tansu: 3,571 for a log of 5,000); ask again before giving the rebuild up
+                time.sleep(WATERMARK_RETRY_S)
+                low, high = consumer.get_watermark_offsets(p, timeout=10, cached=False)
+                asked += 1
             if c.offset > high:
                 # the log ends before the committed offset (truncated, or the topic was
                 # recreated): no rebuild, and auto.offset.reset decides where to start.
@@ -981,7 +992,7 @@ class DetectorService:
                 # committed offset.
                 log.warning("committed offset beyond the end of the partition; not "
                             "rebuilding", topic=p.topic, partition=p.partition,
-                            committed=c.offset, end=high)
+                            committed=c.offset, end=high, asked=asked)
                 continue
             start = max(low, c.offset - self.rebuild_lookback)
             tp = (p.topic, p.partition)

@@ -970,6 +970,36 @@ def test_a_committed_offset_beyond_the_log_end_does_not_start_a_silent_rebuild()
     assert service._silent_until == {A: 40} and fake.positions[A] == 0
 
 
+def test_a_stale_log_end_is_asked_again_before_the_rebuild_is_given_up(monkeypatch) -> None:
+    """Tansu answered one watermark request with a stale high watermark (3,571 for a log of
+    5,000): the committed offset looked beyond the end and the rebuild was skipped, so the new
+    owner warmed every window up again. The plan asks again (WATERMARK_ASKS in all)."""
+    import stream_detector.consumer as consumer_mod
+
+    monkeypatch.setattr(consumer_mod, "WATERMARK_RETRY_S", 0.0)
+
+    class Stale(_ScriptedConsumer):
+        def __init__(self, *args, answers, **kw) -> None:
+            super().__init__(*args, **kw)
+            self.answers, self.asked = list(answers), 0
+
+        def get_watermark_offsets(self, partition, timeout=None, cached=False):
+            self.asked += 1
+            return self.answers.pop(0) if self.answers else self.watermarks
+
+    service = _service()
+    fake = Stale(service, [], committed=40, watermarks=(0, 50), answers=[(0, 30), (0, 35)])
+    service._on_assign(fake, [TopicPartition("readings", 0)])
+    assert fake.asked == 3
+    assert service._silent_until == {A: 40} and fake.positions[A] == 0
+    # a log that really ends before the committed offset: asked WATERMARK_ASKS times, no more
+    service = _service()
+    fake = Stale(service, [], committed=40, watermarks=(0, 30), answers=[])
+    service._on_assign(fake, [TopicPartition("readings", 0)])
+    assert fake.asked == consumer_mod.WATERMARK_ASKS == 3
+    assert service._silent_until == {} and fake.positions[A] < 0
+
+
 def test_rebuild_lookback_comes_from_the_settings_unless_given() -> None:
     """SD_SERVICE__REBUILD_LOOKBACK sizes the rebuild (it was a command-line flag only, which a
     Kubernetes ConfigMap cannot set); an explicit value (serve --rebuild-lookback) wins."""
