@@ -214,8 +214,15 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from stream_detector.config import settings_reference
+    from stream_detector.config import effective_settings, load_settings, settings_reference
 
+    if args.effective:
+        # what serve would run with: the environment and .env, validated (a bad value exits
+        # 2 naming its variable), secrets masked; * marks a value set away from its default
+        for env, value, changed in effective_settings(load_settings()):
+            if changed or not args.changed:
+                print(f"{'*' if changed else ' '} {env}={value}")
+        return 0
     print("| variable | type | default | description |\n|---|---|---|---|")
     for env, typ, default, desc in settings_reference():
         print(f"| `{env}` | {typ} | `{default}` | {desc} |")
@@ -295,7 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--entities", default=None, help="machines to download (default all 28)")
     ds.set_defaults(func=cmd_datasets)
 
-    cf = sub.add_parser("config", help="print every setting, its env var and default")
+    cf = sub.add_parser("config", help="print every setting, its env var and default; "
+                        "--effective: the values this environment gives, validated")
+    cf.add_argument("--effective", action="store_true",
+                    help="read the environment and .env as serve does, exit 2 on a bad value, "
+                    "and print each variable's value (secrets masked; * = not the default)")
+    cf.add_argument("--changed", action="store_true",
+                    help="with --effective: only the variables set away from their default")
     cf.set_defaults(func=cmd_config)
 
     b = sub.add_parser("bench", help="throughput, latency and memory benchmarks")

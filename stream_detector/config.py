@@ -432,3 +432,33 @@ def settings_reference() -> list[tuple[str, str, str, str]]:
 
     walk(Settings, "SD_")
     return rows
+
+
+def effective_settings(settings: Settings) -> list[tuple[str, str, bool]]:
+    """(env var, value, differs from the default) for every setting of ``settings``: what a
+    process started with this environment runs with. Secrets print as ``**********`` when set,
+    and so do the values of secret-looking keys in ``SD_KAFKA__EXTRA``."""
+    defaults = {env: default for env, _, default, _ in settings_reference()}
+    rows: list[tuple[str, str, bool]] = []
+
+    def walk(model: BaseModel, prefix: str) -> None:
+        for name in type(model).model_fields:
+            value = getattr(model, name)
+            env = f"{prefix}{name.upper()}"
+            if isinstance(value, BaseModel):
+                walk(value, env + "__")
+                continue
+            if isinstance(value, SecretStr):
+                raw = value.get_secret_value()
+                rows.append((env, "**********" if raw else "", bool(raw)))
+                continue
+            if isinstance(value, dict):
+                shown = {k: "**********" if _SECRET_KEY.search(k) else v
+                         for k, v in value.items()}
+                rows.append((env, str(shown), str(value) != defaults[env]))
+                continue
+            rows.append((env, str(value), str(value) != defaults[env]))
+
+    walk(settings, "SD_")
+    return rows
+

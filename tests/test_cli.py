@@ -32,6 +32,35 @@ def test_config_lists_every_setting(capsys: pytest.CaptureFixture[str]) -> None:
         assert f"`{env}`" in out
 
 
+def test_config_effective_shows_this_environment_validated_and_masked(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`config` printed the defaults only; an operator checking what a pod runs with (and
+    whether its ConfigMap parses) had to start serve. --effective reads the environment as
+    serve does, masks secrets and exits 2 naming a bad variable."""
+    from stream_detector.config import settings_reference
+
+    monkeypatch.setenv("SD_DETECTOR__MAX_BATCH", "7")
+    monkeypatch.setenv("SD_KAFKA__SASL_PASSWORD", "hunter2")
+    monkeypatch.setenv("SD_KAFKA__EXTRA", '{"ssl.keystore.password": "pw9", "fetch.max.bytes": 5}')
+    assert main(["config", "--effective"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln[2:].split("=", 1)[0] for ln in lines] == [env for env, *_ in settings_reference()]
+    assert "* SD_DETECTOR__MAX_BATCH=7" in lines and "  SD_DETECTOR__MAX_WAIT_MS=20.0" in lines
+    assert "* SD_KAFKA__SASL_PASSWORD=**********" in lines
+    assert "  SD_KAFKA__SSL_KEY_PASSWORD=" in lines  # unset secret: empty, not the default
+    extra = next(ln for ln in lines if "SD_KAFKA__EXTRA=" in ln)
+    assert extra.startswith("* ") and "'fetch.max.bytes': 5" in extra and "**********" in extra
+    out = "\n".join(lines)
+    assert "hunter2" not in out and "pw9" not in out
+    assert main(["config", "--effective", "--changed"]) == 0
+    changed = capsys.readouterr().out.splitlines()
+    assert changed and all(ln.startswith("* ") for ln in changed)
+    assert "* SD_DETECTOR__MAX_BATCH=7" in changed
+    assert not any("MAX_WAIT_MS" in ln for ln in changed)
+    r = _cli("config", "--effective", env={"SD_DETECTOR__MAX_BATCH": "0"})
+    assert r.returncode == 2 and "SD_DETECTOR__MAX_BATCH" in r.stderr
+
+
 def test_unknown_dataset_and_missing_artifact_exit_2(tmp_path: Path) -> None:
     r = _cli("train", "--dataset", "nope", "--out", str(tmp_path / "a"))
     assert r.returncode == 2 and "unknown dataset" in r.stderr.lower()
