@@ -8,7 +8,11 @@ the service) never leaves a logger writing to a closed stream.
 from __future__ import annotations
 
 import logging
+import re
 import sys
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -66,21 +70,51 @@ def configure_logging(fmt: str = "console", level: str = "INFO") -> None:
     )
 
 
+#: librdkafka repeats a failure line for every reconnection attempt (about 20 a second while a
+#: broker is unreachable, measured against the embedded broker): a line is passed on once per
+#: this many seconds per distinct text, the next one saying how many were held back.
+REPEAT_WINDOW_S = 60.0
+# the parts of a librdkafka line that change between repeats of the same failure
+_VARYING = re.compile(r"\(after \d+ms|,? ?\d+ identical error\(s\) suppressed")
+
+
 class _ToStructlog(logging.Handler):
     """Hands stdlib log records (librdkafka's, through confluent-kafka's ``logger``) to
-    structlog, so they come out as the same JSON lines as the service's own."""
+    structlog, so they come out as the same JSON lines as the service's own; repeats of a
+    line within ``REPEAT_WINDOW_S`` are counted, not written (``repeated`` on the next one)."""
+
+    def __init__(self, window_s: float = REPEAT_WINDOW_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.window_s, self.clock = window_s, clock
+        self._seen: dict[tuple[str, int, str], list[float]] = {}  # key -> [since, held back]
+        self._guard = threading.Lock()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            structlog.get_logger(record.name).log(record.levelno, record.getMessage())
+            message = record.getMessage()
+            key = (record.name, record.levelno, _VARYING.sub("", message))
+            now = self.clock()
+            with self._guard:
+                seen = self._seen.get(key)
+                if seen is not None and now - seen[0] < self.window_s:
+                    seen[1] += 1
+                    return
+                held = int(seen[1]) if seen is not None else 0
+                if len(self._seen) > 1000:  # texts with ids in them: forget the oldest
+                    for old in sorted(self._seen, key=lambda k: self._seen[k][0])[:500]:
+                        del self._seen[old]
+                self._seen[key] = [now, 0]
+            extra = {"repeated": held} if held else {}
+            structlog.get_logger(record.name).log(record.levelno, message, **extra)
         except Exception:  # noqa: BLE001 - a log line must never break a Kafka callback
             self.handleError(record)
 
 
 def kafka_logger() -> logging.Logger:
     """The logger handed to every librdkafka client of the service (config key ``logger``):
-    without one, librdkafka prints its own plain-text lines on stderr (hundreds a minute while
-    a broker is unreachable), outside the JSON log."""
+    without one, librdkafka prints its own plain-text lines on stderr (over a thousand a minute
+    while a broker is unreachable), outside the JSON log. Repeats are held back (above)."""
     logger = logging.getLogger("librdkafka")
     if not any(isinstance(h, _ToStructlog) for h in logger.handlers):
         logger.addHandler(_ToStructlog())

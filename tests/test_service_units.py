@@ -933,6 +933,42 @@ def test_librdkafka_log_lines_are_structured(capsys) -> None:
     assert event["level"] == "warning" and "fetch.max.bytes" in event["event"]
 
 
+def test_repeated_librdkafka_lines_are_counted_not_written(capsys) -> None:
+    """While a broker was unreachable the service wrote about 21 librdkafka error lines a
+    second (one per reconnection attempt; 1,260 a minute per replica). A text is now written
+    once per window, the next one carrying how many were held back."""
+    import logging
+
+    from stream_detector.logs import _ToStructlog, configure_logging
+
+    now = [0.0]
+    handler = _ToStructlog(window_s=60.0, clock=lambda: now[0])
+    logger = logging.getLogger("librdkafka-test")
+    logger.handlers[:] = [handler]
+    logger.propagate, logger.level = False, logging.DEBUG
+    refused = ("FAIL [c#consumer-1] [thrd:h:9092/bootstrap]: Connect to ipv4#h:9092 failed: "
+               "Connection refused (after {}ms in state CONNECT{})")
+    configure_logging("json", "INFO")
+    try:
+        for i in range(50):  # 50 attempts in 25 s; the elapsed time in the text varies
+            now[0] = i * 0.5
+            logger.error(refused.format(i % 3, ", 4 identical error(s) suppressed" if i else ""))
+        logger.error("FAIL [c#consumer-1] [thrd:h:9093/2]: Connect to ipv4#h:9093 failed")
+        logger.warning(refused.format(0, ""))  # another level: its own line
+        now[0] = 61.0
+        logger.error(refused.format(7, ""))
+        now[0] = 62.0
+        logger.error(refused.format(1, ""))
+    finally:
+        configure_logging("console", "INFO")
+    events = [orjson.loads(ln) for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert [(e["level"], "9093" in e["event"], e.get("repeated")) for e in events] == [
+        ("error", False, None), ("error", True, None), ("warning", False, None),
+        ("error", False, 49),  # 61 s after the first: written, with the 49 held back
+    ]
+    assert "after 7ms" in events[-1]["event"]
+
+
 def test_messages_outdated_by_a_rebalance_between_consume_calls_are_not_ingested() -> None:
     """The loop's third consume() call can run the revoke callback after the second returned
     a message of that partition. Ingested after the revoke, that reading gave its sensor fresh
