@@ -269,7 +269,8 @@ class ZeroScorer:
     def __init__(self, n_features: int) -> None:
         self.n = n_features
 
-    def errors(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def errors(self, windows: np.ndarray,
+               rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         z = np.zeros((len(windows), self.n))
         return z, z
 

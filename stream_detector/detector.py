@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, Protocol
 
 import numpy as np
@@ -51,6 +52,11 @@ class Scorer(Protocol):
     and ``result()`` (the same pair ``errors`` returns, computed ``chunk`` windows per model
     call); the detector then keeps the model busy while it takes in the next readings (see
     :class:`Detector`).
+
+    For a manifest with per-sensor input scalers (``Manifest.scaler_per_sensor``) the detector
+    passes ``rows`` as well (``errors(windows, rows)``, ``errors_async(windows, chunk, rows)``):
+    ``rows[i]`` is :meth:`Manifest.scaler_row` of window ``i``'s sensor. Without them it never
+    does, so a scorer of a globally scaled artifact need not take the argument.
     """
 
     def errors(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
@@ -186,6 +192,8 @@ class Detector:
         # window scored yet): a sensor that reached clear_after has the state any earlier
         # start would have given it (see inexact())
         self._calm = np.full(cap, -1, dtype=np.int32)
+        # row of the manifest's input scaler table per slot; None: one global scaler
+        self._srow = np.zeros(cap, dtype=np.intp) if manifest.scaler_per_sensor else None
         self._trackers: dict[str, EpisodeTracker] = {}
         self._ready: list[Batch] = []
         self._start = getattr(scorer, "errors_async", None)
@@ -330,7 +338,8 @@ class Detector:
 
     def state_bytes(self) -> int:
         per_slot = (self._thr.nbytes + self._row.nbytes + self._sm_ring.nbytes
-                    + self._sm_n.nbytes + self._open.nbytes + self._calm.nbytes)
+                    + self._sm_n.nbytes + self._open.nbytes + self._calm.nbytes
+                    + (self._srow.nbytes if self._srow is not None else 0))
         return self._store.nbytes + per_slot
 
     # -- internals ---------------------------------------------------------------------
@@ -344,7 +353,13 @@ class Detector:
             self._sm_n = np.concatenate([self._sm_n, np.zeros(extra, dtype=np.int64)])
             self._open = np.concatenate([self._open, np.zeros(extra, dtype=bool)])
             self._calm = np.concatenate([self._calm, np.full(extra, -1, dtype=np.int32)])
+            if self._srow is not None:
+                self._srow = np.concatenate([self._srow, np.zeros(extra, dtype=np.intp)])
         thresholds, row = self.manifest.thresholds, self._score_fn.row
+        if self._srow is not None:
+            scaler_row = self.manifest.scaler_row
+            for sensor, slot in new:
+                self._srow[slot] = scaler_row(sensor)
         for sensor, slot in new:
             self._thr[slot] = thresholds.for_sensor(sensor)
             self._row[slot] = row(sensor)
@@ -368,7 +383,11 @@ class Detector:
         while self._ready:
             batch = self._ready.pop(0)
             t0 = time.perf_counter()
-            rec_err, fc_err = self._scorer.errors(batch.windows)
+            if self._srow is None:
+                rec_err, fc_err = self._scorer.errors(batch.windows)
+            else:
+                rec_err, fc_err = self._scorer.errors(  # type: ignore[call-arg]
+                    batch.windows, self._scaler_rows([batch]))
             self._out.append(self._finish(batch, rec_err, fc_err, time.perf_counter() - t0))
 
     def _advance(self, wait: bool = False) -> None:
@@ -386,7 +405,11 @@ class Detector:
             windows = (batches[0].windows if len(batches) == 1
                        else np.concatenate([b.windows for b in batches]))
             assert self._start is not None
-            handle = self._start(windows, self.settings.max_batch)
+            if self._srow is None:
+                handle = self._start(windows, self.settings.max_batch)
+            else:
+                handle = self._start(windows, self.settings.max_batch,
+                                     self._scaler_rows(batches))
             self._inflight = _InFlight(batches, handle, time.perf_counter())
         if fl is not None:
             per_batch = seconds / len(fl.batches)
@@ -396,6 +419,14 @@ class Detector:
                 self._out.append(self._finish(b, rec_err[at : at + n], fc_err[at : at + n],
                                               per_batch))
                 at += n
+
+    def _scaler_rows(self, batches: list[Batch]) -> np.ndarray:
+        """Each window's row of the input scaler table, from the slots its items carry."""
+        assert self._srow is not None
+        slot = itemgetter(1)
+        slots = np.fromiter((slot(it) for b in batches for it in b.items), dtype=np.intp,
+                            count=sum(len(b) for b in batches))
+        return self._srow[slots]
 
     def _take(self) -> list[ScoredBatch]:
         out, self._out = self._out, []

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,12 @@ import orjson
 
 from stream_detector.errors import ArtifactError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: Schema versions this build reads. Version 1 had no per-sensor error scales and no feature
 #: weights; it is read with both absent (global scales, every feature weighted equally).
-READABLE_SCHEMA_VERSIONS = (1, 2)
+#: Version 2 had no per-sensor input scalers (every sensor scaled by ``scaler_mean/std``).
+#: A build that reads only 1 and 2 refuses version 3: it would scale every sensor globally.
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 MODEL_FILE = "model.pt"
 MANIFEST_FILE = "manifest.json"
 
@@ -74,6 +77,11 @@ class ThresholdSpec:
 
 @dataclass(frozen=True)
 class Manifest:
+    """``scaler_mean`` / ``scaler_std``: the input scaler fitted on all training rows.
+    ``scaler_per_sensor``: ``{sensor: {"mean": [...], "std": [...]}}``, the input scaler of each
+    training sensor (fitted on its own rows, see ``train.py``); a sensor not in it is scaled by
+    the global one. Empty (``input_scaling=global``, schema <= 2): every sensor global."""
+
     schema_version: int
     model_version: str
     dataset: str
@@ -89,10 +97,27 @@ class Manifest:
     training: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     created_at: str = ""
+    scaler_per_sensor: dict[str, dict[str, tuple[float, ...]]] = field(default_factory=dict)
 
     @property
     def n_features(self) -> int:
         return len(self.features)
+
+    @cached_property
+    def _scaler_rows(self) -> dict[str, int]:
+        return {name: i + 1 for i, name in enumerate(self.scaler_per_sensor)}
+
+    def scaler_row(self, sensor: str) -> int:
+        """Row of :meth:`scaler_table` that scales ``sensor``'s readings (0: the global one)."""
+        return self._scaler_rows.get(sensor, 0)
+
+    def scaler_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """Input scalers as ``(mean, 1 / std)``, float32 ``(1 + sensors, F)``: row 0 global,
+        then one row per sensor of ``scaler_per_sensor`` (:meth:`scaler_row`)."""
+        means = [self.scaler_mean, *(sc["mean"] for sc in self.scaler_per_sensor.values())]
+        stds = [self.scaler_std, *(sc["std"] for sc in self.scaler_per_sensor.values())]
+        inv = (1.0 / np.asarray(stds, dtype=np.float64)).astype(np.float32)
+        return np.asarray(means, dtype=np.float32), inv
 
     def to_json(self) -> bytes:
         return orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
@@ -113,6 +138,13 @@ class Manifest:
             data["clip"] = _num("clip", data["clip"])
             data["scaler_mean"] = _nums("scaler_mean", data["scaler_mean"])
             data["scaler_std"] = _nums("scaler_std", data["scaler_std"])
+            data["scaler_per_sensor"] = {
+                str(name): {k: _nums(f"scaler_per_sensor[{name!r}].{k}", sc[k])
+                            for k in ("mean", "std")}
+                for name, sc in _obj("scaler_per_sensor",
+                                     _or_empty(data.get("scaler_per_sensor"))).items()
+                for sc in [_obj(f"scaler_per_sensor[{name!r}]", sc)]
+            }
             for key in ("network", "training", "versions"):
                 if not isinstance(data.get(key, {}), dict):
                     raise ArtifactError(f"manifest {key} must be a JSON object")
@@ -164,6 +196,9 @@ class Manifest:
             "score.rec_scale": len(self.score.rec_scale),
             "score.fc_scale": len(self.score.fc_scale),
         }
+        for sensor, sc in self.scaler_per_sensor.items():
+            checks[f"scaler_per_sensor[{sensor!r}].mean"] = len(sc["mean"])
+            checks[f"scaler_per_sensor[{sensor!r}].std"] = len(sc["std"])
         for sensor, sc in self.score.per_sensor.items():
             checks[f"score.per_sensor[{sensor!r}].rec"] = len(sc["rec"])
             checks[f"score.per_sensor[{sensor!r}].fc"] = len(sc["fc"])
@@ -183,6 +218,9 @@ class Manifest:
             raise ArtifactError("manifest score.smoothing must be >= 1")
         _finite("scaler_mean", self.scaler_mean)
         _positive("scaler_std", self.scaler_std)
+        for sensor, sc in self.scaler_per_sensor.items():
+            _finite(f"scaler_per_sensor[{sensor!r}].mean", sc["mean"])
+            _positive(f"scaler_per_sensor[{sensor!r}].std", sc["std"])
         _positive("clip", (self.clip,))
         spec = self.score
         if not (np.isfinite([spec.w_rec, spec.w_fc]).all() and min(spec.w_rec, spec.w_fc) >= 0
@@ -229,6 +267,10 @@ def _obj(path: str, v: Any) -> dict[str, Any]:
     if not isinstance(v, dict):
         raise ArtifactError(f"manifest {path} must be a JSON object, got {_short(v)}")
     return v
+
+
+def _or_empty(v: Any) -> Any:
+    return {} if v is None else v
 
 
 def _short(v: Any) -> str:

@@ -50,8 +50,13 @@ def batch_score(scorer: Scorer, manifest: Manifest, entity: Entity) -> EntitySco
     rows, n_ctx = stream_rows(entity, manifest.window)
     windows = sliding_window_view(rows, manifest.window, axis=0).transpose(0, 2, 1)
     recs, fcs = [], []
+    scaler_row = manifest.scaler_row(entity.name)  # as the detector does (a global: none)
     for i in range(0, len(windows), 4096):
-        r, f = scorer.errors(np.ascontiguousarray(windows[i : i + 4096]))
+        chunk = np.ascontiguousarray(windows[i : i + 4096])
+        if manifest.scaler_per_sensor:
+            r, f = scorer.errors(chunk, np.full(len(chunk), scaler_row))  # type: ignore[call-arg]
+        else:
+            r, f = scorer.errors(chunk)
         recs.append(r)
         fcs.append(f)
     score_fn = ScoreFunction(manifest.score)

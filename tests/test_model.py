@@ -429,7 +429,7 @@ def test_tampered_model_file_is_refused(artifact, tmp_path) -> None:
 def test_changed_schema_version_is_refused(artifact, tmp_path) -> None:
     root = _copy(artifact[0], tmp_path)
     _edit_manifest(root, schema_version=SCHEMA_VERSION + 1)
-    with pytest.raises(ArtifactError, match=r"schema_version 3; this build reads 1, 2"):
+    with pytest.raises(ArtifactError, match=r"schema_version 4; this build reads 1, 2, 3"):
         TorchScorer.load(root)
     _edit_manifest(root, schema_version=None)
     with pytest.raises(ArtifactError, match="schema_version None"):
@@ -540,6 +540,12 @@ _THR = ("thresholds", "per_sensor", _FIRST)
         (("features", 1), "x0", r"features has duplicate names \['x0'\]"),
         (("features",), "x0,x1", r"features must be a list"),
         (("thresholds", "per_sensor"), [1.0], r"thresholds.per_sensor must be a JSON object"),
+        (("scaler_per_sensor", _FIRST, "std", 1), 0.0,
+         r"scaler_per_sensor\['.+'\].std\[1\] must be finite and > 0, got 0"),
+        (("scaler_per_sensor", _FIRST, "mean", 0), "1", r"\['.+'\].mean\[0\] must be a number"),
+        (("scaler_per_sensor", _FIRST, "mean"), [1.0], r"\['.+'\].mean has 1 values but there"),
+        (("scaler_per_sensor", _FIRST), {"mean": [0.0] * 4}, r"malformed: missing field 'std'"),
+        (("scaler_per_sensor",), [], r"scaler_per_sensor must be a JSON object"),
     ],
 )
 def test_manifest_values_are_checked_and_named(artifact, tmp_path, path, value, message) -> None:
@@ -597,12 +603,108 @@ def test_trainer_writes_per_sensor_scales_from_validation_rows(artifact) -> None
     for e in entities:
         val = e.train[int(round(len(e.train) * (1 - CFG.val_fraction))):]
         windows = np.ascontiguousarray(sliding_window_view(val, w, axis=0).transpose(0, 2, 1))
-        rec, fc = scorer.errors(windows)
+        rec, fc = scorer.errors(windows, np.full(len(windows), manifest.scaler_row(e.name)))
         for kind, err in (("rec", rec), ("fc", fc)):
             mean = err.mean(axis=0)
             expected = np.maximum(mean, CFG.scale_floor_ratio * mean.mean() + 1e-12)
             np.testing.assert_allclose(spec.per_sensor[e.name][kind], expected, rtol=1e-4,
                                        err_msg=f"{e.name} {kind}")
+
+
+def test_trainer_writes_each_sensors_input_scaler_from_its_fit_rows(artifact, tmp_path) -> None:
+    """input_scaling=per_sensor (the default): each training sensor is standardised by its own
+    fit rows, then by one second stage over all of them, folded into one mean / std per
+    sensor; scoring a sensor's windows uses its row, an unseen sensor the global one."""
+    root, manifest, entities = artifact
+    assert manifest.schema_version == 3
+    assert list(manifest.scaler_per_sensor) == [e.name for e in entities]
+    fits = [e.train[: int(round(len(e.train) * (1 - CFG.val_fraction)))].astype(np.float64)
+            for e in entities]
+    z = np.concatenate([(f - f.mean(0)) / np.maximum(f.std(0), CFG.std_floor) for f in fits])
+    zm, zs = z.mean(0), np.maximum(z.std(0), CFG.std_floor)
+    for e, f in zip(entities, fits, strict=True):
+        own = manifest.scaler_per_sensor[e.name]
+        m, sd = f.mean(0), np.maximum(f.std(0), CFG.std_floor)
+        np.testing.assert_allclose(own["mean"], m + zm * sd, rtol=1e-12)
+        np.testing.assert_allclose(own["std"], sd * zs, rtol=1e-12)
+    every = np.concatenate(fits)
+    gm, gs = every.mean(0), np.maximum(every.std(0), CFG.std_floor)
+    np.testing.assert_allclose(manifest.scaler_mean, gm + zm * gs, rtol=1e-12)
+    np.testing.assert_allclose(manifest.scaler_std, gs * zs, rtol=1e-12)
+    assert [manifest.scaler_row(e.name) for e in entities] == [1, 2]
+    assert manifest.scaler_row("never-seen") == 0
+
+    scorer = TorchScorer.load(root)
+    w = np.ascontiguousarray(np.stack([entities[0].test[:8], entities[1].test[:8]]))
+    rows = np.array([1, 2])
+    means, inv = manifest.scaler_table()
+    x = scorer.scale(w, rows)
+    np.testing.assert_array_equal(
+        x, np.clip((w - means[rows][:, None]) * inv[rows][:, None], -manifest.clip, manifest.clip))
+    assert not np.allclose(x, scorer.scale(w))  # the global scaler differs
+    np.testing.assert_array_equal(scorer.scale(w, np.array([0, 0])), scorer.scale(w))
+    # the consumer's async path applies the same rows inside the task
+    for got, want in zip(scorer.errors_async(w, 1, rows).result(), scorer.errors(w, rows),
+                         strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    # offline scoring uses each entity's row
+    e = entities[1]
+    ref = batch_score(scorer, manifest, e)
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    from stream_detector.offline import stream_rows
+    from stream_detector.scoring import ScoreFunction, smooth
+
+    data, _ = stream_rows(e, manifest.window)
+    wins = np.ascontiguousarray(sliding_window_view(data, manifest.window, axis=0)
+                                .transpose(0, 2, 1))
+    fn = ScoreFunction(manifest.score)
+    mine = fn(*scorer.errors(wins, np.full(len(wins), 2)), fn.row(e.name)).score
+    np.testing.assert_array_equal(ref.score, smooth(mine, manifest.score.smoothing))
+
+    # global: no per-sensor scalers, the fit rows' mean / std; a sensor with fewer fit rows
+    # than min_sensor_windows gets none either
+    g = train(entities, dataclasses.replace(CFG, epochs=1, input_scaling="global"),
+              tmp_path / "g")
+    assert g.scaler_per_sensor == {} and g.scaler_row(entities[0].name) == 0
+    np.testing.assert_allclose(g.scaler_mean, gm, rtol=1e-12)
+    few = [entities[0], dataclasses.replace(entities[1], train=entities[1].train[:100])]
+    m2 = train(few, dataclasses.replace(CFG, epochs=1), tmp_path / "few")
+    assert list(m2.scaler_per_sensor) == [entities[0].name]  # 80 fit rows < 100
+    with pytest.raises(ValueError, match="input_scaling must be 'per_sensor' or 'global'"):
+        TrainConfig(input_scaling="per-sensor")
+
+
+@pytest.mark.parametrize("overlapped", [True, False])
+def test_detector_scales_each_sensor_by_its_own_row(artifact, overlapped) -> None:
+    """The Detector (serve and replay) hands the scorer each window's scaler row, on the
+    async path (several queued batches in one task) and in line: its scores are the offline
+    ones; scaled globally they are not."""
+    from stream_detector.config import DetectorSettings
+    from stream_detector.detector import Detector
+    from stream_detector.offline import stream_rows
+
+    root, manifest, entities = artifact
+    scorer = TorchScorer.load(root)
+    if not overlapped:
+        scorer._async = None
+    det = Detector(manifest, scorer, DetectorSettings(max_batch=7, max_sensors=10))
+    streams = {e.name: stream_rows(e, manifest.window)[0] for e in entities}
+    n = len(next(iter(streams.values())))
+    for i in range(0, n, 50):  # both sensors interleaved, 50 rows of each per batch
+        names = [name for name in streams for _ in range(i, min(i + 50, n))]
+        ts = [t for _ in streams for t in range(i, min(i + 50, n))]
+        values = np.concatenate([rows[i : i + 50] for rows in streams.values()])
+        det.submit_many(names, ts, values)
+    got: dict[str, list[float]] = {e.name: [] for e in entities}
+    for b in det.poll_batches() + det.flush_batches():
+        for name, score in zip(b.sensors, b.score, strict=True):
+            got[name].append(score)
+    for e in entities:
+        ref = batch_score(scorer, manifest, e).score
+        np.testing.assert_allclose(got[e.name], ref, rtol=1e-5, atol=1e-6)
+        glob = dataclasses.replace(manifest, scaler_per_sensor={})
+        assert np.abs(batch_score(scorer, glob, e).score - ref).max() > 1e-2
 
 
 def test_score_features_select_what_is_scored(tmp_path) -> None:
@@ -641,6 +743,8 @@ def test_checksum_valid_but_unloadable_or_mismatched_model_is_refused(artifact, 
                         fc_scale=raw["score"]["fc_scale"][:n])
     for sc in raw["score"]["per_sensor"].values():
         sc.update(rec=sc["rec"][:n], fc=sc["fc"][:n])
+    for sc in raw["scaler_per_sensor"].values():
+        sc.update(mean=sc["mean"][:n], std=sc["std"][:n])
     (root / MANIFEST_FILE).write_bytes(orjson.dumps(raw))
     with pytest.raises(ArtifactError, match=r"does not accept windows of shape \(B, 8, 3\)"):
         TorchScorer.load(root)

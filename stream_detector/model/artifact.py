@@ -30,7 +30,7 @@ def library_versions() -> dict[str, str]:
 
 def content_digest(model: torch.nn.Module, manifest: Manifest) -> str:
     """sha256 of what decides the artifact's scores and alerts: the weights (by name, dtype,
-    shape and bytes) and the manifest's features, window, network, scaler, score and thresholds.
+    shape and bytes) and the manifest's features, window, network, scalers, score and thresholds.
 
     The model version is derived from this, not from ``model.pt``'s checksum: the bytes
     ``torch.jit.save`` writes vary between processes (hash-seed dependent ordering and a
@@ -44,7 +44,8 @@ def content_digest(model: torch.nn.Module, manifest: Manifest) -> str:
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     settings = {k: v for k, v in asdict(manifest).items()
                 if k in ("features", "window", "network", "scaler_mean", "scaler_std", "clip",
-                         "score", "thresholds")}
+                         "score", "thresholds")
+                or (k == "scaler_per_sensor" and v)}  # absent when empty: versions kept
     h.update(orjson.dumps(settings, option=orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY))
     return h.hexdigest()
 

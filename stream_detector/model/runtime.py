@@ -22,13 +22,15 @@ class _AsyncModel(torch.nn.Module):
     """``forward`` starts the model on torch's inter-op thread pool and returns its future at
     once. The task runs the TorchScript graph in C++ without the GIL, so Python work of the
     caller (decoding the next readings) overlaps with inference. The task also scales the raw
-    windows (the same float32 operations as :meth:`TorchScorer.scale`, bit for bit). Windows
+    windows (the same float32 operations as :meth:`TorchScorer.scale`, bit for bit), with the
+    global scaler or, given ``rows``, each window's row of the scaler table. Windows
     beyond ``chunk`` are scored ``chunk`` at a time, one call after the other in the same task:
     several queued micro-batches keep the model busy without the caller's help, each at its
     own size."""
 
     def __init__(self, model: torch.nn.Module, mean: np.ndarray, inv_std: np.ndarray,
                  clip: float) -> None:
+        # mean, inv_std: the scaler table (rows, F); row 0 is the global scaler
         super().__init__()
         self.model = model
         self.register_buffer("mean", torch.from_numpy(mean.copy()))
@@ -36,12 +38,17 @@ class _AsyncModel(torch.nn.Module):
         self.clip = clip
 
     @torch.jit.export
-    def run(self, raw: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, raw: torch.Tensor, rows: torch.Tensor,
+            chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
         # No class-level annotations for the buffers to please mypy: TorchScript cannot resolve
         # them under postponed annotations, the wrapper then fails to script and scoring loses
         # its overlap with the loop (tests/test_model.py checks ``overlapped``).
-        x = torch.clamp((raw - self.mean) * self.inv_std,  # type: ignore[operator]
-                        -self.clip, self.clip)
+        if rows.numel() == 0:  # every window: the global scaler
+            mean, inv = self.mean[0], self.inv_std[0]  # type: ignore[index]
+        else:
+            mean = self.mean.index_select(0, rows).unsqueeze(1)  # type: ignore[operator]
+            inv = self.inv_std.index_select(0, rows).unsqueeze(1)  # type: ignore[operator]
+        x = torch.clamp((raw - mean) * inv, -self.clip, self.clip)
         n = x.size(0)
         if chunk <= 0 or n <= chunk:
             return self.model(x)
@@ -54,9 +61,9 @@ class _AsyncModel(torch.nn.Module):
         return torch.cat(recs), torch.cat(fcs)
 
     def forward(
-        self, x: torch.Tensor, chunk: int
+        self, x: torch.Tensor, rows: torch.Tensor, chunk: int
     ) -> torch.jit.Future[tuple[torch.Tensor, torch.Tensor]]:
-        return torch.jit.fork(self.run, x, chunk)
+        return torch.jit.fork(self.run, x, rows, chunk)
 
 
 class PendingErrors:
@@ -84,24 +91,24 @@ class PendingErrors:
 class TorchScorer:
     """Implements the :class:`stream_detector.detector.Scorer` protocol with a TorchScript model.
 
-    ``errors(windows)`` takes raw (unscaled) windows ``(B, W, F)`` and returns
+    ``errors(windows, rows=None)`` takes raw (unscaled) windows ``(B, W, F)`` and returns
     ``(rec_err, fc_err)``, float64 ``(B, F)``. Scaling and clipping follow the manifest, exactly
-    as in training.
+    as in training: ``rows[i]`` is the row of the scaler table for window ``i``'s sensor
+    (:meth:`Manifest.scaler_row`); without ``rows`` every window is scaled globally.
     """
 
     def __init__(self, manifest: Manifest, module: torch.jit.ScriptModule, threads: int = 0):
         self.manifest = manifest
         self._module = module
-        self._mean = np.asarray(manifest.scaler_mean, dtype=np.float32)
-        self._inv_std = (1.0 / np.asarray(manifest.scaler_std, dtype=np.float64)).astype(
-            np.float32
-        )
+        self._means, self._inv_stds = manifest.scaler_table()
+        self._mean, self._inv_std = self._means[0], self._inv_stds[0]
         self._clip = np.float32(manifest.clip)
+        self._no_rows = torch.zeros(0, dtype=torch.int64)
         if threads > 0:
             torch.set_num_threads(threads)
         try:
             self._async: torch.jit.ScriptModule | None = torch.jit.script(
-                _AsyncModel(module, self._mean, self._inv_std, float(self._clip)))
+                _AsyncModel(module, self._means, self._inv_stds, float(self._clip)))
         except Exception as exc:  # noqa: BLE001 - a module that cannot be wrapped is scored in line
             self._async = None
             log.warning("model cannot run off the loop's thread; scoring in line (slower)",
@@ -151,18 +158,25 @@ class TorchScorer:
                 f"manifest declares {m.n_features} features"
             )
 
-    def scale(self, windows: np.ndarray) -> np.ndarray:
-        x = (np.asarray(windows, dtype=np.float32) - self._mean) * self._inv_std
+    def scale(self, windows: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        if rows is None:
+            mean, inv = self._mean, self._inv_std
+        else:
+            rows = np.asarray(rows, dtype=np.intp)
+            mean, inv = self._means[rows][:, None, :], self._inv_stds[rows][:, None, :]
+        x = (np.asarray(windows, dtype=np.float32) - mean) * inv
         np.clip(x, -self._clip, self._clip, out=x)
         return x
 
-    def errors(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        x = torch.from_numpy(np.ascontiguousarray(self.scale(windows)))
+    def errors(self, windows: np.ndarray,
+               rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        x = torch.from_numpy(np.ascontiguousarray(self.scale(windows, rows)))
         with torch.inference_mode():
             rec, fc = self._module(x)
         return rec.numpy().astype(np.float64), fc.numpy().astype(np.float64)
 
-    def errors_async(self, windows: np.ndarray, chunk: int = 0) -> PendingErrors:
+    def errors_async(self, windows: np.ndarray, chunk: int = 0,
+                     rows: np.ndarray | None = None) -> PendingErrors:
         """Start :meth:`errors` on torch's inter-op thread pool; same numbers, returns at once.
         With ``chunk``, the model is called on ``chunk`` windows at a time (the detector passes
         its micro-batch size when it hands over several queued batches at once).
@@ -171,19 +185,22 @@ class TorchScorer:
         """
         if self._async is None:
             if chunk <= 0:
-                return PendingErrors(None, self.errors(windows))
-            return PendingErrors(None, self.errors_batched(windows, chunk))
+                return PendingErrors(None, self.errors(windows, rows))
+            return PendingErrors(None, self.errors_batched(windows, chunk, rows))
         raw = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32))
+        idx = (self._no_rows if rows is None
+               else torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)))
         with torch.inference_mode():
-            return PendingErrors(self._async(raw, chunk))
+            return PendingErrors(self._async(raw, idx, chunk))
 
     def errors_batched(
-        self, windows: np.ndarray, batch: int = 4096
+        self, windows: np.ndarray, batch: int = 4096, rows: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Like :meth:`errors` for many windows, in chunks of ``batch`` (offline scoring)."""
         recs, fcs = [], []
         for i in range(0, len(windows), batch):
-            r, f = self.errors(windows[i : i + batch])
+            r, f = self.errors(windows[i : i + batch],
+                               None if rows is None else rows[i : i + batch])
             recs.append(r)
             fcs.append(f)
         if not recs:
