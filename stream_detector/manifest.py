@@ -77,10 +77,12 @@ class ThresholdSpec:
 
 @dataclass(frozen=True)
 class Manifest:
-    """``scaler_mean`` / ``scaler_std``: the input scaler fitted on all training rows.
+    """``scaler_mean`` / ``scaler_std``: the input scaler of every sensor not in
+    ``scaler_per_sensor``, fitted on all fit rows (followed by the per-sensor scaling's second
+    stage when there is one, see ``train._input_scalers``).
     ``scaler_per_sensor``: ``{sensor: {"mean": [...], "std": [...]}}``, the input scaler of each
-    training sensor (fitted on its own rows, see ``train.py``); a sensor not in it is scaled by
-    the global one. Empty (``input_scaling=global``, schema <= 2): every sensor global."""
+    training sensor, fitted on its own rows. Empty (``input_scaling=global``, schema <= 2):
+    every sensor is scaled by the global one."""
 
     schema_version: int
     model_version: str
@@ -139,11 +141,11 @@ class Manifest:
             data["scaler_mean"] = _nums("scaler_mean", data["scaler_mean"])
             data["scaler_std"] = _nums("scaler_std", data["scaler_std"])
             data["scaler_per_sensor"] = {
-                str(name): {k: _nums(f"scaler_per_sensor[{name!r}].{k}", sc[k])
+                str(name): {k: _nums(f"scaler_per_sensor[{name!r}].{k}",
+                                     _key(f"scaler_per_sensor[{name!r}]", sc, k))
                             for k in ("mean", "std")}
                 for name, sc in _obj("scaler_per_sensor",
                                      _or_empty(data.get("scaler_per_sensor"))).items()
-                for sc in [_obj(f"scaler_per_sensor[{name!r}]", sc)]
             }
             for key in ("network", "training", "versions"):
                 if not isinstance(data.get(key, {}), dict):
@@ -267,6 +269,13 @@ def _obj(path: str, v: Any) -> dict[str, Any]:
     if not isinstance(v, dict):
         raise ArtifactError(f"manifest {path} must be a JSON object, got {_short(v)}")
     return v
+
+
+def _key(path: str, obj: Any, key: str) -> Any:
+    obj = _obj(path, obj)
+    if key not in obj:
+        raise ArtifactError(f"manifest {path} has no {key!r}")
+    return obj[key]
 
 
 def _or_empty(v: Any) -> Any:

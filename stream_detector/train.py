@@ -365,7 +365,8 @@ def train(
         params={"q": cfg.threshold_q, "margin": cfg.threshold_margin},
     )
     manifest = Manifest(
-        schema_version=SCHEMA_VERSION,
+        # schema 3 only where it is needed: a build that reads 1 and 2 serves a global one
+        schema_version=SCHEMA_VERSION if scaler_per_sensor else 2,
         model_version="",
         dataset=dataset,
         features=features,

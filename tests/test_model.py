@@ -544,7 +544,9 @@ _THR = ("thresholds", "per_sensor", _FIRST)
          r"scaler_per_sensor\['.+'\].std\[1\] must be finite and > 0, got 0"),
         (("scaler_per_sensor", _FIRST, "mean", 0), "1", r"\['.+'\].mean\[0\] must be a number"),
         (("scaler_per_sensor", _FIRST, "mean"), [1.0], r"\['.+'\].mean has 1 values but there"),
-        (("scaler_per_sensor", _FIRST), {"mean": [0.0] * 4}, r"malformed: missing field 'std'"),
+        (("scaler_per_sensor", _FIRST), {"mean": [0.0] * 4},
+         r"scaler_per_sensor\['.+'\] has no 'std'"),
+        (("scaler_per_sensor", _FIRST), [0.0], r"scaler_per_sensor\['.+'\] must be a JSON object"),
         (("scaler_per_sensor",), [], r"scaler_per_sensor must be a JSON object"),
     ],
 )
@@ -643,6 +645,11 @@ def test_trainer_writes_each_sensors_input_scaler_from_its_fit_rows(artifact, tm
         x, np.clip((w - means[rows][:, None]) * inv[rows][:, None], -manifest.clip, manifest.clip))
     assert not np.allclose(x, scorer.scale(w))  # the global scaler differs
     np.testing.assert_array_equal(scorer.scale(w, np.array([0, 0])), scorer.scale(w))
+    for short in (np.array([1]), np.array([[1, 2]])):  # not one row per window: refused
+        with pytest.raises(ValueError, match="one row per window"):
+            scorer.scale(w, short)
+        with pytest.raises(ValueError, match="one row per window"):
+            scorer.errors_async(w, 0, short)
     # the consumer's async path applies the same rows inside the task
     for got, want in zip(scorer.errors_async(w, 1, rows).result(), scorer.errors(w, rows),
                          strict=True):
@@ -667,6 +674,7 @@ def test_trainer_writes_each_sensors_input_scaler_from_its_fit_rows(artifact, tm
     g = train(entities, dataclasses.replace(CFG, epochs=1, input_scaling="global"),
               tmp_path / "g")
     assert g.scaler_per_sensor == {} and g.scaler_row(entities[0].name) == 0
+    assert g.schema_version == 2  # builds that read only 1 and 2 can serve it
     np.testing.assert_allclose(g.scaler_mean, gm, rtol=1e-12)
     few = [entities[0], dataclasses.replace(entities[1], train=entities[1].train[:100])]
     m2 = train(few, dataclasses.replace(CFG, epochs=1), tmp_path / "few")

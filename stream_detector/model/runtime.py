@@ -88,6 +88,14 @@ class PendingErrors:
         return self._value
 
 
+def _check_rows(rows: np.ndarray, n: int) -> np.ndarray:
+    """One scaler row per window (a short array would scale a whole batch by one row)."""
+    rows = np.asarray(rows, dtype=np.intp)
+    if rows.shape != (n,):
+        raise ValueError(f"rows has shape {rows.shape}; one row per window ({n}) expected")
+    return rows
+
+
 class TorchScorer:
     """Implements the :class:`stream_detector.detector.Scorer` protocol with a TorchScript model.
 
@@ -162,7 +170,7 @@ class TorchScorer:
         if rows is None:
             mean, inv = self._mean, self._inv_std
         else:
-            rows = np.asarray(rows, dtype=np.intp)
+            rows = _check_rows(rows, len(windows))
             mean, inv = self._means[rows][:, None, :], self._inv_stds[rows][:, None, :]
         x = (np.asarray(windows, dtype=np.float32) - mean) * inv
         np.clip(x, -self._clip, self._clip, out=x)
@@ -189,7 +197,7 @@ class TorchScorer:
             return PendingErrors(None, self.errors_batched(windows, chunk, rows))
         raw = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32))
         idx = (self._no_rows if rows is None
-               else torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)))
+               else torch.from_numpy(_check_rows(rows, len(windows)).astype(np.int64)))
         with torch.inference_mode():
             return PendingErrors(self._async(raw, idx, chunk))
 
