@@ -461,4 +461,3 @@ def effective_settings(settings: Settings) -> list[tuple[str, str, bool]]:
 
     walk(settings, "SD_")
     return rows
-
