@@ -76,7 +76,16 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"trained in {manifest.training['seconds']} s, "
           f"{len(manifest.training['history'])} epochs "
           f"({manifest.training['stopped_by'].replace('_', ' ')})")
+    print(f"input scaling: {_scaling(manifest)}")
     return 0
+
+
+def _scaling(manifest: Any) -> str:
+    own = len(manifest.scaler_per_sensor)
+    if not own:
+        return "global (one scaler for every sensor)"
+    return (f"per sensor for {own} training sensor(s); any other sensor gets the scaler of all "
+            "training rows")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -165,6 +174,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     m = scorer.manifest
     print(f"artifact ok: {settings.artifact_dir} model_version={m.model_version} "
           f"features={m.n_features} window={m.window}")
+    print(f"input scaling: {_scaling(m)}")
     if args.broker:
         return check_broker(settings)
     return 0

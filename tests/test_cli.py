@@ -119,12 +119,14 @@ def quick_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
              "--out", str(out), "--quick")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "model_version" in r.stdout
+    assert "input scaling: per sensor for 2 training sensor(s)" in r.stdout
     return out
 
 
 def test_train_check_evaluate(quick_artifact: Path, tmp_path: Path) -> None:
     r = _cli("check", "--artifact", str(quick_artifact))
     assert r.returncode == 0 and "artifact ok" in r.stdout
+    assert "input scaling: per sensor for 2 training sensor(s)" in r.stdout
     out = tmp_path / "eval"
     r = _cli("evaluate", "--dataset", "synthetic", "--entities", "sensor-000,sensor-001",
              "--artifact", str(quick_artifact), "--out", str(out))
