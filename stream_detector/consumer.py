@@ -1066,6 +1066,7 @@ class DetectorService:
         if self.detector is not None:
             self.detector.forget(sensors)
             self.metrics.sensors.set(len(self.detector.sensors()))
+            self.metrics.sensors_untrained.set(self.detector.untrained())
 
     # -- observability -----------------------------------------------------------------
     def _observe_batch(self, size: int, seconds: float) -> None:
@@ -1085,3 +1086,4 @@ class DetectorService:
                     self.metrics.lag.labels(topic, pid).set(lag)
         if self.detector is not None:
             self.metrics.sensors.set(len(self.detector.sensors()))
+            self.metrics.sensors_untrained.set(self.detector.untrained())

@@ -306,6 +306,14 @@ class Detector:
     def sensors(self) -> list[str]:
         return self._store.sensors()
 
+    def untrained(self) -> int:
+        """How many sensors with state here the artifact has no input scaler of its own for
+        (they were not in its training data and get the global one); 0 when the artifact
+        scales every sensor globally."""
+        if self._srow is None:
+            return 0
+        return int(np.count_nonzero(self._srow[self._store.used_slots()] == 0))
+
     def inexact(self, sensors: Iterable[str]) -> list[str]:
         """Those of ``sensors`` whose alert state may differ from the state they would have
         had with more history before their first reading here.

@@ -100,6 +100,12 @@ class Metrics:
             "sd_consumer_lag", "Consumer lag in messages", ["topic", "partition"], registry=r
         )
         self.sensors = Gauge("sd_sensors", "Sensors with state in this process", registry=r)
+        self.sensors_untrained = Gauge(
+            "sd_sensors_untrained",
+            "Sensors with state in this process that the artifact has no input scaler for (not "
+            "in its training data; scaled by the global one): retrain to include them",
+            registry=r,
+        )
         self.assigned = Gauge("sd_assigned_partitions", "Partitions assigned", registry=r)
         self.gc_pause = Histogram(
             "sd_gc_pause_seconds",

@@ -114,6 +114,10 @@ class WindowStore:
     def slot(self, sensor: str) -> int | None:
         return self._slots.get(sensor)
 
+    def used_slots(self) -> np.ndarray:
+        """The slots that hold a sensor (in no particular order)."""
+        return np.fromiter(self._slots.values(), dtype=np.intp, count=len(self._slots))
+
     def _assign(self, sensor: str) -> int | None:
         if len(self._slots) >= self.max_sensors:
             return None

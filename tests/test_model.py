@@ -715,6 +715,31 @@ def test_detector_scales_each_sensor_by_its_own_row(artifact, overlapped) -> Non
         assert np.abs(batch_score(scorer, glob, e).score - ref).max() > 1e-2
 
 
+def test_sensors_without_a_trained_scaler_are_counted(artifact) -> None:
+    """A sensor that joins after training is scaled by the global scaler; operators see how
+    many such sensors a replica holds (sd_sensors_untrained) and know to retrain."""
+    from stream_detector.config import Settings
+    from stream_detector.consumer import DetectorService
+    from stream_detector.detector import Detector
+
+    root, manifest, entities = artifact
+    scorer = TorchScorer.load(root)
+    settings = Settings(kafka={"input_topic": "readings", "score_topic": ""})
+    service = DetectorService(settings, manifest, scorer, serve_http=False)
+    det = service.detector = Detector(manifest, scorer, settings.detector)
+    rows = entities[0].test[:3]
+    for i, name in enumerate([entities[0].name, entities[1].name, "new-1", "new-2"]):
+        det.submit_many([name] * 3, [i * 10, i * 10 + 1, i * 10 + 2], rows)
+    service._on_stats("{}")
+    assert det.untrained() == 2 and service.metrics.sensors_untrained._value.get() == 2
+    det.forget(["new-1", entities[1].name])
+    det.submit_many([entities[1].name], [100], rows[:1])  # its slot reused by a trained sensor
+    assert det.untrained() == 1
+    glob = Detector(dataclasses.replace(manifest, scaler_per_sensor={}), scorer)
+    glob.submit_many(["new-1"], [0], rows[:1])
+    assert glob.untrained() == 0  # every sensor is scaled globally: nothing to retrain for
+
+
 def test_score_features_select_what_is_scored(tmp_path) -> None:
     entities = [dataclasses.replace(e, scored_features=(e.features[0],)) for e in _entities()]
     cfg = dataclasses.replace(CFG, epochs=1)
