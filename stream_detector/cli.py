@@ -226,9 +226,11 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     from stream_detector.config import effective_settings, load_settings, settings_reference
 
-    if args.effective:
-        # what serve would run with: the environment and .env, validated (a bad value exits
-        # 2 naming its variable), secrets masked; * marks a value set away from its default
+    if args.effective or args.changed:
+        # what serve would run with: the environment and .env, validated as settings (a bad
+        # value exits 2 naming its variable; librdkafka checks its own properties when serve
+        # or check --broker builds a client), secrets masked; * marks a value away from its
+        # default
         for env, value, changed in effective_settings(load_settings()):
             if changed or not args.changed:
                 print(f"{'*' if changed else ' '} {env}={value}")
@@ -315,10 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     cf = sub.add_parser("config", help="print every setting, its env var and default; "
                         "--effective: the values this environment gives, validated")
     cf.add_argument("--effective", action="store_true",
-                    help="read the environment and .env as serve does, exit 2 on a bad value, "
-                    "and print each variable's value (secrets masked; * = not the default)")
+                    help="read the environment and .env as serve does, exit 2 on a bad value "
+                    "(librdkafka properties are checked by serve and check --broker), and print "
+                    "each variable's value (secrets masked; * = not the default)")
     cf.add_argument("--changed", action="store_true",
-                    help="with --effective: only the variables set away from their default")
+                    help="--effective, only the variables set away from their default")
     cf.set_defaults(func=cmd_config)
 
     b = sub.add_parser("bench", help="throughput, latency and memory benchmarks")

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
+import orjson
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -61,7 +62,7 @@ _OWN_SETTING = {
     "metadata.broker.list": "SD_KAFKA__BOOTSTRAP_SERVERS",  # librdkafka's alias
 }
 _SECRET_KEY = re.compile(r"secret|password|passwd|token|credential|sasl\.jaas|\.key\b|"
-                         r"key\.pem|keystore", re.IGNORECASE)
+                         r"key\.pem|keystore|oauthbearer\.config", re.IGNORECASE)
 _DELIVERY = ("enable.auto.offset.store", "enable.auto.commit", "enable.idempotence", "acks",
              "request.required.acks", "enable.partition.eof")
 # librdkafka's other names of the producer defaults that SD_KAFKA__EXTRA may change
@@ -452,10 +453,10 @@ def effective_settings(settings: Settings) -> list[tuple[str, str, bool]]:
                 raw = value.get_secret_value()
                 rows.append((env, "**********" if raw else "", bool(raw)))
                 continue
-            if isinstance(value, dict):
+            if isinstance(value, dict):  # JSON, as the variable takes it
                 shown = {k: "**********" if _SECRET_KEY.search(k) else v
                          for k, v in value.items()}
-                rows.append((env, str(shown), str(value) != defaults[env]))
+                rows.append((env, orjson.dumps(shown).decode(), str(value) != defaults[env]))
                 continue
             rows.append((env, str(value), str(value) != defaults[env]))
 

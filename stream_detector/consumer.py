@@ -974,17 +974,24 @@ class DetectorService:
         """Point each assigned partition ``rebuild_lookback`` records before its committed
         offset; the records up to it only refill the windows (silent: not scored again)."""
         committed = consumer.committed(partitions, timeout=10)
-        for p, c in zip(partitions, committed, strict=True):
-            if c.offset is None or c.offset < 0 or c.offset == OFFSET_INVALID:
-                continue
-            low, high = consumer.get_watermark_offsets(p, timeout=10, cached=False)
-            asked = 1
-            while c.offset > high and asked < WATERMARK_ASKS:
-                # a broker can answer one request with a stale high watermark (seen on
-                # Tansu: 3,571 for a log of 5,000); ask again before giving the rebuild up
-                time.sleep(WATERMARK_RETRY_S)
-                low, high = consumer.get_watermark_offsets(p, timeout=10, cached=False)
-                asked += 1
+        plan = [(p, c) for p, c in zip(partitions, committed, strict=True)
+                if not (c.offset is None or c.offset < 0 or c.offset == OFFSET_INVALID)]
+        ends = {i: consumer.get_watermark_offsets(p, timeout=10, cached=False)
+                for i, (p, _) in enumerate(plan)}
+        asked = 1
+        while asked < WATERMARK_ASKS:
+            # a broker can answer a request with a stale high watermark (seen on Tansu: 3,571
+            # for a log of 5,000): ask again, for every such partition together (one pause a
+            # round, not one per partition), before giving their rebuild up
+            stale = [i for i, (_, c) in enumerate(plan) if c.offset > ends[i][1]]
+            if not stale:
+                break
+            time.sleep(WATERMARK_RETRY_S)
+            for i in stale:
+                ends[i] = consumer.get_watermark_offsets(plan[i][0], timeout=10, cached=False)
+            asked += 1
+        for i, (p, c) in enumerate(plan):
+            low, high = ends[i]
             if c.offset > high:
                 # the log ends before the committed offset (truncated, or the topic was
                 # recreated): no rebuild, and auto.offset.reset decides where to start.

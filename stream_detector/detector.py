@@ -308,8 +308,8 @@ class Detector:
 
     def untrained(self) -> int:
         """How many sensors with state here the artifact has no input scaler of its own for
-        (they were not in its training data and get the global one); 0 when the artifact
-        scales every sensor globally."""
+        (not in its training data, or with fewer than ``min_sensor_windows`` fit rows there;
+        they get the global one); 0 when the artifact scales every sensor globally."""
         if self._srow is None:
             return 0
         return int(np.count_nonzero(self._srow[self._store.used_slots()] == 0))

@@ -93,6 +93,9 @@ class _ToStructlog(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             message = record.getMessage()
+            if record.levelno < logging.INFO:  # debugging output: passed on, not remembered
+                structlog.get_logger(record.name).log(record.levelno, message)
+                return
             key = (record.name, record.levelno, _VARYING.sub("", message))
             now = self.clock()
             with self._guard:

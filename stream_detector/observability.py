@@ -102,8 +102,9 @@ class Metrics:
         self.sensors = Gauge("sd_sensors", "Sensors with state in this process", registry=r)
         self.sensors_untrained = Gauge(
             "sd_sensors_untrained",
-            "Sensors with state in this process that the artifact has no input scaler for (not "
-            "in its training data; scaled by the global one): retrain to include them",
+            "Sensors with state in this process that the artifact has no input scaler of their "
+            "own for (not in its training data, or with too few rows there; scaled by the "
+            "global one): retrain to include them",
             registry=r,
         )
         self.assigned = Gauge("sd_assigned_partitions", "Partitions assigned", registry=r)

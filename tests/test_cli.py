@@ -41,7 +41,8 @@ def test_config_effective_shows_this_environment_validated_and_masked(
 
     monkeypatch.setenv("SD_DETECTOR__MAX_BATCH", "7")
     monkeypatch.setenv("SD_KAFKA__SASL_PASSWORD", "hunter2")
-    monkeypatch.setenv("SD_KAFKA__EXTRA", '{"ssl.keystore.password": "pw9", "fetch.max.bytes": 5}')
+    monkeypatch.setenv("SD_KAFKA__EXTRA", '{"ssl.keystore.password": "pw9", "fetch.max.bytes": 5, '
+                       '"sasl.oauthbearer.config": "principal=svc clientSecret=S3CR3T"}')
     assert main(["config", "--effective"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [ln[2:].split("=", 1)[0] for ln in lines] == [env for env, *_ in settings_reference()]
@@ -49,10 +50,12 @@ def test_config_effective_shows_this_environment_validated_and_masked(
     assert "* SD_KAFKA__SASL_PASSWORD=**********" in lines
     assert "  SD_KAFKA__SSL_KEY_PASSWORD=" in lines  # unset secret: empty, not the default
     extra = next(ln for ln in lines if "SD_KAFKA__EXTRA=" in ln)
-    assert extra.startswith("* ") and "'fetch.max.bytes': 5" in extra and "**********" in extra
+    assert extra.startswith("* ") and json.loads(extra.split("=", 1)[1]) == {
+        "ssl.keystore.password": "**********", "fetch.max.bytes": 5,
+        "sasl.oauthbearer.config": "**********"}  # JSON, as it is set
     out = "\n".join(lines)
-    assert "hunter2" not in out and "pw9" not in out
-    assert main(["config", "--effective", "--changed"]) == 0
+    assert "hunter2" not in out and "pw9" not in out and "S3CR3T" not in out
+    assert main(["config", "--changed"]) == 0  # --changed implies --effective
     changed = capsys.readouterr().out.splitlines()
     assert changed and all(ln.startswith("* ") for ln in changed)
     assert "* SD_DETECTOR__MAX_BATCH=7" in changed

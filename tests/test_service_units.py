@@ -1034,6 +1034,15 @@ def test_a_stale_log_end_is_asked_again_before_the_rebuild_is_given_up(monkeypat
     service._on_assign(fake, [TopicPartition("readings", 0)])
     assert fake.asked == consumer_mod.WATERMARK_ASKS == 3
     assert service._silent_until == {} and fake.positions[A] < 0
+    # several such partitions (a recreated topic) are asked again together: one pause a
+    # round, not one per partition, inside the assign callback
+    pauses: list[float] = []
+    monkeypatch.setattr(consumer_mod.time, "sleep", pauses.append)
+    service = _service()
+    fake = Stale(service, [], committed=40, watermarks=(0, 30), answers=[])
+    service._on_assign(fake, [TopicPartition("readings", i) for i in range(8)])
+    assert fake.asked == 8 * 3 and len(pauses) == 2
+    assert service._silent_until == {}
 
 
 def test_rebuild_lookback_comes_from_the_settings_unless_given() -> None:
