@@ -439,26 +439,17 @@ def effective_settings(settings: Settings) -> list[tuple[str, str, bool]]:
     """(env var, value, differs from the default) for every setting of ``settings``: what a
     process started with this environment runs with. Secrets print as ``**********`` when set,
     and so do the values of secret-looking keys in ``SD_KAFKA__EXTRA``."""
-    defaults = {env: default for env, _, default, _ in settings_reference()}
     rows: list[tuple[str, str, bool]] = []
-
-    def walk(model: BaseModel, prefix: str) -> None:
-        for name in type(model).model_fields:
-            value = getattr(model, name)
-            env = f"{prefix}{name.upper()}"
-            if isinstance(value, BaseModel):
-                walk(value, env + "__")
-                continue
-            if isinstance(value, SecretStr):
-                raw = value.get_secret_value()
-                rows.append((env, "**********" if raw else "", bool(raw)))
-                continue
-            if isinstance(value, dict):  # JSON, as the variable takes it
-                shown = {k: "**********" if _SECRET_KEY.search(k) else v
-                         for k, v in value.items()}
-                rows.append((env, orjson.dumps(shown).decode(), str(value) != defaults[env]))
-                continue
-            rows.append((env, str(value), str(value) != defaults[env]))
-
-    walk(settings, "SD_")
+    for env, _, default, _ in settings_reference():
+        value: Any = settings
+        for name in env.removeprefix("SD_").lower().split("__"):  # SD_GROUP__FIELD
+            value = getattr(value, name)
+        if isinstance(value, SecretStr):
+            raw = value.get_secret_value()
+            rows.append((env, "**********" if raw else "", bool(raw)))
+        elif isinstance(value, dict):  # JSON, as the variable takes it
+            shown = {k: "**********" if _SECRET_KEY.search(k) else v for k, v in value.items()}
+            rows.append((env, orjson.dumps(shown).decode(), str(value) != default))
+        else:
+            rows.append((env, str(value), str(value) != default))
     return rows
