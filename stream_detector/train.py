@@ -202,8 +202,9 @@ def _make_split(parts: list[np.ndarray], names: list[str], means: list[np.ndarra
 
 
 def _input_scalers(cfg: TrainConfig, fit_parts: list[np.ndarray]):
-    """``(mean, std, means, stds)``: the scaler of sensors without their own (and of sensors
-    unseen in training), then each entity's scaler, all fitted on fit rows only.
+    """``(mean, std, means, stds, own)``: the scaler of sensors without their own (and of
+    sensors unseen in training), then each entity's scaler, all fitted on fit rows only, and
+    whether it is the entity's own (the manifest keeps only those).
 
     ``global``: one mean / std over all fit rows. ``per_sensor``: an entity with at least
     ``min_sensor_windows`` fit rows is standardised by its own mean / std, the others by those
@@ -215,15 +216,16 @@ def _input_scalers(cfg: TrainConfig, fit_parts: list[np.ndarray]):
     mean = fit_all.mean(axis=0)
     std = np.maximum(fit_all.std(axis=0), cfg.std_floor)
     if cfg.input_scaling == "global":
-        return mean, std, [mean] * len(parts), [std] * len(parts)
-    own = [(p.mean(axis=0), np.maximum(p.std(axis=0), cfg.std_floor))
-           if len(p) >= cfg.min_sensor_windows else (mean, std) for p in parts]
-    z = np.concatenate([(p - m) / sd for p, (m, sd) in zip(parts, own, strict=True)])
+        return mean, std, [mean] * len(parts), [std] * len(parts), [False] * len(parts)
+    own = [len(p) >= cfg.min_sensor_windows for p in parts]
+    first = [(p.mean(axis=0), np.maximum(p.std(axis=0), cfg.std_floor)) if mine
+             else (mean, std) for p, mine in zip(parts, own, strict=True)]
+    z = np.concatenate([(p - m) / sd for p, (m, sd) in zip(parts, first, strict=True)])
     z_mean = z.mean(axis=0)
     z_std = np.maximum(z.std(axis=0), cfg.std_floor)
-    means = [m + z_mean * sd for m, sd in own]
-    stds = [sd * z_std for _, sd in own]
-    return mean + z_mean * std, std * z_std, means, stds
+    means = [m + z_mean * sd for m, sd in first]
+    stds = [sd * z_std for _, sd in first]
+    return mean + z_mean * std, std * z_std, means, stds, own
 
 
 def _gather(split: _Split, idx: np.ndarray, window: int) -> torch.Tensor:
@@ -258,13 +260,12 @@ def train(
         *(_split_rows(e, cfg.val_fraction, cfg.window) for e in entities), strict=True
     )
     names = [e.name for e in entities]
-    mean, std, means, stds = _input_scalers(cfg, list(fit_parts))
+    mean, std, means, stds, own = _input_scalers(cfg, list(fit_parts))
     fit = _make_split(list(fit_parts), names, means, stds, cfg.clip, cfg.window)
     val = _make_split(list(val_parts), names, means, stds, cfg.clip, cfg.window)
     scaler_per_sensor = {
         name: {"mean": tuple(m.tolist()), "std": tuple(sd.tolist())}
-        for name, m, sd, part in zip(names, means, stds, fit_parts, strict=True)
-        if cfg.input_scaling == "per_sensor" and len(part) >= cfg.min_sensor_windows
+        for name, m, sd, mine in zip(names, means, stds, own, strict=True) if mine
     }
 
     model = HybridModel(len(features), cfg.window, cfg.hidden, cfg.encoder, cfg.layers,
