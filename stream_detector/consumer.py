@@ -1072,13 +1072,16 @@ class DetectorService:
             del self._sensor_tp[s]
         if self.detector is not None:
             self.detector.forget(sensors)
-            self.metrics.sensors.set(len(self.detector.sensors()))
-            self.metrics.sensors_untrained.set(self.detector.untrained())
+            self._observe_sensors(self.detector)
 
     # -- observability -----------------------------------------------------------------
     def _observe_batch(self, size: int, seconds: float) -> None:
         self.metrics.batch_size.observe(size)
         self.metrics.inference.observe(seconds)
+
+    def _observe_sensors(self, detector: Detector) -> None:
+        self.metrics.sensors.set(len(detector.sensors()))
+        self.metrics.sensors_untrained.set(detector.untrained())
 
     def _on_stats(self, stats_json: str) -> None:
         stats = orjson.loads(stats_json)
@@ -1092,5 +1095,4 @@ class DetectorService:
                         and (topic, int(pid)) in owned):
                     self.metrics.lag.labels(topic, pid).set(lag)
         if self.detector is not None:
-            self.metrics.sensors.set(len(self.detector.sensors()))
-            self.metrics.sensors_untrained.set(self.detector.untrained())
+            self._observe_sensors(self.detector)
