@@ -65,7 +65,7 @@ from confluent_kafka.admin import AdminClient
 from stream_detector.config import Settings
 from stream_detector.detector import Detector, ScoredBatch, Scorer
 from stream_detector.errors import ConfigError, StreamDetectorError
-from stream_detector.logs import kafka_logger
+from stream_detector.logs import flush_kafka_log, kafka_logger
 from stream_detector.manifest import Manifest
 from stream_detector.observability import HealthServer, HealthState, Metrics
 from stream_detector.records import DecodedBatch, ReadingDecoder, dead_letter
@@ -438,6 +438,7 @@ class DetectorService:
             # embedding process (replay, bench, tests) keeps this object after run() returns
             self._producer = None
             self._consumer = None
+            flush_kafka_log()  # what librdkafka repeated up to the end, with its counts
 
     # -- the hot loop ------------------------------------------------------------------
     def _loop(self) -> None:

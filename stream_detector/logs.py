@@ -87,7 +87,8 @@ class _ToStructlog(logging.Handler):
                  clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
         self.window_s, self.clock = window_s, clock
-        self._seen: dict[tuple[str, int, str], list[float]] = {}  # key -> [since, held back]
+        # key -> [since, held back, the last held-back record]
+        self._seen: dict[tuple[str, int, str], list[Any]] = {}
         self._guard = threading.Lock()
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -102,16 +103,33 @@ class _ToStructlog(logging.Handler):
                 seen = self._seen.get(key)
                 if seen is not None and now - seen[0] < self.window_s:
                     seen[1] += 1
+                    seen[2] = record
                     return
                 held = int(seen[1]) if seen is not None else 0
                 if len(self._seen) > 1000:  # texts with ids in them: forget the oldest
                     for old in sorted(self._seen, key=lambda k: self._seen[k][0])[:500]:
                         del self._seen[old]
-                self._seen[key] = [now, 0]
+                self._seen[key] = [now, 0, None]
             extra = {"repeated": held} if held else {}
             structlog.get_logger(record.name).log(record.levelno, message, **extra)
         except Exception:  # noqa: BLE001 - a log line must never break a Kafka callback
             self.handleError(record)
+
+    def flush(self) -> None:
+        """Write the lines whose repeats are held back, the last of each with its
+        ``repeated`` count, and forget them: the service calls it as it stops (logging's exit
+        hook too), so a failure that went on until then is not left counted as one line."""
+        with self._guard:
+            held = [(int(n), rec) for _, n, rec in self._seen.values() if n]
+            self._seen.clear()
+        for n, rec in sorted(held, key=lambda x: x[1].created):
+            structlog.get_logger(rec.name).log(rec.levelno, rec.getMessage(), repeated=n)
+
+
+def flush_kafka_log() -> None:
+    """Write the librdkafka lines held back as repeats (see :meth:`_ToStructlog.flush`)."""
+    for handler in logging.getLogger("librdkafka").handlers:
+        handler.flush()
 
 
 def kafka_logger() -> logging.Logger:

@@ -959,14 +959,19 @@ def test_repeated_librdkafka_lines_are_counted_not_written(capsys) -> None:
         logger.error(refused.format(7, ""))
         now[0] = 62.0
         logger.error(refused.format(1, ""))
+        now[0] = 63.0
+        logger.error(refused.format(2, ""))
+        handler.flush()  # the service stops: the held-back repeats are written with their count
+        handler.flush()  # and forgotten
     finally:
         configure_logging("console", "INFO")
     events = [orjson.loads(ln) for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert [(e["level"], "9093" in e["event"], e.get("repeated")) for e in events] == [
         ("error", False, None), ("error", True, None), ("warning", False, None),
         ("error", False, 49),  # 61 s after the first: written, with the 49 held back
+        ("error", False, 2),  # the two after it, written (the last one) when the service stops
     ]
-    assert "after 7ms" in events[-1]["event"]
+    assert "after 7ms" in events[-2]["event"] and "after 2ms" in events[-1]["event"]
 
 
 def test_messages_outdated_by_a_rebalance_between_consume_calls_are_not_ingested() -> None:
