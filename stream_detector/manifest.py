@@ -158,9 +158,9 @@ class Manifest:
             s["fc_scale"] = _nums("score.fc_scale", s["fc_scale"])
             per_sensor = {}
             for name, sc in _obj("score.per_sensor", s.get("per_sensor") or {}).items():
-                sc = _obj(f"score.per_sensor[{name!r}]", sc)
                 per_sensor[str(name)] = {
-                    k: _nums(f"score.per_sensor[{name!r}].{k}", sc[k]) for k in ("rec", "fc")
+                    k: _nums(f"score.per_sensor[{name!r}].{k}",
+                             _key(f"score.per_sensor[{name!r}]", sc, k)) for k in ("rec", "fc")
                 }
             s["per_sensor"] = per_sensor
             s["feature_weights"] = _nums("score.feature_weights", s.get("feature_weights") or ())
