@@ -84,8 +84,11 @@ def _scaling(manifest: Any) -> str:
     own = len(manifest.scaler_per_sensor)
     if not own:
         return "global (one scaler for every sensor)"
+    seen = (manifest.training.get("config") or {}).get("fleet_view") is True
     return (f"per sensor for {own} training sensor(s); any other sensor gets the scaler of all "
-            "training rows")
+            "training rows, " + ("which the network was also trained on (fleet_view)" if seen
+                                 else "which the network was not trained on: sensors unseen in "
+                                 "training detect worse (docs/evaluation.md)"))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

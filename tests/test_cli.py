@@ -123,6 +123,7 @@ def quick_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert r.returncode == 0, r.stderr[-2000:]
     assert "model_version" in r.stdout
     assert "input scaling: per sensor for 2 training sensor(s)" in r.stdout
+    assert "which the network was also trained on (fleet_view)" in r.stdout
     return out
 
 
@@ -466,3 +467,20 @@ def test_evaluate_removes_the_plots_of_an_earlier_run_into_its_folder(quick_arti
                    progress=False)
     assert sorted(p.name for p in out.glob("*.png")) == ["best-sensor-000.png"]
     assert "best-sensor-000.png" in (out / "evaluation.md").read_text()
+
+
+def test_input_scaling_line_says_whether_unseen_sensors_were_trained_for() -> None:
+    """`train` and `check` say how an unseen sensor is scaled and whether the network saw rows
+    scaled that way (fleet_view, the default since 2026-11-26; older artifacts have no key)."""
+    from types import SimpleNamespace
+
+    from stream_detector.cli import _scaling
+
+    own = {"a": {}, "b": {}}
+    for config, trained in (({"fleet_view": True}, True), ({"fleet_view": False}, False),
+                            ({}, False)):
+        line = _scaling(SimpleNamespace(scaler_per_sensor=own, training={"config": config}))
+        assert line.startswith("per sensor for 2 training sensor(s)")
+        assert ("also trained on (fleet_view)" in line) is trained
+        assert ("unseen in training detect worse" in line) is not trained
+    assert _scaling(SimpleNamespace(scaler_per_sensor={}, training={})).startswith("global")

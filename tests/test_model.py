@@ -686,6 +686,45 @@ def test_trainer_writes_each_sensors_input_scaler_from_its_fit_rows(artifact, tm
         TrainConfig(input_scaling="per-sensor")
 
 
+def test_fleet_view_fits_the_network_on_rows_scaled_as_an_unseen_sensors_too(
+        artifact, tmp_path, monkeypatch) -> None:
+    """fleet_view: the network's fit pool holds each sensor's fit rows twice, scaled by its own
+    scaler and by the one a sensor unseen in training gets (the manifest's global row);
+    validation, the per-sensor scalers and everything the consumer reads stay the own view's."""
+    import stream_detector.train as trainer
+
+    _, _, entities = artifact
+    calls: list[tuple[int, list[np.ndarray]]] = []
+    real = trainer._make_split
+
+    def spy(parts, names, means, stds, clip, window):
+        calls.append((len(parts), [np.array(m) for m in means]))
+        return real(parts, names, means, stds, clip, window)
+
+    monkeypatch.setattr(trainer, "_make_split", spy)
+    cfg = dataclasses.replace(CFG, epochs=1)
+    base = train(entities, dataclasses.replace(cfg, fleet_view=False), tmp_path / "base")
+    fv = train(entities, cfg, tmp_path / "fv")  # the default
+    assert [n for n, _ in calls] == [2, 2, 4, 2]  # fit, validation; fit (both views), validation
+    fit_means = calls[2][1]
+    for e, m in zip(entities, fit_means[:2], strict=True):
+        np.testing.assert_array_equal(m, fv.scaler_per_sensor[e.name]["mean"])
+    for m in fit_means[2:]:
+        np.testing.assert_array_equal(m, fv.scaler_mean)
+    for m in calls[3][1]:  # validation: the own view only
+        assert not np.array_equal(m, fv.scaler_mean)
+    assert fv.training["fit_windows"] == 2 * base.training["fit_windows"]
+    assert fv.training["val_windows"] == base.training["val_windows"]
+    assert fv.scaler_per_sensor == base.scaler_per_sensor
+    assert fv.training["config"]["fleet_view"] is True
+    assert fv.model_version != base.model_version  # another network
+    assert TrainConfig().fleet_view is True
+    # global: every sensor has the scaler an unseen one gets, so there is one view
+    calls.clear()
+    train(entities, dataclasses.replace(cfg, input_scaling="global"), tmp_path / "g")
+    assert [n for n, _ in calls] == [2, 2]
+
+
 @pytest.mark.parametrize("overlapped", [True, False])
 def test_detector_scales_each_sensor_by_its_own_row(artifact, overlapped) -> None:
     """The Detector (serve and replay) hands the scorer each window's scaler row, on the
