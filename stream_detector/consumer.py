@@ -438,7 +438,7 @@ class DetectorService:
             # embedding process (replay, bench, tests) keeps this object after run() returns
             self._producer = None
             self._consumer = None
-            flush_kafka_log()  # what librdkafka repeated up to the end, with its counts
+            flush_kafka_log()  # any repeats held back since (e.g. while waiting for the broker)
 
     # -- the hot loop ------------------------------------------------------------------
     def _loop(self) -> None:
@@ -955,6 +955,7 @@ class DetectorService:
             if exc.args[0].code() != KafkaError._NO_OFFSET:
                 log.warning("final commit failed", error=str(exc))
         self._consumer.close()
+        flush_kafka_log()  # librdkafka's held-back repeats, before the last line
         log.info("stopped", seconds=round(time.monotonic() - t0, 3), exit_code=code)
         return code
 
@@ -969,6 +970,7 @@ class DetectorService:
             self._consumer.close()
         except Exception as exc:  # noqa: BLE001 - already failing; the exit code says so
             log.warning("close after fatal error failed", error=str(exc)[:300])
+        flush_kafka_log()
 
     # -- rebalance callbacks -----------------------------------------------------------
     def _plan_rebuild(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:

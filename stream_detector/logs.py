@@ -116,14 +116,20 @@ class _ToStructlog(logging.Handler):
             self.handleError(record)
 
     def flush(self) -> None:
-        """Write the lines whose repeats are held back, the last of each with its
-        ``repeated`` count, and forget them: the service calls it as it stops (logging's exit
-        hook too), so a failure that went on until then is not left counted as one line."""
+        """Write the last held-back occurrence of each line, with ``repeated`` = how many were
+        held back before it (as on every other line) and ``last_at``, and forget them: the
+        service calls it as it stops (logging's exit hook too), so a failure that went on
+        until then is not left counted as one line."""
         with self._guard:
             held = [(int(n), rec) for _, n, rec in self._seen.values() if n]
             self._seen.clear()
         for n, rec in sorted(held, key=lambda x: x[1].created):
-            structlog.get_logger(rec.name).log(rec.levelno, rec.getMessage(), repeated=n)
+            try:
+                extra: dict[str, Any] = {"repeated": n - 1} if n > 1 else {}
+                extra["last_at"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(rec.created))
+                structlog.get_logger(rec.name).log(rec.levelno, rec.getMessage(), **extra)
+            except Exception:  # noqa: BLE001 - as in emit: a log line never breaks a stop
+                self.handleError(rec)
 
 
 def flush_kafka_log() -> None:
