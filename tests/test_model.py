@@ -532,6 +532,8 @@ _THR = ("thresholds", "per_sensor", _FIRST)
         (("score", "per_sensor", _FIRST, "fc", 0), 0.0, r"\['.+'\].fc\[0\] must be finite"),
         (("score", "per_sensor", _FIRST), {"rec": [1.0] * 4},
          r"score.per_sensor\['.+'\] has no 'fc'"),
+        (("score", "per_sensor", _FIRST), {"fc": [1.0] * 4},
+         r"score.per_sensor\['.+'\] has no 'rec'"),
         (("score", "per_sensor", _FIRST), 2.0, r"score.per_sensor\['.+'\] must be a JSON object"),
         (("score", "w_rec"), -1.0, r"score weights must be finite, non-negative"),
         (("score", "smoothing"), 2.5, r"score.smoothing must be an integer, got 2.5"),
@@ -694,23 +696,25 @@ def test_fleet_view_fits_the_network_on_rows_scaled_as_an_unseen_sensors_too(
     import stream_detector.train as trainer
 
     _, _, entities = artifact
-    calls: list[tuple[int, list[np.ndarray]]] = []
+    calls: list[tuple[int, list[np.ndarray], list[np.ndarray]]] = []
     real = trainer._make_split
 
     def spy(parts, names, means, stds, clip, window):
-        calls.append((len(parts), [np.array(m) for m in means]))
+        calls.append((len(parts), [np.array(m) for m in means], [np.array(sd) for sd in stds]))
         return real(parts, names, means, stds, clip, window)
 
     monkeypatch.setattr(trainer, "_make_split", spy)
     cfg = dataclasses.replace(CFG, epochs=1)
     base = train(entities, dataclasses.replace(cfg, fleet_view=False), tmp_path / "base")
     fv = train(entities, cfg, tmp_path / "fv")  # the default
-    assert [n for n, _ in calls] == [2, 2, 4, 2]  # fit, validation; fit (both views), validation
-    fit_means = calls[2][1]
-    for e, m in zip(entities, fit_means[:2], strict=True):
+    assert [c[0] for c in calls] == [2, 2, 4, 2]  # fit, validation; fit (both views), validation
+    _, fit_means, fit_stds = calls[2]
+    for e, m, sd in zip(entities, fit_means[:2], fit_stds[:2], strict=True):
         np.testing.assert_array_equal(m, fv.scaler_per_sensor[e.name]["mean"])
-    for m in fit_means[2:]:
+        np.testing.assert_array_equal(sd, fv.scaler_per_sensor[e.name]["std"])
+    for m, sd in zip(fit_means[2:], fit_stds[2:], strict=True):
         np.testing.assert_array_equal(m, fv.scaler_mean)
+        np.testing.assert_array_equal(sd, fv.scaler_std)
     for m in calls[3][1]:  # validation: the own view only
         assert not np.array_equal(m, fv.scaler_mean)
     assert fv.training["fit_windows"] == 2 * base.training["fit_windows"]
@@ -719,10 +723,16 @@ def test_fleet_view_fits_the_network_on_rows_scaled_as_an_unseen_sensors_too(
     assert fv.training["config"]["fleet_view"] is True
     assert fv.model_version != base.model_version  # another network
     assert TrainConfig().fleet_view is True
-    # global: every sensor has the scaler an unseen one gets, so there is one view
+    # global: every sensor has the scaler an unseen one gets, so there is one view; so has a
+    # sensor with too few fit rows for its own scaler
     calls.clear()
     train(entities, dataclasses.replace(cfg, input_scaling="global"), tmp_path / "g")
-    assert [n for n, _ in calls] == [2, 2]
+    few = [entities[0], dataclasses.replace(entities[1], train=entities[1].train[:100])]
+    mixed = train(few, cfg, tmp_path / "few")
+    assert list(mixed.scaler_per_sensor) == [entities[0].name]
+    assert [c[0] for c in calls] == [2, 2, 3, 2]
+    np.testing.assert_array_equal(calls[2][1][1], mixed.scaler_mean)  # the one without, once
+    np.testing.assert_array_equal(calls[2][1][2], mixed.scaler_mean)  # the one with: 2nd view
 
 
 @pytest.mark.parametrize("overlapped", [True, False])
