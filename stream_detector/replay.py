@@ -46,6 +46,7 @@ import orjson
 import structlog
 from tqdm.auto import tqdm
 
+from stream_detector.config import FETCH_QUEUE_BACKOFF_MS
 from stream_detector.datasets.base import Entity
 from stream_detector.errors import StreamDetectorError
 from stream_detector.evaluation import plot_file_name, prepare_out_dir
@@ -446,7 +447,8 @@ def _stream(opts: ReplayOptions, manifest: Any, scorer: Any, names: list[str],
             thread.start()
 
         reader = Consumer({"bootstrap.servers": bootstrap, "group.id": f"replay-reader-{run}",
-                           "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+                           "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                           "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS})
         reader.assign(_start_offsets(reader, [topics["scores"], topics["alerts"]]))
         errors: list[str] = []
         producer = threading.Thread(

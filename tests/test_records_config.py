@@ -578,6 +578,24 @@ def test_extra_tunes_the_producer_defaults_and_keys_map_like_the_java_client(cle
     assert (p["queue.buffering.max.ms"], p["compression.codec"]) == (0, "zstd")
 
 
+def test_consumer_checks_its_full_fetch_queue_again_soon_unless_extra_says_otherwise(
+        clean_env, monkeypatch) -> None:
+    """librdkafka's fetch.queue.backoff.ms (1,000 ms by default) stalled a consumer catching up
+    on a backlog for most of each second (docs/benchmarks.md); the consumer sets 10 ms, and
+    SD_KAFKA__EXTRA may set another value (the producer gets none: it is a consumer property)."""
+    from stream_detector.config import FETCH_QUEUE_BACKOFF_MS
+
+    k = load_settings().kafka
+    assert FETCH_QUEUE_BACKOFF_MS == 10
+    assert k.consumer_config()["fetch.queue.backoff.ms"] == 10
+    assert "fetch.queue.backoff.ms" not in k.producer_config()
+    monkeypatch.setenv("SD_KAFKA__EXTRA", '{"fetch.queue.backoff.ms": 250}')
+    assert load_settings().kafka.consumer_config()["fetch.queue.backoff.ms"] == 250
+    from confluent_kafka import Consumer
+
+    Consumer(k.consumer_config()).close()  # a property this librdkafka knows, in its range
+
+
 def test_ratio_ordering_is_validated(clean_env, monkeypatch) -> None:
     monkeypatch.setenv("SD_DETECTOR__CLEAR_RATIO", "1.2")
     with pytest.raises(ConfigError,
