@@ -37,9 +37,10 @@ log = structlog.get_logger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # window 16 / hidden 32: a 4x faster model than 32 / 64. With per-sensor input scaling 32 / 64
-    # is better on SMD (0.514 vs 0.490 best-F1) but worse on synthetic data (0.691 vs 0.730),
-    # so the default stays, by a rule written down first (docs/benchmarks.md, section 7)
+    # window 16 / hidden 32: a 3-4x faster model than 32 / 64. With per-sensor input scaling
+    # 32 / 64 is better on SMD (0.509 vs 0.487 best-F1) but worse on SMAP (0.367 vs 0.393) and
+    # the synthetic data (0.681 vs 0.723), so the default stays, by a rule written down first
+    # (docs/benchmarks.md, section 7)
     window: int = 16
     hidden: int = 32
     encoder: str = "lstm"
