@@ -212,7 +212,8 @@ def _latest_readings(bootstrap: str, topic: str, sensors: list[str],
     found: dict[str, int] = {}
     consumer = Consumer({"bootstrap.servers": bootstrap,
                          "group.id": f"replay-scan-{uuid.uuid4().hex[:8]}",
-                         "enable.auto.commit": False, "enable.partition.eof": True})
+                         "enable.auto.commit": False, "enable.partition.eof": True,
+                         "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS})
     try:
         md = consumer.list_topics(topic, timeout=10).topics.get(topic)
         if md is None or md.error is not None or not md.partitions:
