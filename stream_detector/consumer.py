@@ -438,7 +438,7 @@ class DetectorService:
             # embedding process (replay, bench, tests) keeps this object after run() returns
             self._producer = None
             self._consumer = None
-            flush_kafka_log()  # any repeats held back since (e.g. while waiting for the broker)
+            flush_kafka_log()  # held-back repeats (after a fatal error, waiting for the broker)
 
     # -- the hot loop ------------------------------------------------------------------
     def _loop(self) -> None:
@@ -970,7 +970,6 @@ class DetectorService:
             self._consumer.close()
         except Exception as exc:  # noqa: BLE001 - already failing; the exit code says so
             log.warning("close after fatal error failed", error=str(exc)[:300])
-        flush_kafka_log()
 
     # -- rebalance callbacks -----------------------------------------------------------
     def _plan_rebuild(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
