@@ -235,6 +235,12 @@ class DetectorSettings(_Group):
     max_wait_ms: float = Field(
         20.0, ge=0, le=60_000, description="Oldest ready window waits at most this long."
     )
+    dispatch_when_idle: bool = Field(
+        True,
+        description="When the consumer has read everything buffered and the model is free, "
+        "score the windows waiting now instead of at max_wait_ms (a batch then holds what "
+        "arrived while the model was busy: short waits at low rates, full batches under load).",
+    )
     warning_ratio: float = Field(
         1.0, gt=0, description="Score/threshold ratio that opens an episode at level warning."
     )

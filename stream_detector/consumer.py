@@ -476,7 +476,8 @@ class DetectorService:
                     messages.extend(more)
             if messages:
                 self._ingest(messages, decoder, detector)
-            self._publish(detector.poll_batches())
+            # a short consume(): the local queue is drained, so the model may take what waits
+            self._publish(detector.poll_batches(idle=len(messages) < k.consume_batch))
             producer.poll(0)
             if self._resend:
                 self._send_resends()

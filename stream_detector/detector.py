@@ -256,11 +256,20 @@ class Detector:
         """:meth:`flush_batches`, one :class:`Result` per window."""
         return [r for b in self.flush_batches() for r in b.results()]
 
-    def poll_batches(self) -> list[ScoredBatch]:
+    def poll_batches(self, idle: bool = False) -> list[ScoredBatch]:
         """Score full batches and the pending batch if its deadline passed; never waits for a
         deadline. With an async scorer: hand out what finished, and wait for the model only
-        while more than one full batch is queued behind the one in inference."""
+        while more than one full batch is queued behind the one in inference.
+
+        ``idle``: the caller has nothing more to submit for now (a consumer whose ``consume()``
+        came back short). With ``dispatch_when_idle`` the pending batch is then scored at once
+        if the model is free, not at its deadline: a batch holds what arrived while the model
+        was busy, so at low rates a window does not wait ``max_wait_ms``, and under load (the
+        model busy, or every ``consume()`` full) batches still fill."""
         due = self._batcher.poll()
+        if (due is None and idle and self.settings.dispatch_when_idle and len(self._batcher)
+                and not self._ready and self._model_free()):
+            due = self._batcher.flush()
         if due is not None:
             self._ready.append(due)
         if self._start is None:
@@ -275,6 +284,10 @@ class Detector:
         """Score everything pending now (shutdown, revocation, end of replay)."""
         self._complete()
         return self._take()
+
+    def _model_free(self) -> bool:
+        fl = self._inflight
+        return self._start is None or fl is None or fl.handle.done()
 
     def next_deadline(self) -> float | None:
         """Clock time by which ``poll`` should be called: the pending batch's deadline, or

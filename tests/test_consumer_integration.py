@@ -102,6 +102,31 @@ def test_scores_match_offline_and_alerts_flow(kafka_broker, topics, artifact) ->
         assert len(hits[0]["alert_id"]) == 24
 
 
+def test_a_quiet_stream_is_scored_without_waiting_for_the_batch_deadline(
+    kafka_broker, topics, artifact
+) -> None:
+    """dispatch_when_idle: a handful of windows, far fewer than a batch, with the batch
+    deadline at its 60 s maximum. Once the consumer has read everything there is, the model is
+    free and takes them at once; without it they would wait the 60 s (longer than this test
+    reads)."""
+    bs = kafka_broker.bootstrap_servers
+    settings = settings_for(bs, topics, artifact)
+    settings = settings.model_copy(update={"detector": settings.detector.model_copy(
+        update={"max_batch": 4096, "max_wait_ms": 60_000})})
+    scorer = TorchScorer.load(artifact)
+    w = scorer.manifest.window
+    items = stream_of(tiny_entities(n=1), w)[: w - 1 + 5]  # 5 complete windows
+    produce_readings(bs, topics["input"], items)
+    service = DetectorService(settings, scorer.manifest, scorer, serve_http=False)
+    th = _run_in_thread(service)
+    try:
+        scores = read_all(bs, topics["scores"], expect=5, max_s=30)
+    finally:
+        service.stop()
+        th.join(30)
+    assert sorted(s["window_end"] for s in scores) == [ts for _, ts, _ in items[w - 1 :]]
+
+
 def test_bad_input_goes_to_dead_letter_with_reason(kafka_broker, topics, artifact) -> None:
     bs = kafka_broker.bootstrap_servers
     settings = settings_for(bs, topics, artifact)

@@ -388,6 +388,71 @@ def test_detector_deadline_flush_and_forget() -> None:
     assert det.submit(Reading("a", 0, np.zeros(3, np.float32))) is Status.WARMING
 
 
+class _HeldScorer(NumpyScorer):
+    """An async scorer whose tasks finish only when the test says so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tasks: list[_HeldTask] = []
+
+    def errors_async(self, windows: np.ndarray, chunk: int = 0) -> _HeldTask:
+        task = _HeldTask(self.errors(windows))
+        self.tasks.append(task)
+        return task
+
+
+class _HeldTask:
+    def __init__(self, result: tuple[np.ndarray, np.ndarray]) -> None:
+        self._result, self.finished = result, False
+
+    def done(self) -> bool:
+        return self.finished
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._result
+
+
+def _two_windows(det: Detector, t0: int) -> None:
+    for s in ("a", "b"):
+        det.submit(Reading(s, t0, np.full(3, t0, np.float32), ref=(s, t0)))
+
+
+def test_idle_poll_dispatches_pending_windows_only_when_the_model_is_free() -> None:
+    """Continuous batching: with ``idle`` (the consumer read everything buffered) a pending
+    batch goes to a free model before its deadline; while the model is busy it keeps filling;
+    without ``idle`` or with dispatch_when_idle off it waits for size or deadline."""
+    clock = FakeClock()
+    scorer = _HeldScorer()
+    det = Detector(make_manifest(window=2, threshold=1.0), scorer,
+                   DetectorSettings(max_batch=100, max_wait_ms=50, clear_after=2),
+                   clock=clock, wall_clock_ms=lambda: 0)
+    _two_windows(det, 0)  # warming: no windows yet
+    _two_windows(det, 1)
+    assert det.poll_batches() == [] and scorer.tasks == []  # not idle: waits for the deadline
+    assert det.poll_batches(idle=True) == [] and len(scorer.tasks) == 1  # dispatched at once
+    assert scorer.calls == [2]
+    _two_windows(det, 2)
+    _two_windows(det, 3)
+    assert det.poll_batches(idle=True) == [] and len(scorer.tasks) == 1  # model busy: fills
+    scorer.tasks[0].finished = True
+    out = det.poll_batches(idle=True)  # the first task's results; the 4 waiting windows go
+    assert [r.ref for b in out for r in b.results()] == [("a", 1), ("b", 1)]
+    assert scorer.calls == [2, 4]
+    scorer.tasks[1].finished = True
+    assert [r.ref for b in det.poll_batches() for r in b.results()] == [
+        ("a", 2), ("b", 2), ("a", 3), ("b", 3)]
+    assert clock.now == 0.0  # all of it before any deadline
+
+    off = Detector(make_manifest(window=2, threshold=1.0), NumpyScorer(),
+                   DetectorSettings(max_batch=100, max_wait_ms=50, dispatch_when_idle=False),
+                   clock=clock, wall_clock_ms=lambda: 0)
+    _two_windows(off, 0)
+    _two_windows(off, 1)
+    assert off.poll_batches(idle=True) == [] and off.pending == 2
+    clock.advance(0.051)
+    assert len(off.poll()) == 2
+
+
 # ------------------------------------------------------------------ rebuilt state: exactness
 
 
