@@ -844,7 +844,8 @@ PROCESSING = "sd_processing_seconds"
 
 def bench_latency(scorer: Any, manifest: Any, fleet: Fleet, rate: float, sizes: Sizes,
                   sensors: int, fetch_wait_ms: int | None = LATENCY_FETCH_WAIT_MS,
-                  max_wait_ms: float | None = None, via: str = "alerts") -> dict[str, Any]:
+                  max_wait_ms: float | None = None, via: str = "alerts",
+                  detector: dict[str, Any] | None = None) -> dict[str, Any]:
     """Reading produced -> alert/score record available, at ``rate`` readings/s.
 
     ``via="alerts"``: the default deployment (score topic off); the windows that raise an alert
@@ -852,7 +853,8 @@ def bench_latency(scorer: Any, manifest: Any, fleet: Fleet, rate: float, sizes: 
     topic is on and every scored window is timed (the score topic costs the service 10-25 us
     per reading). ``via="broker"``: no service; the readings themselves are read back from the
     input topic with the same client settings: the broker's own produce -> consume latency,
-    the floor under the other two.
+    the floor under the other two. ``detector``: DetectorSettings fields for the service
+    (e.g. ``{"dispatch_when_idle": False}``), on top of ``max_wait_ms``.
     """
     if via not in LATENCY_VIA:
         raise ValueError(f"via must be one of {LATENCY_VIA}, got {via!r}")
@@ -875,6 +877,7 @@ def bench_latency(scorer: Any, manifest: Any, fleet: Fleet, rate: float, sizes: 
             produce_all(bs, topics["input"], fleet.messages(w - 1, ts0_ms=past, sensors=sensors))
             extra = {"fetch.wait.max.ms": fetch_wait_ms} if fetch_wait_ms is not None else {}
             det_settings = {"max_wait_ms": max_wait_ms} if max_wait_ms is not None else {}
+            det_settings.update(detector or {})
             running = _service_thread(bench_settings(bs, topics, extra, **det_settings),
                                       manifest, scorer)
         with running as run:
@@ -939,6 +942,7 @@ def bench_latency(scorer: Any, manifest: Any, fleet: Fleet, rate: float, sizes: 
         "skip_first_s": sizes.latency_skip_s,
         "fetch_wait_max_ms": fetch_wait_ms if fetch_wait_ms is not None else "default (500)",
         "max_wait_ms": max_wait_ms if max_wait_ms is not None else DetectorSettings().max_wait_ms,
+        "detector": detector or {},
         "load_avg": load_avg(),
     }
 

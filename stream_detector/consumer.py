@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import signal
 import sys
 import threading
@@ -253,6 +254,18 @@ class _Abandoned(Exception):
     producer are given up (their readings' offsets are not stored, so they are read again)."""
 
 
+def wait_s(limit_s: float, deadline: float | None, now: float) -> float:
+    """How long the loop may block in ``consume()``: until ``deadline`` (the detector's next
+    one; None: none), at most ``limit_s``, rounded *up* to whole milliseconds. librdkafka takes
+    whole milliseconds and the client truncates (a 0.9 ms timeout is 0: a call that returns at
+    once), so without the rounding the loop spun without pause while a model task was in
+    flight (its deadline is 1 ms ahead) and burnt a core at any input rate."""
+    t = limit_s if deadline is None else min(limit_s, deadline - now)
+    if t <= 0:
+        return 0.0
+    return math.ceil(t * 1000.0 - 1e-9) / 1000.0
+
+
 def _client(cls: Any, conf: dict[str, Any]) -> Any:
     """A librdkafka client with its log lines as structured log events; a configuration that
     librdkafka refuses (a mistyped SD_KAFKA__EXTRA property, a bad value) is a ConfigError."""
@@ -363,6 +376,7 @@ class DetectorService:
         self._limit_warn_at, self._limit_refused = 0.0, 0  # sensor-limit warnings
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
+        self.iterations = 0  # of the consume loop (each blocks in consume() or has work)
 
     # -- lifecycle -----------------------------------------------------------------------
     def stop(self, *_: Any) -> None:
@@ -451,10 +465,8 @@ class DetectorService:
             if self._fatal:
                 raise FatalError(self._fatal)
             self.health.beat()
-            timeout = k.consume_timeout_s
-            deadline = detector.next_deadline()
-            if deadline is not None:
-                timeout = max(0.0, min(timeout, deadline - time.monotonic()))
+            self.iterations += 1
+            timeout = wait_s(k.consume_timeout_s, detector.next_deadline(), time.monotonic())
             # What is already buffered, without waiting for a full batch; only when nothing is
             # there, block until the first message arrives (or the timeout). A single
             # consume(consume_batch, timeout) would hold buffered readings back until the batch

@@ -127,6 +127,60 @@ def test_a_quiet_stream_is_scored_without_waiting_for_the_batch_deadline(
     assert sorted(s["window_end"] for s in scores) == [ts for _, ts, _ in items[w - 1 :]]
 
 
+class _HeldBack:
+    """A model task that reports done only ``hold_s`` after it started."""
+
+    def __init__(self, handle, hold_s: float) -> None:
+        self._handle, self._at = handle, time.monotonic() + hold_s
+
+    def done(self) -> bool:
+        return time.monotonic() >= self._at and self._handle.done()
+
+    def result(self):
+        return self._handle.result()
+
+
+class _SlowScorer:
+    """The TorchScorer with every model task held back: a slow model, or a loaded machine."""
+
+    def __init__(self, inner: TorchScorer, hold_s: float) -> None:
+        self.inner, self.hold_s, self.tasks = inner, hold_s, 0
+
+    def errors(self, *args):
+        return self.inner.errors(*args)
+
+    def errors_async(self, *args):
+        self.tasks += 1
+        return _HeldBack(self.inner.errors_async(*args), self.hold_s)
+
+
+def test_the_loop_waits_while_the_model_works(kafka_broker, topics, artifact) -> None:
+    """While a model task is in flight the loop polls for its result about once a
+    millisecond; it must block in consume() between polls, not spin (a sub-millisecond
+    timeout used to be truncated to 0 by the client: tens of thousands of loop iterations per
+    second, a core burnt at any input rate)."""
+    bs = kafka_broker.bootstrap_servers
+    settings = settings_for(bs, topics, artifact)
+    inner = TorchScorer.load(artifact)
+    w = inner.manifest.window
+    items = stream_of(tiny_entities(n=1), w)[: w - 1 + 5]
+    produce_readings(bs, topics["input"], items)
+    scorer = _SlowScorer(inner, hold_s=2.0)
+    service = DetectorService(settings, inner.manifest, scorer, serve_http=False)
+    th = _run_in_thread(service)
+    try:
+        scores = read_all(bs, topics["scores"], expect=5, max_s=60)
+        held = scorer.tasks * scorer.hold_s
+        iterations = service.iterations
+    finally:
+        service.stop()
+        th.join(30)
+    assert len(scores) == 5 and held >= 2.0
+    # about 1,000 per second held, plus 20 per second of waiting for records (consume
+    # timeout 50 ms) through the group join; a spinning loop makes 10,000s per second held
+    assert iterations < 1_500 * held + 500, (iterations, held)
+
+
 def test_bad_input_goes_to_dead_letter_with_reason(kafka_broker, topics, artifact) -> None:
     bs = kafka_broker.bootstrap_servers
     settings = settings_for(bs, topics, artifact)

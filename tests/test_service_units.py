@@ -16,12 +16,27 @@ from confluent_kafka.admin import AdminClient
 
 import stream_detector.consumer as consumer_mod
 from stream_detector.config import Settings
-from stream_detector.consumer import FatalError, OffsetTracker, wait_for_broker
+from stream_detector.consumer import FatalError, OffsetTracker, wait_for_broker, wait_s
 from stream_detector.errors import StreamDetectorError
 from stream_detector.observability import HealthServer, HealthState, Metrics
 
 A = ("readings", 0)
 B = ("readings", 1)
+
+
+# ----------------------------------------------------------------------------- the loop's wait
+
+
+def test_consume_wait_is_rounded_up_to_whole_milliseconds() -> None:
+    """librdkafka takes whole milliseconds and the client truncates: a wait under 1 ms would
+    return at once and the loop would spin while a model task is in flight."""
+    assert wait_s(0.05, None, 100.0) == 0.05  # no deadline: the configured timeout
+    assert wait_s(0.05, 100.0009, 100.0) == 0.001  # 0.9 ms ahead: 1 ms, not 0
+    assert wait_s(0.05, 100.0 + 0.0031, 100.0) == 0.004
+    assert wait_s(0.05, 100.002, 100.0) == pytest.approx(0.002)  # float noise: not 3 ms
+    assert wait_s(0.05, 101.0, 100.0) == 0.05  # capped by the timeout
+    assert wait_s(0.05, 99.9, 100.0) == 0.0 and wait_s(0.05, 100.0, 100.0) == 0.0  # due now
+    assert wait_s(0.0004, None, 0.0) == 0.001  # a sub-millisecond setting would spin too
 
 
 # ----------------------------------------------------------------------------- OffsetTracker
