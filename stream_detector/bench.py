@@ -905,10 +905,14 @@ def bench_latency(scorer: Any, manifest: Any, fleet: Fleet, rate: float, sizes: 
                 skip_until = time.time_ns() // 1_000_000 + int(sizes.latency_skip_s * 1000)
                 go.set()
                 before: list[tuple[float, float]] = []
+                loops: float | None = None
                 if service is not None:  # the service's own time, after the same skip
                     time.sleep(sizes.latency_skip_s)
                     before = histogram_buckets(service.metrics.registry, PROCESSING)
+                    it0, t_it0 = service.iterations, time.perf_counter()
                 prod = producer.result(timeout=sizes.latency_seconds * 4 + 120)
+                if service is not None:  # loop wake-ups: a loop that spins shows here
+                    loops = (service.iterations - it0) / (time.perf_counter() - t_it0)
                 # CPU over the paced part only: the reader then idles until it gives up
                 cpu = meter.stop()
                 read = reader.result(timeout=600)
@@ -938,6 +942,8 @@ def bench_latency(scorer: Any, manifest: Any, fleet: Fleet, rate: float, sizes: 
         # consume() -> every reading of the batch scored and its output acknowledged (the
         # service's sd_processing_seconds over the paced part, from its buckets), ms
         "processing_ms": {k: v if k == "n" else v * 1000 for k, v in processing.items()},
+        # iterations of the consume loop per second over the paced part (None: no service)
+        "loop_iterations_per_s": loops,
         **cpu,
         "skip_first_s": sizes.latency_skip_s,
         "fetch_wait_max_ms": fetch_wait_ms if fetch_wait_ms is not None else "default (500)",
@@ -1330,8 +1336,8 @@ def render_markdown(r: dict[str, Any]) -> str:
             "",
             "| load | timed records | target rate | produced rate | records | "
             "produced p50/p95/p99 ms | received p50/p95/p99 ms | in the service p50/p95/p99 ms "
-            "| service cores | broker cores | machine cores |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| loop iterations/s | service cores | broker cores | machine cores |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         what = {"alerts": "alerts (score topic off, the default)",
                 "scores": "every score (score topic on)",
@@ -1343,10 +1349,12 @@ def render_markdown(r: dict[str, Any]) -> str:
             c = x.get("processing_ms") or {}
             own = ("-" if not c.get("n") else
                    f"{_f(c['p50'], '.0f')} / {_f(c['p95'], '.0f')} / {_f(c['p99'], '.0f')}")
+            loops = x.get("loop_iterations_per_s")
             lines.append(
                 f"| {x['fraction']:.0%} | {what[x['via']]} | {x['target_rate']:,.0f}/s | "
                 f"{x['produced_rate']:,.0f}/s | {b['n']:,} | {prod} | "
                 f"{_f(b['p50'], '.0f')} / {_f(b['p95'], '.0f')} / {_f(b['p99'], '.0f')} | {own} | "
+                f"{'-' if loops is None else _f(loops)} | "
                 f"{x['cpu_service_cores']:.2f} | {x['cpu_broker_cores']:.2f} | "
                 f"{x['cpu_machine_cores']:.2f} |")
         lines += ["", "*produced*: Kafka CreateTime of the alert or score record (set when the "
@@ -1356,7 +1364,10 @@ def render_markdown(r: dict[str, Any]) -> str:
                   "`consume()` until every reading of that batch is scored and the records it "
                   "caused are acknowledged by the broker (`sd_processing_seconds`, quantiles "
                   "interpolated inside its buckets as Prometheus does): the service's share, "
-                  "without the time the readings spent in the broker before it.",
+                  "without the time the readings spent in the broker before it. *loop "
+                  "iterations/s*: of the service's consume loop over the paced part (each "
+                  "iteration consumes, or blocks in `consume()` until a record, a batch deadline "
+                  "or the model's next result is due): a loop that spins shows here.",
                   ""]
     if r.get("memory"):
         lines += [
@@ -1643,7 +1654,8 @@ def _run_bench(args: argparse.Namespace, r: dict[str, Any], sizes: Sizes,
                      f"produced p50/p95/p99 {_f(a['p50'], '.0f')}/{_f(a['p95'], '.0f')}/"
                      f"{_f(a['p99'], '.0f')} ms; received {_f(b['p50'], '.0f')}/"
                      f"{_f(b['p95'], '.0f')}/{_f(b['p99'], '.0f')} ms; in the service "
-                     f"{_f(c.get('p50'), '.0f')}/{_f(c.get('p99'), '.0f')} ms; cores: service "
+                     f"{_f(c.get('p50'), '.0f')}/{_f(c.get('p99'), '.0f')} ms; loop "
+                     f"{_f(x['loop_iterations_per_s'])}/s; cores: service "
                      f"{x['cpu_service_cores']:.2f}, broker {x['cpu_broker_cores']:.2f}, "
                      f"machine {x['cpu_machine_cores']:.2f}")
             done("latency")
