@@ -239,7 +239,8 @@ class DetectorSettings(_Group):
         True,
         description="When the consumer has read everything buffered and the model is free, "
         "score the windows waiting now instead of at max_wait_ms (a batch then holds what "
-        "arrived while the model was busy: short waits at low rates, full batches under load).",
+        "arrived while the model was busy: short waits at low rates, full batches under load; "
+        "a scorer without a model thread is always free).",
     )
     warning_ratio: float = Field(
         1.0, gt=0, description="Score/threshold ratio that opens an episode at level warning."

@@ -466,14 +466,17 @@ class DetectorService:
                 raise FatalError(self._fatal)
             self.health.beat()
             self.iterations += 1
-            timeout = wait_s(k.consume_timeout_s, detector.next_deadline(), time.monotonic())
             # What is already buffered, without waiting for a full batch; only when nothing is
             # there, block until the first message arrives (or the timeout). A single
             # consume(consume_batch, timeout) would hold buffered readings back until the batch
             # is full or the timeout expires, adding up to consume_timeout_s of latency.
             messages = consumer.consume(k.consume_batch, 0)
-            if not messages and timeout > 0:
-                messages = consumer.consume(1, timeout)
+            if not messages:
+                # The local queue is drained. The last consume() may have been full and emptied
+                # it: before blocking, the model may take what waits (idle dispatch).
+                self._publish(detector.poll_batches(idle=True))
+                timeout = wait_s(k.consume_timeout_s, detector.next_deadline(), time.monotonic())
+                messages = consumer.consume(1, timeout) if timeout > 0 else []
                 if messages and k.consume_batch > 1:
                     self._touched.clear()
                     more = consumer.consume(k.consume_batch - 1, 0)

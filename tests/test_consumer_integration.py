@@ -127,6 +127,31 @@ def test_a_quiet_stream_is_scored_without_waiting_for_the_batch_deadline(
     assert sorted(s["window_end"] for s in scores) == [ts for _, ts, _ in items[w - 1 :]]
 
 
+def test_idle_dispatch_also_follows_a_full_consume_that_drained_the_queue(
+    kafka_broker, topics, artifact
+) -> None:
+    """With consume_batch 1 every consume() that returns a record is full, so the last record
+    empties the local queue without a short consume(). The loop must hand the waiting windows
+    to the model before it blocks for the next record, not after its (here 10 s) consume
+    timeout: 5 windows are scored within 8 s of the start, group join included."""
+    bs = kafka_broker.bootstrap_servers
+    settings = settings_for(bs, topics, artifact, consume_batch=1, consume_timeout_s=10)
+    settings = settings.model_copy(update={"detector": settings.detector.model_copy(
+        update={"max_batch": 4096, "max_wait_ms": 60_000})})
+    scorer = TorchScorer.load(artifact)
+    w = scorer.manifest.window
+    items = stream_of(tiny_entities(n=1), w)[: w - 1 + 5]  # 5 complete windows
+    produce_readings(bs, topics["input"], items)
+    service = DetectorService(settings, scorer.manifest, scorer, serve_http=False)
+    th = _run_in_thread(service)
+    try:
+        scores = read_all(bs, topics["scores"], expect=5, max_s=8)
+    finally:
+        service.stop()
+        th.join(30)
+    assert sorted(s["window_end"] for s in scores) == [ts for _, ts, _ in items[w - 1 :]]
+
+
 class _HeldBack:
     """A model task that reports done only ``hold_s`` after it started."""
 

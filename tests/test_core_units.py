@@ -440,8 +440,17 @@ def test_idle_poll_dispatches_pending_windows_only_when_the_model_is_free() -> N
     assert scorer.calls == [2, 4]
     scorer.tasks[1].finished = True
     assert [r.ref for b in det.poll_batches() for r in b.results()] == [
-        ("a", 2), ("b", 2), ("a", 3), ("b", 3)]
-    assert clock.now == 0.0  # all of it before any deadline
+        ("a", 2), ("b", 2), ("a", 3), ("b", 3)]  # the clock never moved: no deadline passed
+
+    # a scorer without a model thread is always free: idle scores the pending batch inline
+    sync = Detector(make_manifest(window=2, threshold=1.0), NumpyScorer(),
+                    DetectorSettings(max_batch=100, max_wait_ms=50), clock=clock,
+                    wall_clock_ms=lambda: 0)
+    _two_windows(sync, 0)
+    _two_windows(sync, 1)
+    assert sync.poll_batches() == [] and sync.pending == 2
+    assert [r.ref for b in sync.poll_batches(idle=True) for r in b.results()] == [
+        ("a", 1), ("b", 1)]
 
     off = Detector(make_manifest(window=2, threshold=1.0), NumpyScorer(),
                    DetectorSettings(max_batch=100, max_wait_ms=50, dispatch_when_idle=False),

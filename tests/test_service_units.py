@@ -37,6 +37,9 @@ def test_consume_wait_is_rounded_up_to_whole_milliseconds() -> None:
     assert wait_s(0.05, 101.0, 100.0) == 0.05  # capped by the timeout
     assert wait_s(0.05, 99.9, 100.0) == 0.0 and wait_s(0.05, 100.0, 100.0) == 0.0  # due now
     assert wait_s(0.0004, None, 0.0) == 0.001  # a sub-millisecond setting would spin too
+    # what the client hands librdkafka, int(timeout * 1000), is never 0 for a wait ahead
+    for ahead in [i * 1e-5 for i in range(1, 5001)]:
+        assert int(wait_s(0.05, 100.0 + ahead, 100.0) * 1000) >= 1
 
 
 # ----------------------------------------------------------------------------- OffsetTracker
