@@ -54,6 +54,7 @@ import structlog
 from confluent_kafka import (
     OFFSET_BEGINNING,
     OFFSET_INVALID,
+    TIMESTAMP_NOT_AVAILABLE,
     Consumer,
     KafkaError,
     KafkaException,
@@ -790,12 +791,17 @@ class DetectorService:
                       f"of {len(raw)} bytes (read the record itself at topic/partition/offset)")
             raw = raw[:DEAD_LETTER_MAX_ORIGINAL_BYTES]
         where = (cast(str, msg.topic()), cast(int, msg.partition()), cast(int, msg.offset()))
-        payload = dead_letter(reason, detail, raw, *where)
+        ts_type, ts = msg.timestamp()
+        stamp = ts if ts_type != TIMESTAMP_NOT_AVAILABLE else None
+        headers = cast("list[tuple[str, bytes | None]] | None", msg.headers())
+        payload = dead_letter(reason, detail, raw, *where, stamp, headers)
         # a dead-letter topic whose max.message.bytes is below the copy: the same dead letter
-        # without original_b64 (topic/partition/offset still point at the record)
+        # without original_b64 and original_headers (topic/partition/offset still point at
+        # the record)
         def bare() -> bytes:  # built only when needed
-            return dead_letter(reason, f"{detail}; original_b64 left out: the dead letter with "
-                               "it was too large for the dead-letter topic", None, *where)
+            return dead_letter(reason, f"{detail}; original_b64 and original_headers left "
+                               "out: the dead letter with them was too large for the "
+                               "dead-letter topic", None, *where, stamp)
 
         self._produce(self.settings.kafka.dead_letter_topic, msg.key(), payload, chunk, None,
                       ("dead letter of input record", *where), bare)

@@ -19,7 +19,7 @@ import base64
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from operator import attrgetter, itemgetter
@@ -413,9 +413,12 @@ class Alert:
 
 
 def dead_letter(
-    reason: str, detail: str, raw: bytes | None, topic: str, partition: int, offset: int
+    reason: str, detail: str, raw: bytes | None, topic: str, partition: int, offset: int,
+    timestamp: int | None = None, headers: Sequence[tuple[str, bytes | None]] | None = None,
 ) -> bytes:
-    """Dead-letter record: the original bytes base64-encoded, so any payload survives."""
+    """Dead-letter record: the original bytes base64-encoded, so any payload survives, with the
+    original record's Kafka timestamp (epoch ms; None: it had none) and headers (each value
+    base64-encoded, None for a header without a value), so it can be re-driven as it was."""
     return orjson.dumps(
         {
             "schema_version": SCHEMA_VERSION,
@@ -426,6 +429,11 @@ def dead_letter(
             "partition": partition,
             "offset": offset,
             "original_b64": base64.b64encode(raw or b"").decode(),
+            "original_timestamp": timestamp,
+            "original_headers": [
+                {"key": k, "value_b64": None if v is None else base64.b64encode(v).decode()}
+                for k, v in headers or ()
+            ],
         }
     )
 

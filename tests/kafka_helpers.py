@@ -56,13 +56,15 @@ def stream_of(entities: list[Entity], window: int) -> list[tuple[str, int, np.nd
     return out
 
 
-def produce_readings(bootstrap: str, topic: str, items, extra: list[tuple[bytes, bytes]] = ()):
+def produce_readings(bootstrap: str, topic: str, items, extra: list[tuple[bytes, bytes]] = (),
+                     headers: dict[bytes, list[tuple[str, bytes]]] | None = None):
+    """``items`` as readings, then the raw ``extra`` records (``headers``: by record value)."""
     p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
     for sensor, ts, values in items:
         p.produce(topic, key=sensor.encode(), value=encode_reading(sensor, ts, values))
         p.poll(0)
     for key, value in extra:
-        p.produce(topic, key=key, value=value)
+        p.produce(topic, key=key, value=value, headers=(headers or {}).get(value))
     assert p.flush(30) == 0
 
 

@@ -3,6 +3,7 @@ SIGTERM drain."""
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import subprocess
@@ -227,7 +228,9 @@ def test_bad_input_goes_to_dead_letter_with_reason(kafka_broker, topics, artifac
     ]
     # first half of the good readings, then the bad ones, then the rest: good keep flowing
     half = len(good) // 2
-    produce_readings(bs, topics["input"], good[:half], extra=bad)
+    started_ms = int(time.time() * 1000)
+    produce_readings(bs, topics["input"], good[:half], extra=bad,
+                     headers={b"[1, 2, 3]": [("trace-id", b"abc\x00")]})
     produce_readings(bs, topics["input"], good[half:])
     service = DetectorService(settings, scorer.manifest, scorer, serve_http=False)
     th = _run_in_thread(service)
@@ -242,6 +245,12 @@ def test_bad_input_goes_to_dead_letter_with_reason(kafka_broker, topics, artifac
         "late_or_duplicate",
     ])
     assert all("original_b64" in d and d["offset"] >= 0 for d in dlq)
+    # the original's Kafka timestamp (CreateTime, set by the producing client) and headers
+    assert all(abs(d["original_timestamp"] - started_ms) < 600_000 for d in dlq)
+    [traced] = [d for d in dlq if d["original_headers"]]
+    assert traced["reason"] == "not_an_object"
+    assert [(h["key"], base64.b64decode(h["value_b64"])) for h in traced["original_headers"]] == [
+        ("trace-id", b"abc\x00")]
     assert len(scores) == len(entities[0].test)
     assert service.metrics.dead_letters.labels("oversized")._value.get() == 1
 

@@ -356,6 +356,13 @@ def test_dead_letter_keeps_original_bytes() -> None:
     assert base64.b64decode(obj["original_b64"]) == raw
     tomb = orjson.loads(dead_letter("malformed_json", "tombstone", None, "readings", 0, 1))
     assert tomb["original_b64"] == ""
+    assert tomb["original_timestamp"] is None and tomb["original_headers"] == []
+    both = orjson.loads(dead_letter("malformed_json", "d", raw, "readings", 0, 1, 1_700_000_000_123,
+                                    [("trace", b"\x01\xfe"), ("empty", None), ("trace", b"2")]))
+    assert both["original_timestamp"] == 1_700_000_000_123
+    assert [(h["key"], h["value_b64"] and base64.b64decode(h["value_b64"]))
+            for h in both["original_headers"]] == [("trace", b"\x01\xfe"), ("empty", None),
+                                                   ("trace", b"2")]
 
 
 # the kind of a docs/messages.md example: from the nearest heading above it that names one
