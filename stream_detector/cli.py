@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the Kafka consumer (settings from SD_* env / .env)")
     s.add_argument("--artifact", type=Path, default=None, help="overrides SD_ARTIFACT_DIR")
-    s.add_argument("--threads", type=int, default=None,
+    s.add_argument("--threads", type=_count, default=None,
                    help="torch intra-op threads (default SD_SERVICE__TORCH_THREADS, 1; "
                         "0 = torch's default, one per core)")
     s.add_argument("--rebuild-lookback", type=_count, default=None,

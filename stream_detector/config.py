@@ -284,7 +284,11 @@ class DetectorSettings(_Group):
 class ServiceSettings(_Group):
     """Process-level settings: health/metrics server, logging, shutdown."""
 
-    http_host: str = Field("0.0.0.0", description="Bind address of health + metrics server.")
+    http_host: str = Field(
+        "0.0.0.0",
+        description="Bind address of health + metrics server (IPv4; '::' for IPv6-only and "
+        "dual-stack clusters).",
+    )
     http_port: int = Field(8000, ge=0, le=65535, description="Port of /healthz /readyz /metrics.")
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -64,6 +64,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient
 
+from stream_detector import __version__
 from stream_detector.config import Settings
 from stream_detector.detector import Detector, ScoredBatch, Scorer
 from stream_detector.errors import ConfigError, StreamDetectorError
@@ -429,7 +430,8 @@ class DetectorService:
                 on_revoke=self._on_revoke, on_lost=self._on_lost,
             )
             log.info("consumer started", topic=s.kafka.input_topic, group=s.kafka.group_id,
-                     model_version=self.manifest.model_version)
+                     model_version=self.manifest.model_version, version=__version__,
+                     http=self.http.address if self.http is not None else None)
             # after start-up: the model, torch and the clients are built and will not die
             gc_timer = self.metrics.gc_callback()
             gc.callbacks.append(gc_timer)

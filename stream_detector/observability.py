@@ -11,6 +11,8 @@ services (tests, benchmarks) can live in one process.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +25,7 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from stream_detector.errors import ConfigError
 from stream_detector.records import REASONS
 from stream_detector.scoring import EventKind, Level
 
@@ -191,12 +194,47 @@ class HealthServer:
             def log_message(self, *args: object) -> None:
                 return
 
-        self._server = ThreadingHTTPServer(self._addr, Handler)
+        self._server = _bind(self._addr, Handler)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True, name="health").start()
+
+    @property
+    def address(self) -> str:
+        """``host:port`` it serves on (``[host]:port`` for IPv6)."""
+        host = str(self._server.server_address[0]) if self._server else self._addr[0]
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+def _bind(addr: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
+    """The server on ``addr``, in the address family of its host: IPv4 (``0.0.0.0``, the
+    default), IPv6 (``::`` also takes IPv4 where the system allows dual-stack sockets, for
+    IPv6-only and dual-stack clusters) or a name. A host that does not resolve or an address
+    in use is a ConfigError naming the settings (exit code 2), not a traceback."""
+    host, port = addr
+    where = (f"cannot serve /healthz, /readyz and /metrics on {host!r} port {port} "
+             "(SD_SERVICE__HTTP_HOST / SD_SERVICE__HTTP_PORT)")
+    try:
+        family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                    flags=socket.AI_PASSIVE)[0][0]
+    except OSError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+    class Server(ThreadingHTTPServer):
+        address_family = family
+
+        def server_bind(self) -> None:
+            if family == socket.AF_INET6:  # "::" takes IPv4 too, where the system allows it
+                with contextlib.suppress(OSError):
+                    self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            super().server_bind()
+
+    try:
+        return Server(addr, handler)
+    except OSError as exc:
+        raise ConfigError(f"{where}: {exc}") from None

@@ -377,6 +377,8 @@ def test_consumer_deployment_contract(name):
     assert selects(one(docs, "Service")["spec"]["selector"], pod_labels)
     pdb = one(docs, "PodDisruptionBudget")
     assert pdb["spec"]["maxUnavailable"] == 1
+    # unready pods (waiting for the artifact, crash-looping) must not block node drains
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
     assert selects(pdb["spec"]["selector"]["matchLabels"], pod_labels)
 
 
@@ -710,7 +712,11 @@ def test_grafana_dashboard_queries_use_series_the_consumer_exposes(name):
             expr = target["expr"]
             for var in re.findall(r"\$(\w+)", expr):  # Grafana variables, then plain PromQL
                 assert var in variables or var == "__rate_interval", f"{panel['title']}: ${var}"
-            plain = expr.replace("$__rate_interval", "5m").replace("$job", ".+")
+            # one install's series only: the job (the Service's name) is the same in every
+            # namespace, so staging and production would be summed without the namespace
+            assert 'job=~"$job", namespace=~"$namespace"' in expr, panel["title"]
+            plain = (expr.replace("$__rate_interval", "5m").replace("$job", ".+")
+                     .replace("$namespace", ".+"))
             grouped = _check_promql(plain, panel["title"], series)
             for label in re.findall(r"\{\{(\w+)\}\}", target.get("legendFormat", "")):
                 assert label in grouped, f"{panel['title']}: {{{{{label}}}}} is aggregated away"
@@ -1018,3 +1024,42 @@ def test_alert_rules_aggregate_per_install_not_across_the_whole_prometheus():
         grouped = _check_promql(rule["expr"], rule["alert"], _exposed_series())
         assert {"namespace", "job"} <= grouped, rule["alert"]
         assert "{{ $labels.namespace }}" in rule["annotations"]["summary"], rule["alert"]
+
+
+def test_the_artifact_wait_stops_on_sigterm_as_pid_1(tmp_path):
+    """The init container's shell is PID 1 of its container, and the kernel drops SIGTERM to a
+    PID 1 without a handler: a pod deleted while it waits for the training Job would take the
+    whole grace period (45 s). Run the rendered command as PID 1 of a PID namespace."""
+    import contextlib
+    import signal
+    import time
+
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1) here")
+    dep = one(render("base"), "Deployment")
+    [init] = [c for c in pod_spec(dep)["initContainers"] if c["name"] == "wait-for-artifact"]
+    env = {"PATH": "/usr/bin:/bin", "SD_ARTIFACT_DIR": str(tmp_path / "never")}
+    children: list[str] = []
+    proc = subprocess.Popen(["unshare", "-fpr", "--mount-proc", *init["command"]], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while not children and time.monotonic() < deadline:  # the shell: unshare's child
+            time.sleep(0.2)
+            path = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+            children = path.read_text().split() if path.exists() else []
+        if proc.poll() is not None or not children:
+            pytest.skip("unshare cannot make a PID namespace here")
+        time.sleep(0.5)  # in its loop
+        os.kill(int(children[0]), signal.SIGTERM)
+        try:
+            out = proc.communicate(timeout=5)[0]
+        except subprocess.TimeoutExpired:
+            pytest.fail("the wait ignored SIGTERM as PID 1")
+        assert b"waiting for" in out
+    finally:
+        for pid in children:  # SIGKILL reaches a namespace's PID 1 from outside
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        proc.kill()
+        proc.communicate()

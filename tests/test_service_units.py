@@ -17,7 +17,7 @@ from confluent_kafka.admin import AdminClient
 import stream_detector.consumer as consumer_mod
 from stream_detector.config import Settings
 from stream_detector.consumer import FatalError, OffsetTracker, wait_for_broker, wait_s
-from stream_detector.errors import StreamDetectorError
+from stream_detector.errors import ConfigError, StreamDetectorError
 from stream_detector.observability import HealthServer, HealthState, Metrics
 
 A = ("readings", 0)
@@ -588,6 +588,38 @@ def test_stop_frees_the_port() -> None:
     finally:
         again.stop()
     srv.stop()  # stopping twice is harmless
+
+
+def test_the_health_server_refuses_a_bad_address_with_a_config_error() -> None:
+    """An address in use or a host that does not resolve: a ConfigError naming the settings
+    (exit code 2 at the CLI), not an OSError traceback (exit code 1 means undelivered records)."""
+    first = HealthServer("127.0.0.1", 0, Metrics(), HealthState())
+    first.start()
+    try:
+        with pytest.raises(ConfigError, match="SD_SERVICE__HTTP_PORT.*in use"):
+            HealthServer("127.0.0.1", first.port, Metrics(), HealthState()).start()
+    finally:
+        first.stop()
+    with pytest.raises(ConfigError, match="SD_SERVICE__HTTP_HOST"):
+        HealthServer("no-such-host.invalid", 0, Metrics(), HealthState()).start()
+
+
+def test_the_health_server_serves_ipv6() -> None:
+    """An IPv6 host binds an IPv6 socket (IPv6-only clusters probe the pod's IPv6 address)."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    srv = HealthServer("::1", 0, Metrics(), HealthState())
+    try:
+        srv.start()
+    except ConfigError as exc:
+        pytest.skip(f"::1 cannot be bound here: {exc}")
+    try:
+        assert srv.address == f"[::1]:{srv.port}"
+        with socket.create_connection(("::1", srv.port), timeout=5) as c:
+            c.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+            assert c.recv(64).startswith(b"HTTP/1.0 200")
+    finally:
+        srv.stop()
 
 
 # ----------------------------------------------------------------------------- consumer edges
