@@ -63,6 +63,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from stream_detector.datasets import load_dataset
+    from stream_detector.evaluation import prepare_out_dir
     from stream_detector.train import config_from_overrides, train
 
     overrides = _overrides(args.set)
@@ -70,6 +71,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.setdefault("epochs", 3)
         overrides.setdefault("max_windows_per_epoch", 20_000)
     cfg = config_from_overrides(overrides)
+    prepare_out_dir(args.out, what="artifact")  # before minutes of training, not after
     entities = load_dataset(args.dataset, args.data_dir, _entities(args.entities))
     manifest = train(entities, cfg, args.out, dataset=args.dataset)
     print(f"artifact: {args.out}  model_version: {manifest.model_version}  "

@@ -68,19 +68,19 @@ def baseline_label_free(entity: Entity, name: str, q: float, val_fraction: float
     return float(np.quantile(s[:n_val], q)), s[n_val:]
 
 
-def prepare_out_dir(path: Path, option: str = "--out") -> Path:
-    """Create the report directory ``path`` (and its parents); a ConfigError (the CLI exits 2)
-    when it cannot be one: an existing file, a file on its path, no permission."""
+def prepare_out_dir(path: Path, option: str = "--out", what: str = "report") -> Path:
+    """Create the ``what`` directory ``path`` (and its parents); a ConfigError (the CLI exits
+    2) when it cannot be one: an existing file, a file on its path, no permission."""
     from stream_detector.errors import ConfigError
 
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{option} {path} is an existing file, not a directory: pass a "
-                          "directory for the report")
+                          f"directory for the {what}")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"{option} {path}: cannot create the report directory "
+        raise ConfigError(f"{option} {path}: cannot create the {what} directory "
                           f"({exc.strerror or exc})") from None
     return path
 

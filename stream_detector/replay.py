@@ -60,6 +60,10 @@ MIN_SLEEP_S = 1e-4
 #: before a replay into a running deployment: the last records of each input partition that
 #: are searched for earlier readings of the replayed sensors
 SCAN_RECORDS = 200_000
+#: the replay's own consumer must have its partitions within this long (a join takes ~3 s)
+JOIN_TIMEOUT_S = 120.0
+#: the replay's consumer on the embedded broker (see where it is used)
+REPLAY_FETCH_WAIT_MS = 10
 
 
 class ReplayError(StreamDetectorError):
@@ -128,7 +132,11 @@ def _producer_loop(bootstrap: str, topic: str, names: list[str], streams: list[n
                    order_e: np.ndarray, order_t: np.ndarray, rate: float,
                    sent_at: list[np.ndarray], progress: bool, error: list[str],
                    t0_ms: int = T0_MS, clock: Callable[[], float] = time.monotonic,
-                   sleep: Callable[[float], None] = time.sleep) -> None:
+                   sleep: Callable[[float], None] = time.sleep,
+                   go: threading.Event | None = None) -> None:
+    """Produce the readings (``rate`` per second, 0: as fast as possible). With ``go``: connect
+    first (metadata; the idempotent producer gets its id meanwhile), then wait for it, so the
+    producer's own start-up is not counted in the readings' latency."""
     from confluent_kafka import Producer
 
     producer = Producer({
@@ -136,6 +144,16 @@ def _producer_loop(bootstrap: str, topic: str, names: list[str], streams: list[n
         "batch.num.messages": 10_000, "queue.buffering.max.messages": 500_000,
         "compression.type": "lz4",
     })
+    if go is not None:
+        try:
+            producer.list_topics(topic, timeout=30)
+        except Exception as exc:  # noqa: BLE001 - reported by the main thread
+            error.append(f"producer cannot reach the broker: {exc}")
+            return
+        while not go.wait(0.1):
+            producer.poll(0)
+        if error:  # the replay gave up before the start
+            return
     keys = [n.encode() for n in names]
     prefix = [b'{"schema_version":1,"sensor":' + orjson.dumps(n) + b',"ts":' for n in names]
     t_start = last_poll = clock()
@@ -280,7 +298,9 @@ def run_replay(opts: ReplayOptions) -> ReplayReport:
         raise ReplayError(
             f"dataset {opts.dataset} has features {list(features)[:5]}... ({len(features)}), "
             f"the artifact expects {list(manifest.features)[:5]}... ({manifest.n_features}); "
-            "train an artifact on this dataset first (--train-if-missing)"
+            f"train one on this dataset (stream-detector train --dataset {opts.dataset} "
+            f"--out DIR, with the same --data-dir) and pass --artifact DIR, or pass "
+            "--train-if-missing with an --artifact path that holds no artifact yet"
         )
     W = manifest.window
     names = [e.name for e in entities]
@@ -294,7 +314,13 @@ def run_replay(opts: ReplayOptions) -> ReplayReport:
     log.info("replay", dataset=opts.dataset, entities=len(entities), readings=n_readings,
              windows=expected, artifact=str(artifact), model_version=manifest.model_version)
 
-    stream_result = _stream(opts, manifest, scorer, names, streams, expected, n_ctx)
+    from confluent_kafka import KafkaException
+
+    try:
+        stream_result = _stream(opts, manifest, scorer, names, streams, expected, n_ctx)
+    except KafkaException as exc:  # an unreachable or refusing broker: not a parity failure
+        where = opts.bootstrap_servers or "the embedded broker"
+        raise ReplayError(f"Kafka error talking to {where}: {exc}") from None
     t0 = stream_result["t0_ms"]
     k_smooth = max(1, int(manifest.score.smoothing))
 
@@ -380,6 +406,7 @@ def _ensure_artifact(opts: ReplayOptions, artifact: Path) -> None:
     from stream_detector.datasets import load_dataset
     from stream_detector.train import TrainConfig, train
 
+    prepare_out_dir(artifact, "--artifact", what="artifact")  # before training, not after
     log.info("training the artifact first", dataset=opts.dataset, out=str(artifact))
     train(load_dataset(opts.dataset, opts.data_dir, opts.entities),
           TrainConfig(progress=opts.progress), artifact, dataset=opts.dataset)
@@ -437,7 +464,11 @@ def _stream(opts: ReplayOptions, manifest: Any, scorer: Any, names: list[str],
                 kafka={"bootstrap_servers": bootstrap, "input_topic": topics["input"],
                        "alert_topic": topics["alerts"], "score_topic": topics["scores"],
                        "dead_letter_topic": topics["dlq"], "group_id": f"replay-{run}",
-                       "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000},
+                       "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000,
+                       # the embedded broker answers a fetch when fetch.wait.max.ms expires,
+                       # not when data arrives: librdkafka's 500 ms would be most of the
+                       # latency a paced replay reports (the benchmark's latency runs do the same)
+                       "extra": {"fetch.wait.max.ms": REPLAY_FETCH_WAIT_MS}},
                 # every rise of an episode's peak is an update event, each one a root-cause
                 # sample for HitRate (docs/backtesting.md: long episodes weigh more)
                 detector={"update_interval_s": 0},
@@ -452,12 +483,24 @@ def _stream(opts: ReplayOptions, manifest: Any, scorer: Any, names: list[str],
                            "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS})
         reader.assign(_start_offsets(reader, [topics["scores"], topics["alerts"]]))
         errors: list[str] = []
+        go = threading.Event()
         producer = threading.Thread(
             target=_producer_loop, name="replay-producer",
             args=(bootstrap, topics["input"], names, streams, order_e, order_t, opts.rate,
-                  sent_at, opts.progress, errors, t0_ms), daemon=True)
+                  sent_at, opts.progress, errors, t0_ms),
+            kwargs={"go": go}, daemon=True)
+        producer.start()  # connects while the consumer joins its group
+        if service is not None and thread is not None:
+            try:
+                _wait_for_assignment(service, thread, JOIN_TIMEOUT_S)
+            except ReplayError as exc:
+                errors.append(str(exc))  # the producer then stops instead of starting
+                go.set()
+                raise
+        if errors:
+            raise ReplayError(errors[0])
         t0 = time.time()
-        producer.start()
+        go.set()
         got = 0
         last_progress = time.monotonic()
         t_last_score = t0
@@ -628,6 +671,22 @@ COLUMNS = ["best_f1", "f1_at_threshold", "auc_pr", "pa_best_f1", "random_best_f1
            "random_pa_best_f1", "alerts", "hitrate_100", "hitrate_150", "parity_max_abs"]
 
 
+def _wait_for_assignment(service: Any, thread: threading.Thread, timeout_s: float) -> None:
+    """Block until the replay's own consumer has its partitions: readings produced before
+    would wait out the group join (about 3 s) and count it as latency and stream time."""
+    deadline = time.monotonic() + timeout_s
+    while not service.health.ready:
+        if service.failure:
+            raise ReplayError(f"consumer failed: {service.failure}")
+        if not thread.is_alive():
+            raise ReplayError("the replay's consumer stopped before it was assigned its "
+                              "partitions (see the log above)")
+        if time.monotonic() > deadline:
+            raise ReplayError(f"the replay's consumer was not assigned its partitions within "
+                              f"{timeout_s:.0f} s")
+        time.sleep(0.02)
+
+
 def _markdown(opts: ReplayOptions, rows: list[dict[str, Any]], s: dict[str, Any],
               manifest: Any, out_dir: Path) -> str:
     from stream_detector.metrics import markdown_table
@@ -643,7 +702,9 @@ def _markdown(opts: ReplayOptions, rows: list[dict[str, Any]], s: dict[str, Any]
         f"- {s['entities']} entities, {s['readings']:,} readings, {s['windows_scored']:,} "
         f"windows scored through Kafka ({where})",
         f"- throughput {s['throughput_readings_per_s']:,.0f} readings/s over "
-        f"{s['stream_seconds']:.1f} s; "
+        f"{s['stream_seconds']:.1f} s"
+        + (" (from the consumer's partition assignment)" if s["embedded_broker"] else "")
+        + "; "
         f"reading-to-score latency p50 {lat['p50']:.1f} ms, "
         f"p95 {lat['p95']:.1f} ms, p99 {lat['p99']:.1f} ms"
         + (" (as fast as possible: latency includes queueing)" if not opts.rate else ""),

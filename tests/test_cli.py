@@ -200,6 +200,25 @@ def test_out_that_is_a_file_is_refused_before_any_work(tmp_path: Path) -> None:
             assert f"--out {out}" in r.stderr and message in r.stderr, (cmd, r.stderr[-2000:])
             assert "Traceback" not in r.stderr
     assert afile.read_text() == "not a directory"
+    # train: before loading data or training (the error used to come after the training)
+    for out, message in ((afile, "is an existing file, not a directory: pass a directory for "
+                                 "the artifact"),
+                         (afile / "sub", "cannot create the artifact directory")):
+        r = _cli("train", "--dataset", "synthetic", "--data-dir", missing, "--out", str(out),
+                 timeout=60)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (
+            r.stderr[-2000:])
+
+
+def test_replay_against_an_unreachable_broker_exits_2_not_1(quick_artifact: Path,
+                                                           tmp_path: Path) -> None:
+    """Exit code 1 means failed parity: a wrong broker address must not read as one."""
+    r = _cli("replay", "--dataset", "synthetic", "--artifact", str(quick_artifact),
+             "--entities", "sensor-000", "--bootstrap-servers", "127.0.0.1:1", "--no-plots",
+             "--out", str(tmp_path / "r"), timeout=120,
+             env={"SD_KAFKA__SCORE_TOPIC": "scores"})
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Kafka error talking to 127.0.0.1:1" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_evaluate_refuses_a_data_dir_without_entities(quick_artifact: Path, tmp_path: Path,

@@ -150,6 +150,9 @@ class _FakeProducer:
     def flush(self, timeout: float) -> int:
         return 0
 
+    def list_topics(self, topic: str, timeout: float) -> None:
+        type(self).connected = True
+
 
 def _produce(monkeypatch: pytest.MonkeyPatch, n: int, rate: float, **kw: Any) -> list[float]:
     import confluent_kafka
@@ -414,3 +417,54 @@ def test_alert_ranges_pair_open_and_resolve() -> None:
     ]
     assert alert_ranges(alerts, n_ctx, n, t0) == [(0, 3), (5, 55), (70, 81), (95, 100)]
     assert alert_ranges([], n_ctx, n, t0) == []
+
+
+def test_the_producer_connects_first_and_starts_on_go(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The clock of a replay starts when its consumer has its partitions: the producer
+    connects meanwhile (its own start-up would otherwise count as the first readings' latency)
+    and sends nothing before ``go``; when the replay gives up first, it sends nothing at all."""
+    import threading
+
+    import confluent_kafka
+
+    from stream_detector.replay import _producer_loop
+
+    monkeypatch.setattr(confluent_kafka, "Producer", _FakeProducer)
+    streams = [np.zeros((5, 2), np.float32)]
+    for give_up in (False, True):
+        _FakeProducer.sent, _FakeProducer.connected = [], False
+        go, errors = threading.Event(), []
+        th = threading.Thread(target=_producer_loop, args=(
+            "x", "t", ["s"], streams, np.zeros(5, np.int64), np.arange(5), 0.0, [np.zeros(5)],
+            False, errors), kwargs={"go": go})
+        th.start()
+        time.sleep(0.3)
+        assert _FakeProducer.connected and _FakeProducer.sent == [] and th.is_alive()
+        if give_up:
+            errors.append("consumer failed")
+        go.set()
+        th.join(5)
+        assert len(_FakeProducer.sent) == (0 if give_up else 5)
+
+
+def test_waiting_for_the_assignment_ends_on_ready_failure_death_or_timeout() -> None:
+    import threading
+    from types import SimpleNamespace
+
+    from stream_detector.replay import ReplayError, _wait_for_assignment
+
+    alive = threading.Thread(target=time.sleep, args=(5,), daemon=True)
+    alive.start()
+    ready = SimpleNamespace(health=SimpleNamespace(ready=True), failure=None)
+    _wait_for_assignment(ready, alive, 1.0)  # returns at once
+    failed = SimpleNamespace(health=SimpleNamespace(ready=False), failure="broker gone")
+    with pytest.raises(ReplayError, match="consumer failed: broker gone"):
+        _wait_for_assignment(failed, alive, 1.0)
+    waiting = SimpleNamespace(health=SimpleNamespace(ready=False), failure=None)
+    with pytest.raises(ReplayError, match="not assigned its partitions within 0 s"):
+        _wait_for_assignment(waiting, alive, 0.1)
+    dead = threading.Thread(target=lambda: None)
+    dead.start()
+    dead.join()
+    with pytest.raises(ReplayError, match="stopped before it was assigned"):
+        _wait_for_assignment(waiting, dead, 5.0)
