@@ -27,8 +27,10 @@ NAN = float("nan")
 #: The keys of :func:`entity_metrics`, in report order.
 ENTITY_METRIC_KEYS: tuple[str, ...] = (
     "best_f1",
-    "precision",
-    "recall",
+    "best_precision",
+    "best_recall",
+    "precision_at_threshold",
+    "recall_at_threshold",
     "f1_at_threshold",
     "auc_pr",
     "pa_best_f1",
@@ -226,7 +228,8 @@ def entity_metrics(scores: Any, labels: Any, threshold: float | None = None,
                    threshold_scores: Any = None) -> dict[str, float]:
     """One entity's detection metrics, all floats.
 
-    Keys: ``best_f1`` (best over thresholds, no point adjustment), ``precision``, ``recall`` and
+    Keys: ``best_f1`` (best over thresholds, no point adjustment) with its ``best_precision``
+    and ``best_recall``; ``precision_at_threshold``, ``recall_at_threshold`` and
     ``f1_at_threshold`` (of ``scores >= threshold``: the operating point actually deployed),
     ``auc_pr`` (average precision), ``pa_best_f1`` (best F1 with point adjustment) and
     ``best_threshold`` (the score value giving ``best_f1``). Without positive labels every value
@@ -240,11 +243,12 @@ def entity_metrics(scores: Any, labels: Any, threshold: float | None = None,
         return out
     b = best_f1(s, y)
     out["best_f1"] = b["f1"]
+    out["best_precision"], out["best_recall"] = b["precision"], b["recall"]
     out["best_threshold"] = b["threshold"]
     if threshold is not None and not math.isnan(threshold):
         at = f1_at(s if threshold_scores is None else threshold_scores, y, threshold)
-        out["precision"] = at["precision"]
-        out["recall"] = at["recall"]
+        out["precision_at_threshold"] = at["precision"]
+        out["recall_at_threshold"] = at["recall"]
         out["f1_at_threshold"] = at["f1"]
     out["auc_pr"] = auc_pr(s, y)
     out["pa_best_f1"] = pa_best_f1(s, y)["f1"]

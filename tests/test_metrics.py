@@ -171,8 +171,10 @@ def test_entity_metrics_keys_and_values() -> None:
     assert all(isinstance(v, float) for v in m.values())
     assert m["best_f1"] == pytest.approx(6 / 7)
     assert m["f1_at_threshold"] == pytest.approx(0.8)
-    assert m["precision"] == pytest.approx(1.0)
-    assert m["recall"] == pytest.approx(2 / 3)
+    # at the threshold (0.75: the top 2, both positive) and at the best-F1 point (the top 4)
+    assert m["precision_at_threshold"] == pytest.approx(1.0)
+    assert m["recall_at_threshold"] == pytest.approx(2 / 3)
+    assert m["best_precision"] == pytest.approx(0.75) and m["best_recall"] == pytest.approx(1.0)
     assert 0 < m["auc_pr"] <= 1
     assert m["pa_best_f1"] >= m["best_f1"]
     no_thr = entity_metrics(HAND_SCORES, HAND_LABELS)
