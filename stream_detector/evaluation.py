@@ -150,6 +150,10 @@ def run_evaluation(
 
     summary = {meth: summarize(r) for meth, r in per_method.items()}
     md = _markdown(dataset, manifest, rows, summary, baselines, time.time() - t0)
+    # the plots of an earlier run into the same folder (other entities) would sit beside this
+    # report as if they were its own, with plots on or off
+    for old in (*out_dir.glob("best-*.png"), *out_dir.glob("worst-*.png")):
+        old.unlink()
     if plots:
         md += _plots(out_dir, data, rows, kept, manifest, baselines)
     (out_dir / "evaluation.md").write_text(md)
@@ -240,10 +244,6 @@ def _plots(out_dir: Path, data: list[Entity], rows: list[dict[str, Any]],
 
     chosen = plot_choice(rows)
     by_name = {e.name: e for e in data}
-    # the plots of an earlier run into the same folder (other entities) would sit beside this
-    # report as if they were its own
-    for old in (*out_dir.glob("best-*.png"), *out_dir.glob("worst-*.png")):
-        old.unlink()
     lines = ["", "## Plots", ""]
     for kind, rs in chosen.items():
         for r in rs:

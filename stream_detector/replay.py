@@ -379,6 +379,7 @@ def run_replay(opts: ReplayOptions) -> ReplayReport:
     summary = _summary(rows, stream_result, n_readings, expected, max_err, parity_ok, opts,
                        manifest, time.time() - t_begin)
     md = _markdown(opts, rows, summary, manifest, out_dir)
+    _remove_earlier_plots(out_dir)
     if opts.plots:  # first: a report is never written with links to plots not (yet) there
         _plots(out_dir, data, manifest, opts.progress)
     (out_dir / "report.md").write_text(md)
@@ -770,6 +771,19 @@ def _plots(out_dir: Path, data: dict[str, Any], manifest: Any, progress: bool) -
         plot_entity(out_dir / plot_file_name(name), name, d["score"], e.labels, d["ref"].threshold,
                     signal=e.test, feature_names=list(e.features), alerts=alert_rows,
                     title=f"{name}: streamed score, threshold, labelled anomalies, alerts")
+
+
+def _remove_earlier_plots(out_dir: Path) -> None:
+    """The plots of an earlier replay into this folder (the entities its report.json names):
+    beside this report they would read as its own, perhaps of another artifact."""
+    try:
+        earlier = load_report(out_dir).get("entities") or []
+    except (OSError, ValueError, AttributeError):  # none, or not a replay's report
+        return
+    for row in earlier:
+        name = row.get("entity") if isinstance(row, dict) else None
+        if isinstance(name, str):
+            (out_dir / plot_file_name(name)).unlink(missing_ok=True)
 
 
 def load_report(path: Path) -> dict[str, Any]:

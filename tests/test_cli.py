@@ -486,6 +486,25 @@ def test_evaluate_removes_the_plots_of_an_earlier_run_into_its_folder(quick_arti
                    progress=False)
     assert sorted(p.name for p in out.glob("*.png")) == ["best-sensor-000.png"]
     assert "best-sensor-000.png" in (out / "evaluation.md").read_text()
+    # with plots off too (they used to be cleaned only when this run plotted)
+    (out / "notes.png").write_bytes(b"not ours")
+    run_evaluation("synthetic", None, ["sensor-001"], quick_artifact, out, baselines=[],
+                   progress=False, plots=False)
+    assert sorted(p.name for p in out.glob("*.png")) == ["notes.png"]
+
+
+def test_replay_removes_the_plots_of_an_earlier_replay_into_its_folder(quick_artifact: Path,
+                                                                       tmp_path: Path) -> None:
+    from stream_detector.replay import ReplayOptions, run_replay
+
+    out = tmp_path / "r"
+    run_replay(ReplayOptions(dataset="synthetic", entities=["sensor-000", "sensor-001"],
+                             artifact_dir=quick_artifact, out_dir=out, progress=False))
+    assert sorted(p.name for p in out.glob("*.png")) == ["sensor-000.png", "sensor-001.png"]
+    (out / "notes.png").write_bytes(b"not ours")
+    run_replay(ReplayOptions(dataset="synthetic", entities=["sensor-002"], plots=False,
+                             artifact_dir=quick_artifact, out_dir=out, progress=False))
+    assert sorted(p.name for p in out.glob("*.png")) == ["notes.png"]
 
 
 def test_input_scaling_line_says_whether_unseen_sensors_were_trained_for() -> None:
