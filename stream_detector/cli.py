@@ -206,19 +206,39 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     from stream_detector.errors import DatasetError
 
     if args.action == "list":
-        for name, loader in DATASETS.items():
-            if not loader.needs_data_dir:
-                print(f"{name:10s} built in            entities: {len(loader.list_entities(None))}")
-                continue
-            path = args.data_dir if args.data_dir and args.name == name else default_data_dir(name)
-            try:
-                n = len(loader.list_entities(path)) if path else 0
-                where = f"{path}  entities: {n}" if path else "not found; pass --data-dir"
-            except DatasetError as exc:
-                where = f"{path}: {exc}"
-            print(f"{name:10s} {where}")
+        if args.entities is not None:
+            raise ConfigError("--entities selects machines to download; `datasets list NAME` "
+                              "lists a dataset's entities")
+        if args.name is None:
+            if args.data_dir is not None:
+                raise ConfigError("--data-dir needs the dataset it holds: datasets list NAME "
+                                  "--data-dir DIR")
+            for name, loader in DATASETS.items():
+                if not loader.needs_data_dir:
+                    print(f"{name:10s} built in            "
+                          f"entities: {len(loader.list_entities(None))}")
+                    continue
+                path = default_data_dir(name)
+                try:
+                    n = len(loader.list_entities(path)) if path else 0
+                    where = f"{path}  entities: {n}" if path else "not found; pass --data-dir"
+                except DatasetError as exc:
+                    where = f"{path}: {exc}"
+                print(f"{name:10s} {where}")
+            return 0
+        # one dataset: its directory and entity names (what --entities takes); errors exit 2
+        loader = get_loader(args.name)
+        path = args.data_dir or (default_data_dir(args.name) if loader.needs_data_dir else None)
+        if loader.needs_data_dir and path is None:
+            raise DatasetError(f"no {args.name} data found; pass --data-dir")
+        names = loader.list_entities(path)
+        if not names:
+            raise DatasetError(f"dataset {args.name!r} has no entities in {path}: is that the "
+                               f"{args.name} data directory?")
+        print(f"{args.name}: {path if path else 'built in'}, {len(names)} entities")
+        print(",".join(names))
         return 0
-    if args.name != "smd":
+    if (args.name or "smd") != "smd":
         raise ConfigError("only 'smd' can be downloaded; see docs/backtesting.md for the others")
     from stream_detector.datasets.download import download_smd
 
@@ -313,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ds = sub.add_parser("datasets", help="list datasets or download SMD")
     ds.add_argument("action", choices=["list", "download"])
-    ds.add_argument("name", nargs="?", default="smd")
+    ds.add_argument("name", nargs="?", default=None,
+                    help="list: this dataset's directory and entity names (default: every "
+                         "dataset); download: smd (the default)")
     ds.add_argument("--to", type=Path, default=Path("data/smd"))
     ds.add_argument("--data-dir", type=Path, default=None)
     ds.add_argument("--entities", default=None, help="machines to download (default all 28)")

@@ -522,3 +522,20 @@ def test_input_scaling_line_says_whether_unseen_sensors_were_trained_for() -> No
         assert ("also trained on (fleet_view)" in line) is trained
         assert ("unseen in training detect worse" in line) is not trained
     assert _scaling(SimpleNamespace(scaler_per_sensor={}, training={})).startswith("global")
+
+
+def test_datasets_list_names_a_datasets_entities_and_refuses_what_it_cannot_list(
+        tmp_path: Path) -> None:
+    """`datasets list` used to ignore its dataset name and exit 0 on any error."""
+    r = _cli("datasets", "list", "synthetic", timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["synthetic: built in, 8 entities",
+                                     ",".join(f"sensor-{i:03d}" for i in range(8))]
+    for args, message in ((["foo"], "unknown dataset 'foo'"),
+                          (["smd", "--data-dir", str(tmp_path)], "not an SMD directory"),
+                          (["--data-dir", str(tmp_path)], "--data-dir needs the dataset"),
+                          (["smd", "--entities", "machine-1-1"], "--entities selects")):
+        r = _cli("datasets", "list", *args, timeout=60)
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
+    r = _cli("datasets", "list", timeout=60)
+    assert r.returncode == 0 and "synthetic  built in" in r.stdout
