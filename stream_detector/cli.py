@@ -278,7 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train the hybrid model and write an artifact")
     _add_data_args(t)
-    t.add_argument("--out", type=Path, default=Path("artifacts/model"))
+    t.add_argument("--out", type=Path, default=Path("artifacts/model"),
+                   help="artifact directory (default artifacts/model, where serve looks: "
+                        "SD_ARTIFACT_DIR; replay looks in artifacts/DATASET, as make backtest "
+                        "trains)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="training option, e.g. --set window=16 --set hidden=32 (repeatable)")
     t.add_argument("--quick", action="store_true", help="few epochs, for smoke tests")
@@ -286,8 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="batch-score test data; metrics table, baselines, plots")
     _add_data_args(e)
-    e.add_argument("--artifact", type=Path, default=Path("artifacts/model"))
-    e.add_argument("--out", type=Path, default=Path("reports/evaluation"))
+    e.add_argument("--artifact", type=Path, default=Path("artifacts/model"),
+                   help="artifact directory (default artifacts/model, train's default --out)")
+    e.add_argument("--out", type=Path, default=Path("reports/evaluation"),
+                   help="report directory (default reports/evaluation; make backtest writes "
+                        "reports/evaluation-DATASET)")
     e.add_argument("--baselines", default="random,pca,iforest,ridge",
                    help="comma-separated baselines to compare with (random, pca, iforest, "
                         "ridge; default all); random is always computed, whatever this says: "

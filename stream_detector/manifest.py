@@ -319,6 +319,9 @@ def read_manifest(
     root = Path(artifact_dir)
     mpath = root / MANIFEST_FILE
     model_path = root / MODEL_FILE
+    if root.exists() and not root.is_dir():
+        raise ArtifactError(f"artifact {root} is a file; an artifact is the directory train "
+                            f"writes ({MANIFEST_FILE} and {MODEL_FILE})")
     if not root.is_dir():
         raise ArtifactError(f"artifact directory {root} does not exist (train one first)")
     if not mpath.is_file():

@@ -400,9 +400,11 @@ def _ensure_artifact(opts: ReplayOptions, artifact: Path) -> None:
     if (artifact / "manifest.json").exists():
         return
     if not opts.train_if_missing:
+        same = "".join(f" {flag} {value}" for flag, value in (
+            ("--data-dir", opts.data_dir), ("--entities", ",".join(opts.entities or []))) if value)
         raise ReplayError(
             f"no artifact at {artifact}: train one with `stream-detector train --dataset "
-            f"{opts.dataset} --out {artifact}` or pass --train-if-missing"
+            f"{opts.dataset}{same} --out {artifact}` or pass --train-if-missing"
         )
     from stream_detector.datasets import load_dataset
     from stream_detector.train import TrainConfig, train

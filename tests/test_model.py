@@ -461,6 +461,9 @@ def test_window_mismatch_is_refused(artifact) -> None:
 def test_missing_files_are_refused_clearly(artifact, tmp_path) -> None:
     with pytest.raises(ArtifactError, match="does not exist"):
         TorchScorer.load(tmp_path / "nowhere")
+    (tmp_path / "model.pt").write_bytes(b"x")  # a file passed for the directory
+    with pytest.raises(ArtifactError, match="is a file; an artifact is the directory"):
+        TorchScorer.load(tmp_path / "model.pt")
     root = _copy(artifact[0], tmp_path)
     (root / MODEL_FILE).unlink()
     with pytest.raises(ArtifactError, match="has no model.pt"):
