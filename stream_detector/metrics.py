@@ -322,7 +322,10 @@ def markdown_table(
         labelled = False
         for k, _ in cols:
             if any(_is_number(r.get(k)) for r in rows):
-                cells.append(_fmt(_nanmean(r.get(k) for r in rows), spec[k]))
+                counts = all(isinstance(r.get(k), int | np.integer) and not isinstance(
+                    r.get(k), bool) for r in rows)  # a mean count: one decimal, not three
+                cells.append(_fmt(_nanmean(r.get(k) for r in rows),
+                                  ".1f" if counts and k not in (formats or {}) else spec[k]))
             elif not labelled:
                 cells.append("**mean**")
                 labelled = True

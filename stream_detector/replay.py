@@ -671,7 +671,8 @@ def _summary(rows: list[dict[str, Any]], st: dict[str, Any], n_readings: int, ex
 
 
 COLUMNS = ["best_f1", "f1_at_threshold", "auc_pr", "pa_best_f1", "random_best_f1",
-           "random_pa_best_f1", "alerts", "hitrate_100", "hitrate_150", "parity_max_abs"]
+           "random_pa_best_f1", "alerts", "hitrate_100", "hitrate_150", "rc_alerts",
+           "parity_max_abs"]
 
 
 def _wait_for_assignment(service: Any, thread: threading.Thread, timeout_s: float) -> None:
@@ -702,7 +703,8 @@ def _markdown(opts: ReplayOptions, rows: list[dict[str, Any]], s: dict[str, Any]
         "",
         f"- model version: `{manifest.model_version}`, window {manifest.window}, "
         f"{manifest.n_features} features",
-        f"- {s['entities']} entities, {s['readings']:,} readings, {s['windows_scored']:,} "
+        f"- {s['entities']} {'entity' if s['entities'] == 1 else 'entities'}, "
+        f"{s['readings']:,} readings, {s['windows_scored']:,} "
         f"windows scored through Kafka ({where})",
         f"- throughput {s['throughput_readings_per_s']:,.0f} readings/s over "
         f"{s['stream_seconds']:.1f} s"
@@ -728,7 +730,10 @@ def _markdown(opts: ReplayOptions, rows: list[dict[str, Any]], s: dict[str, Any]
         "Metrics are computed on the streamed scores. best-F1 and AUC-PR use no point "
         "adjustment; `f1_at_threshold` uses the deployed, label-free threshold; point-adjusted "
         "best-F1 (`pa_best_f1`) is shown only next to the same figure for random scores "
-        "(`random_pa_best_f1`), which shows how much point adjustment inflates any detector.",
+        "(`random_pa_best_f1`), which shows how much point adjustment inflates any detector. "
+        "HitRate (where the dataset names the responsible features) averages over the `open` "
+        "and every `update` event inside an interpretable anomaly range (this replay's "
+        "consumer sends an update at each rise of the peak: long episodes weigh more).",
         "",
         markdown_table(rows, ["entity", *COLUMNS], title=None,
                        formats={"parity_max_abs": ".1e"}),

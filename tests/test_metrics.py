@@ -208,7 +208,7 @@ def test_markdown_table() -> None:
     assert lines[3] == "|---|---:|---:|---:|"
     assert lines[4] == "| m-1 | 0.500 | 0.250 | 3 |"
     assert lines[5] == "| m-2 | n/a | 0.750 | 5 |"
-    assert lines[6] == "| **mean** | 0.500 | 0.500 | 4.000 |"
+    assert lines[6] == "| **mean** | 0.500 | 0.500 | 4.0 |"  # a mean count: one decimal
 
 
 def test_markdown_table_formats_a_column_in_scientific_notation() -> None:
