@@ -55,8 +55,10 @@ bench: $(STAMP)
 backtest: $(STAMP)
 	scripts/full_backtest.sh $(or $(DATA_ROOT),../shared/data)
 
+## dev-broker: the embedded broker on 127.0.0.1:29092, the address .env gives `make serve`
+## (BROKER_PORT=N for another; stop Docker's Kafka first, which uses the same host port)
 dev-broker: $(STAMP)
-	$(BIN)/stream-detector dev-broker
+	$(BIN)/stream-detector dev-broker --port $(or $(BROKER_PORT),29092)
 
 ## serve: the consumer, settings from ./.env and SD_* variables (e.g. a `make dev-broker` beside it)
 serve: $(STAMP)
