@@ -421,7 +421,7 @@ def bench_settings(bootstrap: str, topics: dict[str, str], extra: dict[str, Any]
             "group_id": topics["group"],
             "session_timeout_ms": 10_000,
             "heartbeat_interval_ms": 1000,
-            "extra": extra or {},
+            "consumer_extra": extra or {},
         },
         detector=detector,
         service={"http_port": 0, "grace_period_s": 20, "startup_retries": 3,
@@ -832,8 +832,8 @@ def _pcts(values: list[int]) -> dict[str, float]:
 
 #: Tansu answers a fetch only when ``fetch.wait.max.ms`` expires, not when data arrives (Apache
 #: Kafka answers at once with ``fetch.min.bytes=1``), so the default 500 ms would dominate the
-#: latency on the embedded broker. The latency runs lower it (the consumer is the only client
-#: that reads it; the others log a CONFWARN and ignore it).
+#: latency on the embedded broker. The latency runs lower it for the service's consumer
+#: (SD_KAFKA__CONSUMER_EXTRA) and the readers.
 LATENCY_FETCH_WAIT_MS = 10
 
 

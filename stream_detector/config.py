@@ -116,8 +116,18 @@ class KafkaSettings(_Group):
         default_factory=dict,
         description="Extra librdkafka properties for every client (JSON object in env).",
     )
+    consumer_extra: dict[str, str | int | float | bool] = Field(
+        default_factory=dict,
+        description="Extra librdkafka properties for the consumer only, after "
+        "SD_KAFKA__EXTRA (fetch.*, queued.*: the producer would log a CONFWARN for each).",
+    )
+    producer_extra: dict[str, str | int | float | bool] = Field(
+        default_factory=dict,
+        description="Extra librdkafka properties for the producer only, after "
+        "SD_KAFKA__EXTRA (linger.ms, batch.size, compression.type, ...).",
+    )
 
-    @field_validator("extra")
+    @field_validator("extra", "consumer_extra", "producer_extra")
     @classmethod
     def _extra_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
         # before, such a key was either silently overridden by the service's own value or
@@ -160,7 +170,7 @@ class KafkaSettings(_Group):
         # SD_KAFKA__EXTRA can carry secrets too (sasl.oauthbearer.client.secret, ...): shown
         # masked, like the SecretStr fields
         for name, value in super().__repr_args__():
-            if name == "extra" and isinstance(value, dict):
+            if name in ("extra", "consumer_extra", "producer_extra") and isinstance(value, dict):
                 value = {k: "**********" if _SECRET_KEY.search(k) else v
                          for k, v in value.items()}
             yield name, value
@@ -190,8 +200,9 @@ class KafkaSettings(_Group):
     def consumer_config(self) -> dict[str, Any]:
         """Consumer properties. Offsets are stored by hand after alerts are acknowledged."""
         return {
-            "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS,  # SD_KAFKA__EXTRA may change it
+            "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS,  # SD_KAFKA__*EXTRA may change it
             **self.common(),
+            **self.consumer_extra,
             "group.id": self.group_id,
             "client.id": f"{self.client_id}-consumer",
             "auto.offset.reset": self.auto_offset_reset,
@@ -210,13 +221,14 @@ class KafkaSettings(_Group):
         """Producer properties: idempotent, so retries never duplicate or reorder alerts.
 
         ``linger.ms``, ``compression.type`` and ``partitioner`` are defaults that
-        SD_KAFKA__EXTRA may change. ``murmur2_random`` maps a key to the partition the Java
-        client (Kafka Streams, ksqlDB, Kafka Connect) would choose, so a subscriber can join
-        the alert topic with other topics keyed by sensor id; librdkafka's own default
-        (``consistent_random``, CRC32) maps keys differently.
+        SD_KAFKA__EXTRA or SD_KAFKA__PRODUCER_EXTRA may change. ``murmur2_random`` maps a key
+        to the partition the Java client (Kafka Streams, ksqlDB, Kafka Connect) would choose,
+        so a subscriber can join the alert topic with other topics keyed by sensor id;
+        librdkafka's own default (``consistent_random``, CRC32) maps keys differently.
         """
         conf = {
             **self.common(),
+            **self.producer_extra,
             "client.id": f"{self.client_id}-producer",
             "enable.idempotence": True,
             "acks": "all",

@@ -471,7 +471,7 @@ def _stream(opts: ReplayOptions, manifest: Any, scorer: Any, names: list[str],
                        # the embedded broker answers a fetch when fetch.wait.max.ms expires,
                        # not when data arrives: librdkafka's 500 ms would be most of the
                        # latency a paced replay reports (the benchmark's latency runs do the same)
-                       "extra": {"fetch.wait.max.ms": REPLAY_FETCH_WAIT_MS}},
+                       "consumer_extra": {"fetch.wait.max.ms": REPLAY_FETCH_WAIT_MS}},
                 # every rise of an episode's peak is an update event, each one a root-cause
                 # sample for HitRate (docs/backtesting.md: long episodes weigh more)
                 detector={"update_interval_s": 0},

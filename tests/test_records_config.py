@@ -688,6 +688,34 @@ def test_secrets_passed_through_extra_are_masked_in_reprs(clean_env, monkeypatch
     assert conf["ssl.keystore.password"] == "Store789"
 
 
+def test_client_specific_extras_reach_only_their_client(clean_env, monkeypatch) -> None:
+    """SD_KAFKA__EXTRA goes to every client, so a consumer-only property made the producer log
+    a CONFWARN (the replay and the benchmark did so on every run). The client-specific extras
+    reach one client, after SD_KAFKA__EXTRA, with the same refusals and masking."""
+    monkeypatch.setenv("SD_KAFKA__EXTRA", '{"fetch.max.bytes": 1000, "linger.ms": 7}')
+    monkeypatch.setenv("SD_KAFKA__CONSUMER_EXTRA", '{"fetch.max.bytes": 2000, '
+                       '"fetch.wait.max.ms": 10, "fetch.queue.backoff.ms": 50}')
+    monkeypatch.setenv("SD_KAFKA__PRODUCER_EXTRA", '{"linger.ms": 20, "batch.size": 65536, '
+                       '"sasl.oauthbearer.client.secret": "Prod123"}')
+    s = load_settings()
+    c, p = s.kafka.consumer_config(), s.kafka.producer_config()
+    assert (c["fetch.max.bytes"], c["fetch.wait.max.ms"], c["fetch.queue.backoff.ms"]) == (
+        2000, 10, 50)
+    assert "batch.size" not in c and c["linger.ms"] == 7  # EXTRA still reaches both
+    assert (p["linger.ms"], p["batch.size"], p["fetch.max.bytes"]) == (20, 65536, 1000)
+    assert "fetch.wait.max.ms" not in p and "fetch.queue.backoff.ms" not in p
+    assert p["enable.idempotence"] is True and p["acks"] == "all"
+    assert "Prod123" not in repr(s) and p["sasl.oauthbearer.client.secret"] == "Prod123"
+    for var, key in (("SD_KAFKA__CONSUMER_EXTRA", "enable.auto.commit"),
+                     ("SD_KAFKA__PRODUCER_EXTRA", "acks"),
+                     ("SD_KAFKA__CONSUMER_EXTRA", "group.id")):
+        monkeypatch.setenv(var, f'{{"{key}": "x"}}')
+        with pytest.raises(ConfigError) as info:
+            load_settings()
+        assert var in str(info.value) and key in str(info.value)
+        monkeypatch.setenv(var, "{}")
+
+
 def test_extra_librdkafka_properties_pass_through(clean_env, monkeypatch) -> None:
     s = _sasl_settings(monkeypatch)
     for conf in (s.kafka.consumer_config(), s.kafka.producer_config()):
