@@ -378,11 +378,42 @@ def load_settings(**overrides: Any) -> Settings:
         found = re.search(r'field "([^"]+)"', str(exc))
         name = found.group(1) if found else "?"
         env = "SD_" + name.upper()
+        where = f"{name} (env {env} or {env}__*)"
+        culprit = _bad_json_variable(env)
+        if culprit is not None:
+            where = f"{name}.{culprit[len(env) + 2:].lower()} (env {culprit})"
         raise ConfigError(
-            f"invalid settings:\n  {name} (env {env} or {env}__*): value is not valid JSON "
+            f"invalid settings:\n  {where}: value is not valid JSON "
             f"({exc.__cause__ or exc}); objects are JSON, e.g. "
             "SD_KAFKA__EXTRA='{\"fetch.max.bytes\": 52428800}'"
         ) from None
+
+
+def _bad_json_variable(group_env: str) -> str | None:
+    """The ``group_env__*`` variable (environment, then ./.env) holding an object setting
+    whose value is not JSON, to name it; None when none is found."""
+    import json
+    import os
+
+    from dotenv import dotenv_values
+
+    objects = {f"{group_env}__{name.upper()}" for group in (KafkaSettings, DetectorSettings,
+                                                            ServiceSettings)
+               for name, f in group.model_fields.items()
+               if str(f.annotation).startswith("dict")}
+    sources: list[dict[str, str | None]] = [dict(os.environ)]
+    if os.path.isfile(".env"):
+        sources.append(dotenv_values(".env"))
+    for values in sources:
+        for var in sorted(objects):
+            value = values.get(var)
+            if value is None:
+                continue
+            try:
+                json.loads(value)
+            except ValueError:
+                return var
+    return None
 
 
 _TYPE_WORDS = {str: "string", int: "number", float: "number", bool: "boolean"}

@@ -508,8 +508,10 @@ def test_dotenv_in_cwd_is_read_and_env_wins(clean_env, monkeypatch) -> None:
         ("SD_SERVICE__LOG_FORMAT", "xml", ["service.log_format"]),
         ("SD_DETECTOR__LATE_POLICY", "keep", ["detector.late_policy"]),
         # a JSON value that does not parse fails before validation (pydantic-settings
-        # SettingsError); load_settings turns that into a ConfigError too
-        ("SD_KAFKA__EXTRA", "not json", ["kafka", "SD_KAFKA__", "not valid JSON"]),
+        # SettingsError); load_settings turns that into a ConfigError naming the variable
+        ("SD_KAFKA__EXTRA", "not json", ["kafka.extra (env SD_KAFKA__EXTRA)", "not valid JSON"]),
+        ("SD_KAFKA__PRODUCER_EXTRA", "{x",
+         ["kafka.producer_extra (env SD_KAFKA__PRODUCER_EXTRA)", "not valid JSON"]),
         ("SD_KAFKA__EXTRA", '["a"]', ["kafka.extra", "SD_KAFKA__EXTRA"]),
         ("SD_KAFKA__TYPO_FIELD", "1", ["kafka.typo_field", "Extra inputs are not permitted"]),
         # the brokers refuse these empty ("Broker: Invalid topic" on the first record)
