@@ -134,7 +134,8 @@ def test_idle_dispatch_also_follows_a_full_consume_that_drained_the_queue(
     """With consume_batch 1 every consume() that returns a record is full, so the last record
     empties the local queue without a short consume(). The loop must hand the waiting windows
     to the model before it blocks for the next record, not after its (here 10 s) consume
-    timeout: 5 windows are scored within 8 s of the start, group join included."""
+    timeout: the 5 windows are scored well within those 10 s of the assignment (the old loop
+    took the whole timeout after the last record)."""
     bs = kafka_broker.bootstrap_servers
     settings = settings_for(bs, topics, artifact, consume_batch=1, consume_timeout_s=10)
     settings = settings.model_copy(update={"detector": settings.detector.model_copy(
@@ -146,11 +147,17 @@ def test_idle_dispatch_also_follows_a_full_consume_that_drained_the_queue(
     service = DetectorService(settings, scorer.manifest, scorer, serve_http=False)
     th = _run_in_thread(service)
     try:
-        scores = read_all(bs, topics["scores"], expect=5, max_s=8)
+        deadline = time.monotonic() + 60
+        while not service.health.ready and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assigned = time.monotonic()
+        scores = read_all(bs, topics["scores"], expect=5, max_s=30)
+        took = time.monotonic() - assigned
     finally:
         service.stop()
         th.join(30)
     assert sorted(s["window_end"] for s in scores) == [ts for _, ts, _ in items[w - 1 :]]
+    assert took < 7, took  # the old loop: at least the 10 s consume() timeout
 
 
 class _HeldBack:
