@@ -153,6 +153,7 @@ def env_for(settings: Settings) -> dict[str, str]:
         "SD_KAFKA__PARTITION_ASSIGNMENT_STRATEGY": k.partition_assignment_strategy,
         "SD_DETECTOR__MAX_BATCH": str(d.max_batch),
         "SD_DETECTOR__MAX_WAIT_MS": str(d.max_wait_ms),
+        "SD_DETECTOR__DISPATCH_WHEN_IDLE": str(d.dispatch_when_idle).lower(),
         "SD_DETECTOR__CLEAR_AFTER": str(d.clear_after),
         "SD_SERVICE__HTTP_PORT": "0",
         "SD_SERVICE__LOG_FORMAT": "json",

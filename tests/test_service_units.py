@@ -672,6 +672,9 @@ class _ScriptedConsumer:
         if step[0] == "assign":
             self.svc._on_assign(self, [TopicPartition("readings", 0)])
             return []
+        if step[0] == "probe":  # look at the service from inside this call
+            step[1](num_messages, timeout)
+            return []
         return list(step[1])
 
     def committed(self, partitions, timeout=None):
@@ -1051,6 +1054,31 @@ def test_messages_outdated_by_a_rebalance_between_consume_calls_are_not_ingested
     assert m.windows._value.get() == 8 + 2  # offsets 2..9, then 10 and 11 once each
     assert m.rebuilt._value.get() == 10  # offsets 0..9 re-read silently
     assert fake.stored == {A: 12}
+
+
+def test_idle_dispatch_runs_before_the_loop_blocks_after_a_full_consume() -> None:
+    """With consume_batch 1 every consume() that returns a record is full, so the last record
+    empties the local queue without a short consume(). The waiting windows must go to the model
+    before the loop blocks for the next record (the old loop scored them only after that
+    consume() timed out: consume_timeout_s later, 50 ms by default, up to 10 s)."""
+    from stream_detector.detector import Detector
+
+    service = _service(consume_batch=1, consume_timeout_s=10)
+    service.detector = Detector(service.manifest, service.scorer,
+                                service.settings.detector.model_copy(
+                                    update={"max_wait_ms": 60_000}))
+    seen: list[tuple[float, float]] = []
+
+    def probe(num: int, timeout: float) -> None:
+        seen.append((timeout, service.metrics.windows._value.get()))
+
+    script = [("assign",), ("msgs", []),
+              *[("msgs", [_msg(o)]) for o in range(5)],  # 3 windows (window 3), each call full
+              ("msgs", []), ("probe", probe), ("stop",)]
+    service._consumer = _ScriptedConsumer(service, script)
+    service._loop()
+    # the blocking call (a timeout > 0) came after all 3 windows were scored
+    assert len(seen) == 1 and seen[0][0] > 0 and seen[0][1] == 3, seen
 
 
 def test_a_committed_offset_beyond_the_log_end_does_not_start_a_silent_rebuild() -> None:
