@@ -51,7 +51,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/stream-detector bench
 
-## backtest: train, evaluate and replay every dataset in ../shared/data (about 10 minutes)
+## backtest: train, evaluate and replay every dataset in ../shared/data (about 5 minutes on 2 cores)
 backtest: $(STAMP)
 	scripts/full_backtest.sh $(or $(DATA_ROOT),../shared/data)
 

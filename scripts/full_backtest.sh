@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train, evaluate and replay every dataset in ../shared/data: the runs behind
-# docs/evaluation.md and docs/backtesting.md. About 10 minutes on a 2-core machine.
+# docs/evaluation.md and docs/backtesting.md. About 5 minutes on a 2-core machine.
 #   scripts/full_backtest.sh [DATA_ROOT]      (default ../shared/data)
 set -euo pipefail
 DATA=${1:-../shared/data}

@@ -188,8 +188,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 def check_broker(settings: Any) -> int:
     """One metadata request (5 s at most), not the service's start-up retries: a probe must
     answer quickly, and an unreachable broker is a failed check (1), not bad input (2)."""
-    from stream_detector.consumer import FatalError, wait_for_broker
+    from stream_detector.consumer import FatalError, check_client_settings, wait_for_broker
 
+    check_client_settings(settings)  # every librdkafka property, per-client extras included
     once = settings.model_copy(
         update={"service": settings.service.model_copy(update={"startup_retries": 0})})
     try:

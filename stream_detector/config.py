@@ -385,7 +385,7 @@ def load_settings(**overrides: Any) -> Settings:
         raise ConfigError(
             f"invalid settings:\n  {where}: value is not valid JSON "
             f"({exc.__cause__ or exc}); objects are JSON, e.g. "
-            "SD_KAFKA__EXTRA='{\"fetch.max.bytes\": 52428800}'"
+            "SD_KAFKA__CONSUMER_EXTRA='{\"fetch.max.bytes\": 52428800}'"
         ) from None
 
 

@@ -268,6 +268,17 @@ def wait_s(limit_s: float, deadline: float | None, now: float) -> float:
     return math.ceil(t * 1000.0 - 1e-9) / 1000.0
 
 
+def check_client_settings(settings: Settings) -> None:
+    """Build (and close) the service's consumer and producer from ``settings``: librdkafka
+    checks every property then, the per-client extras included (ConfigError if refused).
+    Nothing is consumed or produced."""
+    consumer = _client(Consumer, settings.kafka.consumer_config())
+    consumer.close()
+    producer = _client(Producer, settings.kafka.producer_config())
+    producer.flush(0)
+    del producer
+
+
 def _client(cls: Any, conf: dict[str, Any]) -> Any:
     """A librdkafka client with its log lines as structured log events; a configuration that
     librdkafka refuses (a mistyped SD_KAFKA__EXTRA property, a bad value) is a ConfigError."""
@@ -275,8 +286,9 @@ def _client(cls: Any, conf: dict[str, Any]) -> Any:
     try:
         return cls(conf)
     except (KafkaException, ValueError, TypeError) as exc:
-        raise ConfigError(f"librdkafka refused the client settings (check SD_KAFKA__EXTRA "
-                          f"and the SD_KAFKA__* values): {exc}") from None
+        raise ConfigError(f"librdkafka refused the client settings (check SD_KAFKA__EXTRA, "
+                          f"SD_KAFKA__CONSUMER_EXTRA, SD_KAFKA__PRODUCER_EXTRA and the other "
+                          f"SD_KAFKA__* values): {exc}") from None
 
 
 def _describe(context: tuple[Any, ...], value: bytes) -> str:

@@ -15,7 +15,7 @@ from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicP
 from confluent_kafka.admin import AdminClient
 
 import stream_detector.consumer as consumer_mod
-from stream_detector.config import Settings
+from stream_detector.config import Settings, load_settings
 from stream_detector.consumer import FatalError, OffsetTracker, wait_for_broker, wait_s
 from stream_detector.errors import ConfigError, StreamDetectorError
 from stream_detector.observability import HealthServer, HealthState, Metrics
@@ -493,6 +493,21 @@ def test_check_broker_answers_once_and_fails_with_1(clean_env, fake_admin, capsy
     assert fake_admin.instances[0].calls == 1
     fake_admin.fail = 0
     assert check_broker(_settings("b:9092", retries=10, backoff=30.0)) == 0
+
+
+def test_check_broker_checks_the_per_client_librdkafka_properties(clean_env, fake_admin,
+                                                                   monkeypatch) -> None:
+    """The broker check built only an admin client from the common properties: a property
+    librdkafka refuses in SD_KAFKA__CONSUMER_EXTRA / _PRODUCER_EXTRA passed it, then serve
+    exited 2 on it."""
+    from stream_detector.cli import check_broker
+
+    for var in ("SD_KAFKA__CONSUMER_EXTRA", "SD_KAFKA__PRODUCER_EXTRA"):
+        monkeypatch.setenv(var, '{"no.such.prop": 1}')
+        with pytest.raises(ConfigError, match="No such configuration property.*no.such.prop"):
+            check_broker(load_settings(kafka={"bootstrap_servers": "b:9092"}))
+        monkeypatch.setenv(var, "{}")
+    assert fake_admin.instances == []  # refused before any broker request
 
 
 # ----------------------------------------------------------------------------- HealthServer
