@@ -50,6 +50,7 @@ from stream_detector.config import FETCH_QUEUE_BACKOFF_MS
 from stream_detector.datasets.base import Entity
 from stream_detector.errors import StreamDetectorError
 from stream_detector.evaluation import plot_file_name, prepare_out_dir
+from stream_detector.logs import kafka_logger
 
 log = structlog.get_logger(__name__)
 
@@ -133,14 +134,16 @@ def _producer_loop(bootstrap: str, topic: str, names: list[str], streams: list[n
                    sent_at: list[np.ndarray], progress: bool, error: list[str],
                    t0_ms: int = T0_MS, clock: Callable[[], float] = time.monotonic,
                    sleep: Callable[[float], None] = time.sleep,
-                   go: threading.Event | None = None) -> None:
+                   go: threading.Event | None = None,
+                   conf: dict[str, Any] | None = None) -> None:
     """Produce the readings (``rate`` per second, 0: as fast as possible). With ``go``: connect
     first (metadata; the idempotent producer gets its id meanwhile), then wait for it, so the
     producer's own start-up is not counted in the readings' latency."""
     from confluent_kafka import Producer
 
     producer = Producer({
-        "bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5,
+        **(conf or {"bootstrap.servers": bootstrap}),
+        "enable.idempotence": True, "linger.ms": 5,
         "batch.num.messages": 10_000, "queue.buffering.max.messages": 500_000,
         "compression.type": "lz4",
     })
@@ -220,7 +223,8 @@ def first_timestamp(last_seen: dict[str, int], now_ms: int) -> int:
 
 
 def _latest_readings(bootstrap: str, topic: str, sensors: list[str],
-                     max_records: int = SCAN_RECORDS) -> dict[str, int]:
+                     max_records: int = SCAN_RECORDS,
+                     conf: dict[str, Any] | None = None) -> dict[str, int]:
     """Latest ``ts`` of each of ``sensors`` among the last ``max_records`` records of every
     partition of ``topic`` (records keyed by sensor, as replay produces them). Sensors not seen
     there are left out."""
@@ -228,7 +232,7 @@ def _latest_readings(bootstrap: str, topic: str, sensors: list[str],
 
     keys = {s.encode(): s for s in sensors}
     found: dict[str, int] = {}
-    consumer = Consumer({"bootstrap.servers": bootstrap,
+    consumer = Consumer({**(conf or {"bootstrap.servers": bootstrap}),
                          "group.id": f"replay-scan-{uuid.uuid4().hex[:8]}",
                          "enable.auto.commit": False, "enable.partition.eof": True,
                          "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS})
@@ -446,6 +450,7 @@ def _stream(opts: ReplayOptions, manifest: Any, scorer: Any, names: list[str],
     with broker_or_existing(opts.bootstrap_servers) as bootstrap:
         service = None
         thread = None
+        conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": kafka_logger()}
         if opts.bootstrap_servers:
             settings = opts.settings or load_settings()
             k = settings.kafka
@@ -453,7 +458,10 @@ def _stream(opts: ReplayOptions, manifest: Any, scorer: Any, names: list[str],
                 raise ReplayError("the deployment's SD_KAFKA__SCORE_TOPIC is empty: replay needs "
                                   "the score topic for parity; enable it for the backtest")
             topics = {"input": k.input_topic, "alerts": k.alert_topic, "scores": k.score_topic}
-            last_seen = _latest_readings(bootstrap, topics["input"], names)
+            # the deployment's security settings (SASL, SSL, SD_KAFKA__EXTRA) for the replay's
+            # own clients too, with its --bootstrap-servers address
+            conf = {**k.common(), "bootstrap.servers": bootstrap, "logger": kafka_logger()}
+            last_seen = _latest_readings(bootstrap, topics["input"], names, conf=conf)
             t0_ms = first_timestamp(last_seen, int(time.time() * 1000))
             earlier_state = [n in last_seen for n in names]
             log.info("replay clock", t0_ms=t0_ms, sensors_seen_before=len(last_seen))
@@ -481,7 +489,7 @@ def _stream(opts: ReplayOptions, manifest: Any, scorer: Any, names: list[str],
             thread = threading.Thread(target=service.run, name="replay-consumer", daemon=True)
             thread.start()
 
-        reader = Consumer({"bootstrap.servers": bootstrap, "group.id": f"replay-reader-{run}",
+        reader = Consumer({**conf, "group.id": f"replay-reader-{run}",
                            "enable.auto.commit": False, "auto.offset.reset": "earliest",
                            "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS})
         reader.assign(_start_offsets(reader, [topics["scores"], topics["alerts"]]))
@@ -491,7 +499,7 @@ def _stream(opts: ReplayOptions, manifest: Any, scorer: Any, names: list[str],
             target=_producer_loop, name="replay-producer",
             args=(bootstrap, topics["input"], names, streams, order_e, order_t, opts.rate,
                   sent_at, opts.progress, errors, t0_ms),
-            kwargs={"go": go}, daemon=True)
+            kwargs={"go": go, "conf": conf}, daemon=True)
         producer.start()  # connects while the consumer joins its group
         if service is not None and thread is not None:
             try:

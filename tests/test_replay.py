@@ -138,7 +138,7 @@ class _FakeProducer:
     clock: Any = time.monotonic
 
     def __init__(self, conf: dict) -> None:
-        pass
+        type(self).conf = conf
 
     def produce(self, topic: str, key: bytes | None = None, value: bytes | None = None) -> None:
         type(self).sent.append(type(self).clock())
@@ -468,3 +468,26 @@ def test_waiting_for_the_assignment_ends_on_ready_failure_death_or_timeout() -> 
     dead.join()
     with pytest.raises(ReplayError, match="stopped before it was assigned"):
         _wait_for_assignment(waiting, dead, 5.0)
+
+
+def test_the_replay_producer_takes_the_deployments_client_settings(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Against a running deployment (--bootstrap-servers) the replay's own clients got only
+    the address: a SASL/SSL cluster refused them. They get the deployment's common settings."""
+    import confluent_kafka
+
+    from stream_detector.config import KafkaSettings
+    from stream_detector.replay import _producer_loop
+
+    monkeypatch.setattr(confluent_kafka, "Producer", _FakeProducer)
+    k = KafkaSettings(security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512",
+                      sasl_username="u", sasl_password="p")
+    conf = {**k.common(), "bootstrap.servers": "kafka:9093"}
+    errors: list[str] = []
+    _producer_loop("ignored", "t", ["s"], [np.zeros((2, 2), np.float32)],
+                   np.zeros(2, np.int64), np.arange(2), 0.0, [np.zeros(2)], False, errors,
+                   conf=conf)
+    assert not errors
+    got = _FakeProducer.conf
+    assert got["bootstrap.servers"] == "kafka:9093" and got["security.protocol"] == "SASL_SSL"
+    assert got["sasl.password"] == "p" and got["enable.idempotence"] is True
