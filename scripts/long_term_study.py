@@ -10,7 +10,10 @@ Scores each dataset's test data with the default artifacts that `make backtest` 
   sensors where fewer than 100 remain);
 - ``finite``: the same with L the trailing mean of the last 39 clipped scores, defined once a
   sensor has 39 of them, started cold at the test rows as the consumer would (q_L from the
-  validation rows scored the same way).
+  validation rows scored the same way);
+- ``product``: the EWMA started cold as a consumer would, at the sensor's mean clipped
+  validation score (the mean over all sensors for those with fewer than 100 validation
+  windows), validation and test each started that way, q_L without burn-in.
 
 Validation rows are the last ``val_fraction`` of each entity's train rows, as in training.
 Test labels are used only for the metrics. Usage:
@@ -54,8 +57,10 @@ def raw_scores(scorer: TorchScorer, name: str, rows: np.ndarray) -> np.ndarray:
     return sf(np.concatenate(recs), np.concatenate(fcs), sf.row(name)).score
 
 
-def ewma(x: np.ndarray, alpha: float) -> np.ndarray:
-    out, m = np.empty_like(x), x[0]
+def ewma(x: np.ndarray, alpha: float, start: float | None = None) -> np.ndarray:
+    """EWMA of ``x``; ``start``: the level before the first value (None: the first value)."""
+    out = np.empty_like(x)
+    m = x[0] if start is None else start
     for i, v in enumerate(x):
         m = m + alpha * (v - m)
         out[i] = m
@@ -86,22 +91,29 @@ def study(ds: str, data_dir: Path | None, art: Path) -> dict[str, dict[str, floa
         r_val = raw_scores(sc, e.name, np.concatenate([fit[-(w - 1) :], val]))
         r_test = raw_scores(sc, e.name, np.concatenate([e.train[-(w - 1) :], e.test]))
         l_val, l_test = trailing(np.minimum(r_val, q_s), N), trailing(np.minimum(r_test, q_s), N)
-        per.append({"e": e, "q_s": q_s, "s": smooth(r_test, k),
+        c_val, c_test = np.minimum(r_val, q_s), np.minimum(r_test, q_s)
+        per.append({"e": e, "q_s": q_s, "s": smooth(r_test, k), "c_val": c_val, "c_test": c_test,
                     "s_warm": smooth(r_all, k)[len(val):],
                     "ewma_val": l_all[BURN : len(val)], "ewma_test": l_all[len(val):],
                     "fin_val": l_val[~np.isnan(l_val)], "fin_test": l_test})
+    all_c = np.concatenate([p["c_val"] for p in per])
+    for p in per:  # product: cold start at the sensor's mean clipped validation score
+        m_s = p["c_val"].mean() if len(p["c_val"]) >= MIN_VAL else all_c.mean()
+        p["prod_val"] = ewma(p["c_val"], ALPHA, m_s)
+        p["prod_test"] = ewma(p["c_test"], ALPHA, m_s)
     pooled = {v: np.quantile(np.concatenate([p[f"{v}_val"] for p in per]), Q)
-              for v in ("ewma", "fin")}
-    rows: dict[str, list[dict]] = {"default": [], "ewma": [], "finite": []}
+              for v in ("ewma", "fin", "prod")}
+    rows: dict[str, list[dict]] = {"default": [], "ewma": [], "finite": [], "product": []}
     for p in per:
         e, q_s = p["e"], p["q_s"]
         q_l = {v: np.quantile(p[f"{v}_val"], Q) if len(p[f"{v}_val"]) >= MIN_VAL else pooled[v]
-               for v in ("ewma", "fin")}
+               for v in ("ewma", "fin", "prod")}
         scores = {
             "default": p["s"],
             "ewma": np.maximum(p["s_warm"], p["ewma_test"] * q_s / q_l["ewma"]),
             "finite": np.maximum(p["s"], np.nan_to_num(p["fin_test"] * q_s / q_l["fin"],
                                                        nan=-np.inf)),
+            "product": np.maximum(p["s"], p["prod_test"] * q_s / q_l["prod"]),
         }
         for v, s in scores.items():
             rows[v].append({"entity": e.name, **entity_metrics(s, e.labels, q_s)})
@@ -116,6 +128,6 @@ if __name__ == "__main__":
         out[ds] = study(ds, root / sub if sub else None, arts / ds)
         for v, m in out[ds].items():
             print(f"{ds:10s} {v:8s} {json.dumps(m)}", flush=True)
-    for v in ("default", "ewma", "finite"):
+    for v in ("default", "ewma", "finite", "product"):
         print(f"{'mean':10s} {v:8s} best-F1 {np.mean([out[d][v]['best_f1'] for d in out]):.4f}"
               f"  AUC-PR {np.mean([out[d][v]['auc_pr'] for d in out]):.4f}")
