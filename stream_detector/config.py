@@ -379,7 +379,7 @@ def load_settings(**overrides: Any) -> Settings:
         name = found.group(1) if found else "?"
         env = "SD_" + name.upper()
         where = f"{name} (env {env} or {env}__*)"
-        culprit = _bad_json_variable(env)
+        culprit = _bad_json_variable(name)
         if culprit is not None:
             where = f"{name}.{culprit[len(env) + 2:].lower()} (env {culprit})"
         raise ConfigError(
@@ -389,23 +389,24 @@ def load_settings(**overrides: Any) -> Settings:
         ) from None
 
 
-def _bad_json_variable(group_env: str) -> str | None:
-    """The ``group_env__*`` variable (environment, then ./.env) holding an object setting
-    whose value is not JSON, to name it; None when none is found."""
+def _bad_json_variable(group: str) -> str | None:
+    """The ``SD_<GROUP>__*`` variable of an object setting of ``group`` (environment first,
+    then the env file Settings reads) whose value is not JSON, to name it; None when none."""
     import json
     import os
 
     from dotenv import dotenv_values
 
-    objects = {f"{group_env}__{name.upper()}" for group in (KafkaSettings, DetectorSettings,
-                                                            ServiceSettings)
-               for name, f in group.model_fields.items()
-               if str(f.annotation).startswith("dict")}
+    model = getattr(Settings.model_fields.get(group), "annotation", None)
+    fields = getattr(model, "model_fields", {})
+    objects = sorted(f"SD_{group.upper()}__{field.upper()}" for field, info in fields.items()
+                     if str(info.annotation).startswith("dict"))
     sources: list[dict[str, str | None]] = [dict(os.environ)]
-    if os.path.isfile(".env"):
-        sources.append(dotenv_values(".env"))
+    env_file = Settings.model_config.get("env_file")
+    if isinstance(env_file, str) and os.path.isfile(env_file):
+        sources.append(dotenv_values(env_file))
     for values in sources:
-        for var in sorted(objects):
+        for var in objects:
             value = values.get(var)
             if value is None:
                 continue
