@@ -270,6 +270,14 @@ class DetectorSettings(_Group):
         60.0, ge=0, description="At most one 'update' alert per episode per this many seconds."
     )
     top_features: int = Field(5, ge=1, le=64, description="Contributing features named per alert.")
+    long_term_tolerance: float = Field(
+        1e-4, gt=0, le=1,
+        description="After a restart or rebalance, a rebuilt sensor counts as exact once its "
+        "long-term score term can differ from an uninterrupted consumer's by at most this "
+        "fraction of its threshold (the term forgets its start geometrically: about 200 "
+        "windows for the default, each tenfold smaller adds about 45). Artifacts without a "
+        "long-term term ignore it (docs/messages.md).",
+    )
     max_sensors: int = Field(
         200_000, ge=1, description="Hard cap on tracked sensors (memory guard)."
     )

@@ -5,9 +5,10 @@ backtest replay (:mod:`stream_detector.replay`), so a backtest runs the producti
 
 Flow, a batch of readings at a time: ring buffers (:class:`~stream_detector.windows.WindowStore`)
 -> the windows completed -> micro-batcher -> one model call per batch through a :class:`Scorer`
--> score terms (:class:`~stream_detector.scoring.ScoreFunction`) -> per-sensor smoothing ->
-threshold and hysteresis (:class:`~stream_detector.scoring.EpisodeTracker`, only for windows
-that can change an alert state) -> :class:`ScoredBatch` / :class:`Result`. The per-reading work
+-> score terms (:class:`~stream_detector.scoring.ScoreFunction`) -> per-sensor smoothing and
+long-term level (:class:`~stream_detector.manifest.LongTermSpec`) -> threshold and hysteresis
+(:class:`~stream_detector.scoring.EpisodeTracker`, only for windows that can change an alert
+state) -> :class:`ScoredBatch` / :class:`Result`. The per-reading work
 is numpy over the whole batch; Python runs per *alerting* window, not per reading.
 
 Results come out in the order the windows went in, so per sensor they are in time order.
@@ -15,6 +16,7 @@ Results come out in the order the windows went in, so per sensor they are in tim
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ from stream_detector.scoring import (
     Hysteresis,
     Level,
     ScoreFunction,
+    long_term_gain,
 )
 from stream_detector.windows import (
     FULL,
@@ -60,6 +63,21 @@ class Scorer(Protocol):
     """
 
     def errors(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def converged_after(alpha: float, start: float, threshold: float, gain: float,
+                    tolerance: float) -> int:
+    """Windows after which a sensor's long-term term, started at ``start`` here, is within
+    ``tolerance * threshold`` of the term of a consumer that has seen the sensor from any
+    earlier point: both levels lie in ``[0, max(start, threshold)]`` (averages of scores
+    clipped at the threshold), each window shrinks their difference by ``1 - alpha``, and the
+    term is the level times ``gain`` (:func:`~stream_detector.scoring.long_term_gain`)."""
+    if alpha >= 1:
+        return 1
+    spread = max(start, threshold) * gain
+    if spread <= tolerance * threshold:
+        return 0
+    return math.ceil(math.log(tolerance * threshold / spread) / math.log1p(-alpha))
 
 
 class _InFlight:
@@ -182,7 +200,19 @@ class Detector:
         # per-slot state (slots of the window store): threshold, row of error scales, the
         # ring of the last k raw scores for smoothing, and whether an episode is open
         self._k = max(1, manifest.score.smoothing)
+        # long-term term (None: the artifact has none): per slot the level L, the gain that
+        # puts it in score units, and the windows after which a rebuilt L is within
+        # long_term_tolerance of an uninterrupted one (see inexact())
+        self._lt_spec = manifest.score.long_term
+        self._alpha = self._lt_spec.alpha if self._lt_spec is not None else 0.0
         cap = self._store.capacity
+        n_lt = cap if self._lt_spec is not None else 0  # no per-sensor cost without the term
+        self._lt = np.zeros(n_lt)
+        self._lt_start = np.zeros(n_lt)
+        self._lt_gain = np.zeros(n_lt)
+        # windows a sensor needs before its state can count as exact: k (fully smoothed), or
+        # more while the long-term level still carries its start
+        self._need = np.full(n_lt, self._k, dtype=np.int64)
         self._thr = np.zeros(cap)
         self._row = np.zeros(cap, dtype=np.intp)
         self._sm_ring = np.zeros((cap, self._k))
@@ -335,11 +365,15 @@ class Detector:
         the ones this detector saw only until it has had ``clear_after`` consecutive fully
         smoothed windows below the clear level: any episode an earlier start would have opened
         has resolved by then, and from there on both evolve identically (a closed episode
-        tracker keeps nothing). A sensor with at least one scored window that has not had such
-        a run is *inexact*: its open episode may have begun earlier (another ``alert_id``), or
-        an episode an earlier start would have kept open is closed here. Sensors without a
-        full window yet are not listed (nothing of theirs was scored), nor unknown ones. The
-        Kafka driver deepens its rebuild while a partition has inexact sensors."""
+        tracker keeps nothing). With a long-term term (an average over all the sensor's
+        windows), windows count towards that run only once the term's start has faded to
+        ``long_term_tolerance`` of the threshold (:func:`converged_after`): from there on the
+        scores differ by at most that, and the state is exact to that tolerance. A sensor with
+        at least one scored window that has not had such a run is *inexact*: its open episode
+        may have begun earlier (another ``alert_id``), or an episode an earlier start would
+        have kept open is closed here. Sensors without a full window yet are not listed
+        (nothing of theirs was scored), nor unknown ones. The Kafka driver deepens its rebuild
+        while a partition has inexact sensors."""
         slot_of, need = self._store.slot, self._hyst.clear_after
         out = []
         for s in sensors:
@@ -360,6 +394,8 @@ class Detector:
     def state_bytes(self) -> int:
         per_slot = (self._thr.nbytes + self._row.nbytes + self._sm_ring.nbytes
                     + self._sm_n.nbytes + self._open.nbytes + self._calm.nbytes
+                    + self._lt.nbytes + self._lt_start.nbytes + self._lt_gain.nbytes
+                    + self._need.nbytes
                     + (self._srow.nbytes if self._srow is not None else 0))
         return self._store.nbytes + per_slot
 
@@ -374,6 +410,12 @@ class Detector:
             self._sm_n = np.concatenate([self._sm_n, np.zeros(extra, dtype=np.int64)])
             self._open = np.concatenate([self._open, np.zeros(extra, dtype=bool)])
             self._calm = np.concatenate([self._calm, np.full(extra, -1, dtype=np.int32)])
+            if self._lt_spec is not None:
+                self._lt = np.concatenate([self._lt, np.zeros(extra)])
+                self._lt_start = np.concatenate([self._lt_start, np.zeros(extra)])
+                self._lt_gain = np.concatenate([self._lt_gain, np.zeros(extra)])
+                self._need = np.concatenate([self._need,
+                                             np.full(extra, self._k, dtype=np.int64)])
             if self._srow is not None:
                 self._srow = np.concatenate([self._srow, np.zeros(extra, dtype=np.intp)])
         thresholds, row = self.manifest.thresholds, self._score_fn.row
@@ -389,6 +431,16 @@ class Detector:
             self._open[slot] = False
             self._calm[slot] = -1
             self._trackers.pop(sensor, None)
+        lt = self._lt_spec
+        if lt is not None:
+            tol = self.settings.long_term_tolerance
+            for sensor, slot in new:
+                start, level = lt.for_sensor(sensor)
+                thr = float(self._thr[slot])
+                self._lt[slot] = self._lt_start[slot] = start
+                self._lt_gain[slot] = long_term_gain(thr, level, start)
+                self._need[slot] = max(self._k, converged_after(
+                    lt.alpha, start, thr, float(self._lt_gain[slot]), tol))
 
     def _complete(self) -> None:
         rest = self._batcher.flush()
@@ -453,22 +505,45 @@ class Detector:
         out, self._out = self._out, []
         return out
 
-    def _smooth(self, raw: np.ndarray, sl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _scores(self, raw: np.ndarray, sl: np.ndarray, thr: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The reported scores of a batch's windows (``raw``: their window scores; ``sl``,
+        ``thr``: their slots and thresholds): smoothed, or the long-term term where higher;
+        whether each window counts towards exactness (see :meth:`inexact`); and the long-term
+        terms (None without one). Advances each sensor's smoothing ring, long-term level and
+        window count."""
+        m = len(sl)
+        if self._k == 1 and self._lt_spec is None:
+            return raw, np.ones(m, dtype=bool), None
+        order, gstarts, rank = group_ranks(sl)
+        sls = sl[order]
+        c0 = self._sm_n[sls]
+        c = c0 + rank  # windows of the sensor before this one
+        smoothed = raw if self._k == 1 else self._smooth(raw, order, gstarts, sls, c0, c)
+        long_term = None
+        if self._lt_spec is not None:
+            long_term = self._long_term(raw, thr, order, gstarts, sls, rank)
+            smoothed = np.maximum(smoothed, long_term)
+        full = np.empty(m, dtype=bool)
+        full[order] = c + 1 >= (self._need[sls] if long_term is not None else self._k)
+        self._sm_n[sls[gstarts]] += np.diff(np.append(gstarts, m))
+        return smoothed, full, long_term
+
+    def _smooth(self, raw: np.ndarray, order: np.ndarray, starts: np.ndarray, sls: np.ndarray,
+                c0: np.ndarray, c: np.ndarray) -> np.ndarray:
         """Per sensor, the mean of its last ``k`` raw scores (this one included), in window
-        order, as :func:`~stream_detector.scoring.smooth` computes offline; and per window
-        whether that mean is over ``k`` scores (*fully smoothed*; always when ``k`` is 1).
+        order, as :func:`~stream_detector.scoring.smooth` computes offline (``k`` > 1).
+        The grouping of the batch by slot: ``order``/``starts`` (:func:`group_ranks`), ``sls``
+        the slots in that order, ``c0`` their window counts before the batch and ``c`` before
+        each window.
 
         The sensor keeps its last ``k`` raw scores in a ring (slot row ``_sm_ring``). Each
         window's row is that ring as it is after the window's own score went in (position
         ``p`` holds the newest count ``= p mod k``; zeros before the ring is full), so the
         sum is taken in the same order whatever the batch holds."""
         k = self._k
-        if k == 1:
-            return raw, np.ones(len(raw), dtype=bool)
-        order, starts, rank = group_ranks(sl)
-        sls, rs = sl[order], raw[order]
-        c0 = self._sm_n[sls]
-        c = c0 + rank  # pushes of the sensor before this one
+        rs = raw[order]
+        rank = c - c0
         q = c[:, None] - (c[:, None] - np.arange(k)) % k  # count held at ring position p
         ring = self._sm_ring[sls]  # (m, k): the ring before this batch
         fresh = q >= c0[:, None]
@@ -483,13 +558,47 @@ class Detector:
         chrono = np.take_along_axis(ring, (c[:, None] + 1 + np.arange(k)) % k, axis=1)
         smoothed = np.empty_like(raw)
         smoothed[order] = chrono.sum(axis=1) / np.minimum(c + 1, k)
-        full = np.empty(len(raw), dtype=bool)
-        full[order] = c + 1 >= k
         sizes = np.diff(np.append(starts, len(sls)))
         keep = (np.repeat(sizes, sizes) - rank) <= k
         self._sm_ring[sls[keep], c[keep] % k] = rs[keep]
-        self._sm_n[sls[starts]] += sizes
-        return smoothed, full
+        return smoothed
+
+    def _long_term(self, raw: np.ndarray, thr: np.ndarray, order: np.ndarray,
+                   starts: np.ndarray, sls: np.ndarray, rank: np.ndarray) -> np.ndarray:
+        """Each window's long-term term in score units, from ``L`` after the window's own
+        clipped score went in (:func:`~stream_detector.scoring.long_term_term`). Updates each
+        sensor's ``L`` in window order with the operations
+        :func:`~stream_detector.scoring.long_term` does offline: the two agree bit for bit
+        whatever the batch holds."""
+        a = self._alpha
+        x = np.minimum(raw[order], thr[order])
+        lt = self._lt
+        out = np.empty(len(x))
+        rounds = int(rank.max()) + 1
+        if rounds <= 8:  # a few windows per sensor: one vector step per rank
+            for r in range(rounds):
+                at = np.flatnonzero(rank == r) if rounds > 1 else slice(None)
+                s_r = sls[at]
+                cur = lt[s_r]
+                cur = cur + a * (x[at] - cur)
+                lt[s_r] = cur
+                out[at] = cur
+        else:  # long runs of one sensor: a scalar loop (the same double operations)
+            xs, slots, levels, ranks = x.tolist(), sls.tolist(), out.tolist(), rank.tolist()
+            ends = set((np.append(starts[1:], len(xs)) - 1).tolist())
+            cur = 0.0
+            for i, v in enumerate(xs):
+                if ranks[i] == 0:
+                    cur = float(lt[slots[i]])
+                cur = cur + a * (v - cur)
+                levels[i] = cur
+                if i in ends:
+                    lt[slots[i]] = cur
+            out = np.asarray(levels)
+        res = np.empty_like(out)
+        # long_term_term's operations: (L - start) * gain, floored at 0
+        res[order] = np.maximum((out - self._lt_start[sls]) * self._lt_gain[sls], 0.0)
+        return res
 
     def _finish(self, batch: Batch, rec_err: np.ndarray, fc_err: np.ndarray,
                 seconds: float) -> ScoredBatch:
@@ -501,9 +610,10 @@ class Detector:
         sensors, slot_list, starts, ends, refs = zip(*batch.items, strict=True)
         sl = np.array(slot_list, dtype=np.intp)
         scored = self._score_fn(rec_err, fc_err, self._row[sl])
-        smoothed, full = self._smooth(scored.score, sl)
+        raw = scored.score
         thr = self._thr[sl]
         m = len(sl)
+        smoothed, full, long_term = self._scores(raw, sl, thr)
         inexact = np.flatnonzero(self._calm[sl] < self._hyst.clear_after)
         if len(inexact):  # windows of sensors not yet exact (none once all are)
             self._count_calm(sl[inexact], smoothed[inexact], thr[inexact], full[inexact])
@@ -520,7 +630,8 @@ class Detector:
             at = np.minimum(np.searchsorted(uniq, sl), len(uniq) - 1)
             from_j = np.where(uniq[at] == sl, idx[first][at], m)
             todo = np.flatnonzero(np.arange(m) >= from_j).tolist()
-            self._track(todo, sensors, sl, starts, ends, smoothed, thr, scored, levels, alerts)
+            self._track(todo, sensors, sl, starts, ends, smoothed, thr, scored, long_term,
+                        levels, alerts)
         self.counters["windows"] += m
         return ScoredBatch(sensors, refs, list(starts), list(ends), smoothed.tolist(),
                            scored.reconstruction.tolist(), scored.forecast.tolist(),
@@ -541,7 +652,8 @@ class Detector:
 
     def _track(self, todo: list[int], sensors: tuple[str, ...], sl: np.ndarray,
                starts: tuple[int, ...], ends: tuple[int, ...], smoothed: np.ndarray,
-               thr: np.ndarray, scored: Any, levels: list[str], alerts: dict[int, Alert]) -> None:
+               thr: np.ndarray, scored: Any, long_term: np.ndarray | None, levels: list[str],
+               alerts: dict[int, Alert]) -> None:
         hyst, trackers = self._hyst, self._trackers
         version = self.manifest.model_version
         now_ms = self._wall_ms()
@@ -576,6 +688,7 @@ class Detector:
                 window_end_ms=end_ms,
                 model_version=version,
                 detected_at_ms=now_ms,
+                long_term_score=None if long_term is None else float(long_term[j]),
             )
         for slot, tracker in touched.items():
             self._open[slot] = tracker.open

@@ -23,14 +23,48 @@ import orjson
 
 from stream_detector.errors import ArtifactError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: Schema versions this build reads. Version 1 had no per-sensor error scales and no feature
 #: weights; it is read with both absent (global scales, every feature weighted equally).
 #: Version 2 had no per-sensor input scalers (every sensor scaled by ``scaler_mean/std``).
-#: A build that reads only 1 and 2 refuses version 3: it would scale every sensor globally.
-READABLE_SCHEMA_VERSIONS = (1, 2, 3)
+#: Version 3 had no long-term score (``score.long_term``). A build that reads only up to
+#: version N refuses N + 1: it would score without what N + 1 added (the trainer writes the
+#: lowest version that holds its artifact).
+READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4)
 MODEL_FILE = "model.pt"
 MANIFEST_FILE = "manifest.json"
+
+
+@dataclass(frozen=True)
+class LongTermSpec:
+    """The long-term term of the score: a sensor's sustained error level, which catches an
+    anomaly that raises every window's error a little for a long time (a drift, a slowly
+    degrading machine) before any single window crosses the threshold.
+
+    Per sensor, ``L`` is an exponentially weighted moving average (weight ``alpha`` for the
+    newest window) of its raw window scores clipped at its threshold ``q_s``, in window order,
+    started at ``start`` when the sensor starts (its mean clipped validation score). The score
+    becomes ``max(short, q_s * (L - start) / (level - start))``: the short-term score (the mean
+    of the last ``smoothing`` window scores), or the long-term level expressed in the same
+    units, about 0 at the sensor's usual level and reaching the threshold exactly when ``L``
+    reaches ``level``, the ``quantile`` of ``L`` on the sensor's validation windows (``level``
+    > ``start``). Thresholds and alert levels keep their meaning.
+
+    ``per_sensor``: ``{sensor: {"start": .., "level": ..}}`` for sensors with at least
+    ``min_sensor_windows`` validation windows; the others (and sensors unseen in training) get
+    ``start`` / ``level`` fitted on all sensors' validation windows.
+    """
+
+    alpha: float
+    quantile: float
+    start: float
+    level: float
+    per_sensor: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def for_sensor(self, sensor: str) -> tuple[float, float]:
+        """``(start, level)`` of ``sensor``."""
+        own = self.per_sensor.get(sensor)
+        return (own["start"], own["level"]) if own is not None else (self.start, self.level)
 
 
 @dataclass(frozen=True)
@@ -50,7 +84,9 @@ class ScoreSpec:
       (empty = equal weights). A zero weight keeps a feature as model input but out of the
       score, e.g. the command flags of the SMAP/MSL channels.
 
-    The reported score is the mean of the last ``smoothing`` window scores of the sensor.
+    The reported score is the mean of the last ``smoothing`` window scores of the sensor, or
+    its long-term term where that is higher (``long_term``, see :class:`LongTermSpec`; None:
+    no long-term term, schema <= 3).
     """
 
     w_rec: float
@@ -60,6 +96,7 @@ class ScoreSpec:
     smoothing: int = 1
     per_sensor: dict[str, dict[str, tuple[float, ...]]] = field(default_factory=dict)
     feature_weights: tuple[float, ...] = ()
+    long_term: LongTermSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +201,7 @@ class Manifest:
                 }
             s["per_sensor"] = per_sensor
             s["feature_weights"] = _nums("score.feature_weights", s.get("feature_weights") or ())
+            s["long_term"] = _long_term(s.get("long_term"))
             data["score"] = ScoreSpec(**s)
             t = dict(_obj("thresholds", data["thresholds"]))
             t["method"] = _str("thresholds.method", t["method"])
@@ -239,6 +277,58 @@ class Manifest:
         _positive("thresholds.default", (self.thresholds.default,))
         for sensor, thr in self.thresholds.per_sensor.items():
             _positive(f"thresholds.per_sensor[{sensor!r}]", (thr,))
+        lt = spec.long_term
+        if lt is not None:
+            if self.schema_version < 4:
+                raise ArtifactError(f"manifest score.long_term needs schema_version 4, the "
+                                    f"manifest says {self.schema_version}")
+            if not (np.isfinite(lt.alpha) and 0 < lt.alpha <= 1):
+                raise ArtifactError(f"manifest score.long_term.alpha must be in (0, 1], "
+                                    f"got {lt.alpha}")
+            if not (np.isfinite(lt.quantile) and 0 < lt.quantile < 1):
+                raise ArtifactError(f"manifest score.long_term.quantile must be in (0, 1), "
+                                    f"got {lt.quantile}")
+            # start >= 0 (a mean of clipped scores); level > 0 (it divides)
+            _finite("score.long_term.start", (lt.start,))
+            if lt.start < 0:
+                raise ArtifactError(f"manifest score.long_term.start must be >= 0, "
+                                    f"got {lt.start}")
+            _above("score.long_term", lt.level, lt.start)
+            for sensor, own in lt.per_sensor.items():
+                where = f"score.long_term.per_sensor[{sensor!r}]"
+                _finite(f"{where}.start", (own["start"],))
+                if own["start"] < 0:
+                    raise ArtifactError(f"manifest {where}.start must be >= 0, "
+                                        f"got {own['start']}")
+                _above(where, own["level"], own["start"])
+
+
+def _long_term(raw: Any) -> LongTermSpec | None:
+    if raw is None:
+        return None
+    lt = dict(_obj("score.long_term", raw))
+    known = set(LongTermSpec.__dataclass_fields__)
+    if set(lt) - known:
+        raise ArtifactError(f"manifest score.long_term has unknown fields "
+                            f"{sorted(set(lt) - known)}")
+    out: dict[str, Any] = {}
+    for key in ("alpha", "quantile", "start", "level"):
+        out[key] = _num(f"score.long_term.{key}", _key("score.long_term", lt, key))
+    out["per_sensor"] = {
+        str(name): {k: _num(f"score.long_term.per_sensor[{name!r}].{k}",
+                            _key(f"score.long_term.per_sensor[{name!r}]", own, k))
+                    for k in ("start", "level")}
+        for name, own in _obj("score.long_term.per_sensor",
+                              _or_empty(lt.get("per_sensor"))).items()
+    }
+    return LongTermSpec(**out)
+
+
+def _above(path: str, level: float, start: float) -> None:
+    """``level`` finite and above ``start`` (their difference divides)."""
+    if not (np.isfinite(level) and level > start):
+        raise ArtifactError(f"manifest {path}.level must be finite and above {path}.start "
+                            f"({start}), got {level}")
 
 
 def _num(path: str, v: Any) -> float:

@@ -16,12 +16,13 @@ from stream_detector.datasets.base import Entity
 from stream_detector.detector import Scorer
 from stream_detector.errors import DatasetError
 from stream_detector.manifest import Manifest
-from stream_detector.scoring import ScoreFunction, smooth
+from stream_detector.scoring import ScoreFunction, smooth, with_long_term
 
 
 @dataclass(frozen=True)
 class EntityScores:
-    """Per test row: smoothed score, both error terms, per-feature contributions, threshold."""
+    """Per test row: the score (smoothed, or the long-term term where higher), both error
+    terms, per-feature contributions (of the window's own score), threshold."""
 
     entity: str
     score: np.ndarray
@@ -63,12 +64,15 @@ def batch_score(scorer: Scorer, manifest: Manifest, entity: Entity) -> EntitySco
     scored = score_fn(np.concatenate(recs), np.concatenate(fcs), score_fn.row(entity.name))
     # windows[0] ends at row W-1 = the first test row when the full context is there
     skip = len(windows) - len(entity.test)
-    score = smooth(scored.score, manifest.score.smoothing)[skip:]
+    threshold = manifest.thresholds.for_sensor(entity.name)
+    # the long-term level starts with the stream's first window, as the detector's does
+    score = with_long_term(smooth(scored.score, manifest.score.smoothing), scored.score,
+                           threshold, manifest.score.long_term, entity.name)[skip:]
     return EntityScores(
         entity=entity.name,
         score=score,
         reconstruction=scored.reconstruction[skip:],
         forecast=scored.forecast[skip:],
         contributions=scored.contributions[skip:],
-        threshold=manifest.thresholds.for_sensor(entity.name),
+        threshold=threshold,
     )

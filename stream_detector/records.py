@@ -379,6 +379,7 @@ class Alert:
     window_end_ms: int
     model_version: str
     detected_at_ms: int
+    long_term_score: float | None = None
 
     @property
     def event_id(self) -> str:
@@ -408,6 +409,7 @@ class Alert:
                 "window_end": self.window_end_ms,
                 "model_version": self.model_version,
                 "detected_at": self.detected_at_ms,
+                "long_term_score": self.long_term_score,
             }
         )
 

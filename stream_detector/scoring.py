@@ -6,6 +6,8 @@ Direction, stated once for the whole package: **a higher score means more anomal
   the weighted score and per-feature contributions (which sum to the score).
 * :func:`smooth` averages the last ``k`` window scores of a sensor (offline; the detector computes
   the same numbers online, a batch of windows of many sensors at a time).
+* :func:`long_term` is the score's long-term term (offline; the detector computes the same
+  numbers online), fitted on validation scores by :func:`fit_long_term`.
 * Thresholds are fitted on validation scores only: :func:`fit_threshold`.
 * :class:`EpisodeTracker` turns a score stream into alert events with hysteresis, so one anomaly
   episode gives one ``open`` event, rate-limited ``update`` events and one ``resolve`` event.
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from stream_detector.manifest import ScoreSpec
+from stream_detector.manifest import LongTermSpec, ScoreSpec
 
 EPS = 1e-12
 
@@ -100,6 +102,78 @@ def smooth(raw: np.ndarray, k: int) -> np.ndarray:
     # replay); the first k - 1 sum zeros first, as the detector's ring before it is full
     padded = np.concatenate([np.zeros(k - 1), raw])
     return sliding_window_view(padded, k).sum(axis=1) / np.minimum(np.arange(1, raw.size + 1), k)
+
+
+def long_term(raw: np.ndarray, threshold: float, alpha: float, start: float) -> np.ndarray:
+    """The long-term level ``L`` after each window (see
+    :class:`~stream_detector.manifest.LongTermSpec`): an EWMA of ``min(raw, threshold)``
+    started at ``start``, one window at a time in double precision, ``L = L + alpha * (x - L)``,
+    the operations the detector does online, so the two agree bit for bit."""
+    clipped = np.minimum(np.asarray(raw, dtype=np.float64), threshold).tolist()
+    out = np.empty(len(clipped))
+    level, a = float(start), float(alpha)
+    for i, x in enumerate(clipped):
+        level = level + a * (x - level)
+        out[i] = level
+    return out
+
+
+def long_term_gain(threshold: float, level: float, start: float) -> float:
+    """Factor that puts ``L`` in score units: ``(L - start) * gain`` is 0 at the sensor's
+    usual level and reaches ``threshold`` when ``L`` reaches ``level``."""
+    return float(threshold) / (float(level) - float(start))
+
+
+def long_term_term(levels: np.ndarray, threshold: float, start: float,
+                   level: float) -> np.ndarray:
+    """The long-term term in score units, ``max(0, (L - start) * gain)``."""
+    return np.maximum((levels - start) * long_term_gain(threshold, level, start), 0.0)
+
+
+def with_long_term(short: np.ndarray, raw: np.ndarray, threshold: float, spec: LongTermSpec | None,
+                   sensor: str) -> np.ndarray:
+    """A sensor's reported scores: ``max(short, long-term term)`` from its first window on
+    (the short-term scores unchanged when ``spec`` is None)."""
+    if spec is None:
+        return short
+    start, level = spec.for_sensor(sensor)
+    levels = long_term(raw, threshold, spec.alpha, start)
+    return np.maximum(short, long_term_term(levels, threshold, start, level))
+
+
+def fit_long_term(raw: dict[str, np.ndarray], thresholds: dict[str, float], alpha: float,
+                  q: float, min_windows: int) -> LongTermSpec:
+    """Fit the long-term term on validation scores (no labels): ``raw[sensor]``, the sensor's
+    raw window scores in time order; ``thresholds[sensor]``, its threshold.
+
+    ``start``: the mean of the sensor's clipped scores; ``level``: the ``q`` quantile of ``L``
+    over its validation windows, with ``L`` started at ``start`` as a consumer starts a sensor
+    (kept above ``start``: a sensor whose clipped scores never varied gets a level a hair
+    above it).
+    Sensors with fewer than ``min_windows`` windows get the figures of all sensors together
+    (the mean of all clipped scores; the quantile of all sensors' ``L``), as does a sensor
+    unseen in training."""
+    if not raw:
+        raise ValueError("cannot fit the long-term term on zero sensors")
+    clipped = {n: np.minimum(np.asarray(r, dtype=np.float64), thresholds[n])
+               for n, r in raw.items()}
+    every = np.concatenate(list(clipped.values()))
+    if every.size == 0:
+        raise ValueError("cannot fit the long-term term on zero windows")
+    start_all = float(every.mean())
+    own = {n: len(c) >= min_windows for n, c in clipped.items()}
+    starts = {n: float(c.mean()) if own[n] else start_all for n, c in clipped.items()}
+    levels = {n: long_term(raw[n], thresholds[n], alpha, starts[n]) for n in raw}
+    pooled = float(np.quantile(np.concatenate(list(levels.values())), q))
+
+    def above(level: float, start: float) -> float:
+        return max(level, start * (1 + 1e-9) + EPS)
+
+    per_sensor = {n: {"start": starts[n],
+                      "level": above(float(np.quantile(levels[n], q)), starts[n])}
+                  for n in raw if own[n]}
+    return LongTermSpec(alpha=float(alpha), quantile=float(q), start=start_all,
+                        level=above(pooled, start_all), per_sensor=per_sensor)
 
 
 def fit_threshold(

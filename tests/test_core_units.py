@@ -256,7 +256,7 @@ def test_online_smoothing_equals_offline_smooth_per_sensor(k) -> None:
     names = [f"s{o}" for o in range(5)]
     det._init_slots(det._store.append_many(names, [1] * 5, np.zeros((5, 3))).new)
     slots = np.array([det._store.slot(names[o]) for o in owners])
-    online = np.concatenate([det._smooth(raw[a:b], slots[a:b])[0]
+    online = np.concatenate([det._scores(raw[a:b], slots[a:b], det._thr[slots[a:b]])[0]
                              for a, b in zip([0, 1, 40, 41, 300], [1, 40, 41, 300, 400],
                                              strict=True)])
     for o in range(5):
@@ -274,7 +274,8 @@ def test_offline_smooth_keeps_equal_scores_equal_as_online() -> None:
     raw = np.concatenate([rng.random(300) * 1e3, np.full(500, 0.1)])
     det = Detector(make_manifest(smoothing=4), NumpyScorer())
     det._init_slots(det._store.append_many(["s"], [1], np.zeros((1, 3))).new)
-    online, _ = det._smooth(raw, np.zeros(raw.size, dtype=np.intp) + det._store.slot("s"))
+    sl = np.zeros(raw.size, dtype=np.intp) + det._store.slot("s")
+    online = det._scores(raw, sl, det._thr[sl])[0]
     offline = smooth(raw, 4)
     assert np.unique(offline[303:]).size == 1 and offline[-1] == pytest.approx(0.1)
     np.testing.assert_array_equal(offline[303:], online[303:])

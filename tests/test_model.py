@@ -179,7 +179,7 @@ def test_early_stopping_ends_training_when_validation_loss_stops_falling(tmp_pat
 
 def test_manifest_describes_the_training(artifact) -> None:
     root, manifest, entities = artifact
-    assert manifest.schema_version == SCHEMA_VERSION
+    assert manifest.schema_version == 3  # the lowest that holds it: no long-term term (4)
     assert manifest.features == entities[0].features
     assert manifest.window == CFG.window
     assert manifest.network["encoder"] == "lstm"
@@ -429,7 +429,7 @@ def test_tampered_model_file_is_refused(artifact, tmp_path) -> None:
 def test_changed_schema_version_is_refused(artifact, tmp_path) -> None:
     root = _copy(artifact[0], tmp_path)
     _edit_manifest(root, schema_version=SCHEMA_VERSION + 1)
-    with pytest.raises(ArtifactError, match=r"schema_version 4; this build reads 1, 2, 3"):
+    with pytest.raises(ArtifactError, match=r"schema_version 5; this build reads 1, 2, 3, 4"):
         TorchScorer.load(root)
     _edit_manifest(root, schema_version=None)
     with pytest.raises(ArtifactError, match="schema_version None"):
@@ -581,6 +581,7 @@ def test_schema_version_1_manifest_still_loads_with_global_scales(artifact, tmp_
     raw = orjson.loads((root / MANIFEST_FILE).read_bytes())
     raw["schema_version"] = 1
     del raw["score"]["per_sensor"], raw["score"]["feature_weights"]
+    raw["score"].pop("long_term", None)
     (root / MANIFEST_FILE).write_bytes(orjson.dumps(raw))
     scorer = TorchScorer.load(root)
     assert scorer.manifest.score.per_sensor == {} and scorer.manifest.score.feature_weights == ()
@@ -592,7 +593,7 @@ def test_schema_version_1_manifest_still_loads_with_global_scales(artifact, tmp_
     # the old scores are exactly the current artifact's with its global scales only
     global_only = dataclasses.replace(
         artifact[1], score=dataclasses.replace(artifact[1].score, per_sensor={},
-                                               feature_weights=()))
+                                               feature_weights=(), long_term=None))
     expected = batch_score(TorchScorer.load(artifact[0]), global_only, entity)
     np.testing.assert_allclose(old.score, expected.score, rtol=1e-12)
 
@@ -626,7 +627,7 @@ def test_trainer_writes_each_sensors_input_scaler_from_its_fit_rows(artifact, tm
     fit rows, then by one second stage over all of them, folded into one mean / std per
     sensor; scoring a sensor's windows uses its row, an unseen sensor the global one."""
     root, manifest, entities = artifact
-    assert manifest.schema_version == 3
+    assert manifest.schema_version == 3  # per-sensor scalers; no long-term term (4)
     assert list(manifest.scaler_per_sensor) == [e.name for e in entities]
     fits = [e.train[: int(round(len(e.train) * (1 - CFG.val_fraction)))].astype(np.float64)
             for e in entities]
@@ -668,20 +669,23 @@ def test_trainer_writes_each_sensors_input_scaler_from_its_fit_rows(artifact, tm
     from numpy.lib.stride_tricks import sliding_window_view
 
     from stream_detector.offline import stream_rows
-    from stream_detector.scoring import ScoreFunction, smooth
+    from stream_detector.scoring import ScoreFunction, smooth, with_long_term
 
     data, _ = stream_rows(e, manifest.window)
     wins = np.ascontiguousarray(sliding_window_view(data, manifest.window, axis=0)
                                 .transpose(0, 2, 1))
     fn = ScoreFunction(manifest.score)
     mine = fn(*scorer.errors(wins, np.full(len(wins), 2)), fn.row(e.name)).score
-    np.testing.assert_array_equal(ref.score, smooth(mine, manifest.score.smoothing))
+    np.testing.assert_array_equal(ref.score, with_long_term(
+        smooth(mine, manifest.score.smoothing), mine, manifest.thresholds.for_sensor(e.name),
+        manifest.score.long_term, e.name))
 
     # global: no per-sensor scalers, the fit rows' mean / std; a sensor with fewer fit rows
     # than min_sensor_windows gets none either
     g = train(entities, dataclasses.replace(CFG, epochs=1, input_scaling="global"),
               tmp_path / "g")
     assert g.scaler_per_sensor == {} and g.scaler_row(entities[0].name) == 0
+    assert g.score.long_term is None
     assert g.schema_version == 2  # builds that read only 1 and 2 can serve it
     np.testing.assert_allclose(g.scaler_mean, gm, rtol=1e-12)
     few = [entities[0], dataclasses.replace(entities[1], train=entities[1].train[:100])]
@@ -840,3 +844,65 @@ def test_checksum_valid_but_unloadable_or_mismatched_model_is_refused(artifact, 
 
 def test_artifact_errors_are_package_errors() -> None:
     assert issubclass(ArtifactError, StreamDetectorError)
+
+
+def test_trainer_calibrates_the_long_term_term_on_every_validation_row(artifact,
+                                                                       tmp_path) -> None:
+    """long_term_alpha > 0 (off by default): score.long_term holds per sensor the mean of its
+    clipped validation window scores (start) and the quantile of the level started there
+    (level), over one window per validation row, the first W - 1 reaching back into the fit
+    rows, as a replay scores every test row; recomputed here with the TorchScript model. The
+    network, scales and thresholds are those of the same training without the term."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    from stream_detector.offline import stream_rows
+    from stream_detector.scoring import ScoreFunction, long_term, smooth, with_long_term
+
+    base_root, base, entities = artifact
+    assert base.score.long_term is None and CFG.long_term_alpha == 0.0
+    root = tmp_path / "lt"
+    manifest = train(entities, dataclasses.replace(CFG, long_term_alpha=0.05), root,
+                     dataset="synthetic")
+    assert manifest.schema_version == 4  # older builds would score without the term
+    assert manifest.sha256 == base.sha256 and manifest.thresholds == base.thresholds
+    assert dataclasses.replace(manifest.score, long_term=None) == base.score
+    assert manifest.model_version != base.model_version  # other scores, other alert ids
+    lt = manifest.score.long_term
+    assert lt is not None and lt.alpha == 0.05
+    assert lt.quantile == CFG.long_term_q == 0.995
+    assert set(lt.per_sensor) == {e.name for e in entities}
+    scorer, fn, w = TorchScorer.load(root), ScoreFunction(manifest.score), manifest.window
+    levels, clipped = [], []
+    for e in entities:
+        cut = int(round(len(e.train) * (1 - CFG.val_fraction)))
+        rows = e.train[cut - (w - 1):]
+        wins = np.ascontiguousarray(sliding_window_view(rows, w, axis=0).transpose(0, 2, 1))
+        assert len(wins) == len(e.train) - cut  # one per validation row
+        raw = fn(*scorer.errors(wins, np.full(len(wins), manifest.scaler_row(e.name))),
+                 fn.row(e.name)).score
+        thr = manifest.thresholds.for_sensor(e.name)
+        own = lt.per_sensor[e.name]
+        assert own["start"] == pytest.approx(np.minimum(raw, thr).mean(), rel=1e-4)
+        level = long_term(raw, thr, lt.alpha, own["start"])
+        assert own["level"] == pytest.approx(np.quantile(level, lt.quantile), rel=1e-4)
+        levels.append(level)
+        clipped.append(np.minimum(raw, thr))
+    assert lt.start == pytest.approx(np.concatenate(clipped).mean(), rel=1e-4)
+    assert lt.level == pytest.approx(np.quantile(np.concatenate(levels), lt.quantile), rel=1e-4)
+    # offline scoring adds the term to the smoothed scores of the same network
+    for e in entities:
+        with_lt = batch_score(scorer, manifest, e)
+        plain = batch_score(TorchScorer.load(base_root), base, e)
+        np.testing.assert_array_equal(with_lt.reconstruction, plain.reconstruction)
+        thr = manifest.thresholds.for_sensor(e.name)
+        data, _ = stream_rows(e, w)
+        wins = np.ascontiguousarray(sliding_window_view(data, w, axis=0).transpose(0, 2, 1))
+        raw = fn(*scorer.errors(wins, np.full(len(wins), manifest.scaler_row(e.name))),
+                 fn.row(e.name)).score
+        np.testing.assert_array_equal(with_lt.score, with_long_term(
+            smooth(raw, manifest.score.smoothing), raw, thr, lt, e.name))
+        assert (with_lt.score > plain.score).any() and (with_lt.score >= plain.score).all()
+    with pytest.raises(ValueError, match=r"long_term_alpha must be in \[0, 1\]"):
+        TrainConfig(long_term_alpha=1.5)
+    with pytest.raises(ValueError, match=r"long_term_q must be in \[0.5, 1\)"):
+        TrainConfig(long_term_q=1.0)

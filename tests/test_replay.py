@@ -94,16 +94,21 @@ def test_replay_synthetic_from_scratch(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.data
-@pytest.mark.parametrize(("dataset", "folder", "entities"), [
-    ("smd", "smd", "machine-1-1,machine-2-1"),       # 2 real SMD machines
-    ("smap", "smap_msl", "P-1,S-1,E-1,E-2,A-1"),     # 5 real SMAP channels
+@pytest.mark.parametrize(("dataset", "folder", "entities", "options"), [
+    # 2 real SMD machines, with the long-term score term (off by default): the streamed
+    # scores, the term included, equal the offline ones (the report's parity check)
+    ("smd", "smd", "machine-1-1,machine-2-1", ["--set", "long_term_alpha=0.05"]),
+    ("smap", "smap_msl", "P-1,S-1,E-1,E-2,A-1", []),     # 5 real SMAP channels
 ])
-def test_replay_real_data(dataset: str, folder: str, entities: str, tmp_path: Path) -> None:
+def test_replay_real_data(dataset: str, folder: str, entities: str, options: list[str],
+                          tmp_path: Path) -> None:
     data = shared_dataset(folder)
     art, out = tmp_path / "art", tmp_path / "report"
     t = _cli("train", "--dataset", dataset, "--data-dir", str(data), "--entities", entities,
-             "--out", str(art), "--quick")
+             "--out", str(art), "--quick", *options)
     assert t.returncode == 0, t.stderr[-3000:]
+    if options:
+        assert json.loads((art / "manifest.json").read_text())["score"]["long_term"]
     r = _cli("replay", "--dataset", dataset, "--data-dir", str(data), "--entities", entities,
              "--artifact", str(art), "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]

@@ -46,6 +46,8 @@ def content_digest(model: torch.nn.Module, manifest: Manifest) -> str:
                 if k in ("features", "window", "network", "scaler_mean", "scaler_std", "clip",
                          "score", "thresholds")
                 or (k == "scaler_per_sensor" and v)}  # absent when empty: versions kept
+    if settings["score"].get("long_term") is None:  # likewise without a long-term term
+        settings["score"].pop("long_term", None)
     h.update(orjson.dumps(settings, option=orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY))
     return h.hexdigest()
 
