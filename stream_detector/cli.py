@@ -79,7 +79,16 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{len(manifest.training['history'])} epochs "
           f"({manifest.training['stopped_by'].replace('_', ' ')})")
     print(f"input scaling: {_scaling(manifest)}")
+    print(f"long-term term: {_long_term(manifest)}")
     return 0
+
+
+def _long_term(manifest: Any) -> str:
+    lt = manifest.score.long_term
+    if lt is None:
+        return "off (--set long_term_alpha=0.05 adds it; docs/evaluation.md)"
+    return (f"alpha {lt.alpha:g}, own figures for {len(lt.per_sensor)} sensor(s) (schema 4: "
+            "builds before it refuse the artifact)")
 
 
 def _scaling(manifest: Any) -> str:
@@ -180,6 +189,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"artifact ok: {settings.artifact_dir} model_version={m.model_version} "
           f"features={m.n_features} window={m.window}")
     print(f"input scaling: {_scaling(m)}")
+    print(f"long-term term: {_long_term(m)}")
     if args.broker:
         return check_broker(settings)
     return 0

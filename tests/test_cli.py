@@ -124,6 +124,7 @@ def quick_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert "model_version" in r.stdout
     assert "input scaling: per sensor for 2 training sensor(s)" in r.stdout
     assert "which the network was also trained on (fleet_view)" in r.stdout
+    assert "long-term term: off" in r.stdout
     return out
 
 

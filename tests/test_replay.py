@@ -109,6 +109,7 @@ def test_replay_real_data(dataset: str, folder: str, entities: str, options: lis
     assert t.returncode == 0, t.stderr[-3000:]
     if options:
         assert json.loads((art / "manifest.json").read_text())["score"]["long_term"]
+        assert "long-term term: alpha 0.05, own figures for 2 sensor(s)" in t.stdout
     r = _cli("replay", "--dataset", dataset, "--data-dir", str(data), "--entities", entities,
              "--artifact", str(art), "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
