@@ -326,7 +326,6 @@ def run_replay(opts: ReplayOptions) -> ReplayReport:
         where = opts.bootstrap_servers or "the embedded broker"
         raise ReplayError(f"Kafka error talking to {where}: {exc}") from None
     t0 = stream_result["t0_ms"]
-    k_smooth = max(1, int(manifest.score.smoothing))
 
     # offline reference and parity
     rows: list[dict[str, Any]] = []
@@ -345,10 +344,12 @@ def run_replay(opts: ReplayOptions) -> ReplayReport:
         missing = int(np.isnan(s_stream).sum())
         if missing:
             raise ReplayError(f"{e.name}: {missing} test rows never got a score")
-        # a sensor the running consumer already knew (an earlier replay): its first k - 1
-        # smoothed scores also average windows before this run, which the offline reference
-        # cannot know; both error terms are still compared on every row
-        skip = k_smooth - 1 if stream_result["earlier_state"][i] else 0
+        # a sensor the running consumer already knew (an earlier replay): its first scores
+        # also depend on windows before this run (k - 1 smoothed ones; more with a long-term
+        # term), which the offline reference cannot know; both error terms are still compared
+        # on every row
+        skip = (_carried_over(manifest, e.name, opts.max_parity_error)
+                if stream_result["earlier_state"][i] else 0)
         err = float(max(np.abs(s_stream[skip:] - ref.score[skip:]).max(initial=0.0),
                         np.abs(rec[off:] - ref.reconstruction).max(initial=0.0),
                         np.abs(fc[off:] - ref.forecast).max(initial=0.0)))
@@ -417,6 +418,24 @@ def _ensure_artifact(opts: ReplayOptions, artifact: Path) -> None:
     log.info("training the artifact first", dataset=opts.dataset, out=str(artifact))
     train(load_dataset(opts.dataset, opts.data_dir, opts.entities),
           TrainConfig(progress=opts.progress), artifact, dataset=opts.dataset)
+
+
+def _carried_over(manifest: Any, sensor: str, limit: float) -> int:
+    """Test rows whose score, for a sensor the running consumer already knew, can differ from
+    a fresh start's by more than ``limit``: the first ``smoothing - 1`` (their mean reaches
+    back), or with a long-term term those before its earlier level has faded below ``limit``
+    (:func:`~stream_detector.detector.converged_after`)."""
+    from stream_detector.detector import converged_after
+    from stream_detector.scoring import long_term_gain
+
+    rows = max(1, int(manifest.score.smoothing)) - 1
+    lt = manifest.score.long_term
+    if lt is None:
+        return rows
+    thr = manifest.thresholds.for_sensor(sensor)
+    start, level = lt.for_sensor(sensor)
+    return max(rows, converged_after(lt.alpha, start, thr, long_term_gain(thr, level, start),
+                                     max(limit, 1e-12) / thr))
 
 
 def _stream(opts: ReplayOptions, manifest: Any, scorer: Any, names: list[str],
@@ -730,9 +749,12 @@ def _markdown(opts: ReplayOptions, rows: list[dict[str, Any]], s: dict[str, Any]
         lines.append(
             f"- {s['sensors_with_earlier_state']} sensors already had state in the running "
             "consumer (an earlier replay)"
-            + (f": their first {k - 1} smoothed scores also average earlier windows and are "
-               "left out of the score parity (both error terms are compared on every row)"
-               if k > 1 else ""))
+            + (": their first scores also depend on earlier windows and are left out of the "
+               "score parity (" + (f"{k - 1} smoothed ones" if manifest.score.long_term is None
+                                   else "until the long-term term's earlier level has faded "
+                                        "below the limit")
+               + "; both error terms are compared on every row)"
+               if k > 1 or manifest.score.long_term is not None else ""))
     lines += [
         "",
         "Metrics are computed on the streamed scores. best-F1 and AUC-PR use no point "

@@ -33,11 +33,12 @@ def tiny_entities(n: int = 3, rows: int = 600, seed: int = 0) -> list[Entity]:
     return out
 
 
-def train_tiny(out_dir: Path) -> Path:
+def train_tiny(out_dir: Path, **options: float) -> Path:
     from stream_detector.train import TrainConfig, train
 
     cfg = TrainConfig(window=8, hidden=16, epochs=3, max_windows_per_epoch=3000,
-                      batch_size=128, progress=False, smoothing=2, threshold_q=0.999)
+                      batch_size=128, progress=False, smoothing=2, threshold_q=0.999,
+                      **options)  # type: ignore[arg-type]
     train(tiny_entities(), cfg, out_dir, dataset="tiny")
     return out_dir
 

@@ -253,18 +253,30 @@ def test_first_timestamp_starts_after_earlier_readings() -> None:
     assert first_timestamp({"a": T0_MS + 5_000}, now) == 1_800_000_000_000
 
 
+@pytest.fixture(scope="module")
+def tiny_long_term_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny artifact trained with the long-term score term."""
+    from tests.kafka_helpers import train_tiny
+
+    return train_tiny(tmp_path_factory.mktemp("tiny-lt") / "art", long_term_alpha=0.05)
+
+
+@pytest.mark.parametrize("long_term", [False, True])
 def test_replay_twice_into_one_running_consumer(kafka_broker, make_topic, tiny_artifact: Path,
+                                                tiny_long_term_artifact: Path, long_term: bool,
                                                 tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """``--bootstrap-servers`` twice against the same long-lived consumer: both runs are fully
-    scored with parity (the second used to be rejected as late, then time out)."""
+    scored with parity (the second used to be rejected as late, then time out). With a
+    long-term term the second run's first scores carry run 1's level, which fades: left out
+    of the parity until it is below the limit (they failed it)."""
     import stream_detector.datasets
     from stream_detector.consumer import DetectorService
     from stream_detector.model.runtime import TorchScorer
     from stream_detector.replay import ReplayOptions, run_replay
     from tests.kafka_helpers import settings_for, tiny_entities
 
-    art = tiny_artifact
+    art = tiny_long_term_artifact if long_term else tiny_artifact
     bs = kafka_broker.bootstrap_servers
     topics = {"input": make_topic(partitions=2), "alerts": make_topic(), "scores": make_topic(),
               "dlq": make_topic(), "group": f"g-{time.time_ns()}"}
@@ -292,8 +304,18 @@ def test_replay_twice_into_one_running_consumer(kafka_broker, make_topic, tiny_a
     # parity checked here, not taken from the report: run 1 on every row; run 2 continues the
     # consumer's sensor state, so its first k - 1 smoothed scores also average run 1's windows
     _assert_streamed_equals_offline(reports[0], art, entities)
-    _assert_streamed_equals_offline(reports[1], art, entities,
-                                    skip=int(scorer.manifest.score.smoothing) - 1)
+    if not long_term:
+        _assert_streamed_equals_offline(reports[1], art, entities,
+                                        skip=int(scorer.manifest.score.smoothing) - 1)
+    else:  # run 1's level in run 2's first scores, gone by the last 100 rows
+        from stream_detector.offline import batch_score
+
+        assert scorer.manifest.score.long_term is not None
+        first = [abs(reports[1].data[e.name]["score"][0]
+                     - batch_score(scorer, scorer.manifest, e).score[0]) for e in entities]
+        assert max(first) > 1e-4
+        _assert_streamed_equals_offline(reports[1], art, entities,
+                                        skip=min(len(e.test) for e in entities) - 100)
     s1, s2 = reports[0].summary, reports[1].summary
     n_stream = max(len(e.test) for e in entities) + scorer.manifest.window - 1
     assert s2["t0_ms"] >= s1["t0_ms"] + n_stream * 1000  # after every reading of run 1
