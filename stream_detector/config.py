@@ -271,7 +271,7 @@ class DetectorSettings(_Group):
     )
     top_features: int = Field(5, ge=1, le=64, description="Contributing features named per alert.")
     long_term_tolerance: float = Field(
-        1e-4, gt=0, le=1,
+        1e-4, ge=1e-9, le=1,
         description="After a restart or rebalance, a rebuilt sensor counts as exact once its "
         "long-term score term can differ from an uninterrupted consumer's by at most this "
         "fraction of its threshold (the term forgets its start geometrically: about 200 "

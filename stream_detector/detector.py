@@ -65,6 +65,11 @@ class Scorer(Protocol):
     def errors(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
+#: :func:`converged_after` for a term that never gets within the tolerance (rounding alone
+#: exceeds it, or ``alpha`` is so small that the count would not fit)
+NEVER_EXACT = 2 ** 40
+
+
 def converged_after(alpha: float, start: float, threshold: float, gain: float,
                     tolerance: float) -> int:
     """Windows after which a sensor's long-term term, started at ``start`` here, is within
@@ -72,12 +77,18 @@ def converged_after(alpha: float, start: float, threshold: float, gain: float,
     earlier point: both levels lie in ``[0, max(start, threshold)]`` (averages of scores
     clipped at the threshold), each window shrinks their difference by ``1 - alpha``, and the
     term is the level times ``gain`` (:func:`~stream_detector.scoring.long_term_gain`)."""
+    # rounding: two levels that agree to a few units in the last place can stay that far
+    # apart (alpha times their difference rounds away), which the gain scales up
+    slack = gain * max(start, threshold) * 2.0 ** -52 * (1 / alpha + 2)
+    room = tolerance * threshold - slack
+    if room <= 0:
+        return NEVER_EXACT
+    spread = max(start, threshold) * gain
+    if spread <= room:
+        return 0
     if alpha >= 1:
         return 1
-    spread = max(start, threshold) * gain
-    if spread <= tolerance * threshold:
-        return 0
-    return math.ceil(math.log(tolerance * threshold / spread) / math.log1p(-alpha))
+    return min(NEVER_EXACT, math.ceil(math.log(room / spread) / math.log1p(-alpha)))
 
 
 class _InFlight:

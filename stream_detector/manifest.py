@@ -159,7 +159,15 @@ class Manifest:
         return np.asarray(means, dtype=np.float32), inv
 
     def to_json(self) -> bytes:
-        return orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
+        """The manifest's JSON. Fields a schema added are left out when unused (no long-term
+        term, no per-sensor scalers), so a build that predates them reads the artifact: the
+        trainer writes the lowest schema version that holds it for that reason."""
+        data = asdict(self)
+        if data["score"].get("long_term") is None:
+            data["score"].pop("long_term", None)
+        if not data.get("scaler_per_sensor"):
+            data.pop("scaler_per_sensor", None)
+        return orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Manifest:
@@ -288,19 +296,11 @@ class Manifest:
             if not (np.isfinite(lt.quantile) and 0 < lt.quantile < 1):
                 raise ArtifactError(f"manifest score.long_term.quantile must be in (0, 1), "
                                     f"got {lt.quantile}")
-            # start >= 0 (a mean of clipped scores); level > 0 (it divides)
-            _finite("score.long_term.start", (lt.start,))
-            if lt.start < 0:
-                raise ArtifactError(f"manifest score.long_term.start must be >= 0, "
-                                    f"got {lt.start}")
-            _above("score.long_term", lt.level, lt.start)
+            # start >= 0 (a mean of clipped scores); level > start (their difference divides)
+            _start_level("score.long_term", lt.start, lt.level)
             for sensor, own in lt.per_sensor.items():
-                where = f"score.long_term.per_sensor[{sensor!r}]"
-                _finite(f"{where}.start", (own["start"],))
-                if own["start"] < 0:
-                    raise ArtifactError(f"manifest {where}.start must be >= 0, "
-                                        f"got {own['start']}")
-                _above(where, own["level"], own["start"])
+                _start_level(f"score.long_term.per_sensor[{sensor!r}]", own["start"],
+                             own["level"])
 
 
 def _long_term(raw: Any) -> LongTermSpec | None:
@@ -314,18 +314,23 @@ def _long_term(raw: Any) -> LongTermSpec | None:
     out: dict[str, Any] = {}
     for key in ("alpha", "quantile", "start", "level"):
         out[key] = _num(f"score.long_term.{key}", _key("score.long_term", lt, key))
-    out["per_sensor"] = {
-        str(name): {k: _num(f"score.long_term.per_sensor[{name!r}].{k}",
-                            _key(f"score.long_term.per_sensor[{name!r}]", own, k))
-                    for k in ("start", "level")}
-        for name, own in _obj("score.long_term.per_sensor",
-                              _or_empty(lt.get("per_sensor"))).items()
-    }
+    per_sensor = {}
+    for name, own in _obj("score.long_term.per_sensor",
+                          _or_empty(lt.get("per_sensor"))).items():
+        where = f"score.long_term.per_sensor[{name!r}]"
+        extra = set(_obj(where, own)) - {"start", "level"}
+        if extra:
+            raise ArtifactError(f"manifest {where} has unknown fields {sorted(extra)}")
+        per_sensor[str(name)] = {k: _num(f"{where}.{k}", _key(where, own, k))
+                                 for k in ("start", "level")}
+    out["per_sensor"] = per_sensor
     return LongTermSpec(**out)
 
 
-def _above(path: str, level: float, start: float) -> None:
-    """``level`` finite and above ``start`` (their difference divides)."""
+def _start_level(path: str, start: float, level: float) -> None:
+    """``start`` finite and >= 0; ``level`` finite and above it (their difference divides)."""
+    if not (np.isfinite(start) and start >= 0):
+        raise ArtifactError(f"manifest {path}.start must be finite and >= 0, got {start}")
     if not (np.isfinite(level) and level > start):
         raise ArtifactError(f"manifest {path}.level must be finite and above {path}.start "
                             f"({start}), got {level}")

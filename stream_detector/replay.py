@@ -434,8 +434,10 @@ def _carried_over(manifest: Any, sensor: str, limit: float) -> int:
         return rows
     thr = manifest.thresholds.for_sensor(sensor)
     start, level = lt.for_sensor(sensor)
+    # converged_after is NEVER_EXACT (every row left out) for a limit below what rounding
+    # lets the term reach, e.g. 0
     return max(rows, converged_after(lt.alpha, start, thr, long_term_gain(thr, level, start),
-                                     max(limit, 1e-12) / thr))
+                                     limit / thr))
 
 
 def _stream(opts: ReplayOptions, manifest: Any, scorer: Any, names: list[str],

@@ -142,14 +142,17 @@ def with_long_term(short: np.ndarray, raw: np.ndarray, threshold: float, spec: L
 
 
 def fit_long_term(raw: dict[str, np.ndarray], thresholds: dict[str, float], alpha: float,
-                  q: float, min_windows: int) -> LongTermSpec:
+                  q: float, min_windows: int, default_threshold: float) -> LongTermSpec:
     """Fit the long-term term on validation scores (no labels): ``raw[sensor]``, the sensor's
-    raw window scores in time order; ``thresholds[sensor]``, its threshold.
+    raw window scores in time order; ``thresholds[sensor]``, its threshold;
+    ``default_threshold``, the threshold of sensors without their own.
 
     ``start``: the mean of the sensor's clipped scores; ``level``: the ``q`` quantile of ``L``
-    over its validation windows, with ``L`` started at ``start`` as a consumer starts a sensor
-    (kept above ``start``: a sensor whose clipped scores never varied gets a level a hair
-    above it).
+    over its validation windows, with ``L`` started at ``start`` as a consumer starts a sensor,
+    and at least ``start + alpha * threshold``: from its usual level no single window can
+    raise the term to the threshold (one window moves ``L`` by less than ``alpha *
+    threshold``), however little ``L`` varied on validation (a channel whose validation
+    scores were constant would otherwise alert on the smallest rise).
     Sensors with fewer than ``min_windows`` windows get the figures of all sensors together
     (the mean of all clipped scores; the quantile of all sensors' ``L``), as does a sensor
     unseen in training."""
@@ -166,14 +169,16 @@ def fit_long_term(raw: dict[str, np.ndarray], thresholds: dict[str, float], alph
     levels = {n: long_term(raw[n], thresholds[n], alpha, starts[n]) for n in raw}
     pooled = float(np.quantile(np.concatenate(list(levels.values())), q))
 
-    def above(level: float, start: float) -> float:
-        return max(level, start * (1 + 1e-9) + EPS)
+    def above(level: float, start: float, threshold: float) -> float:
+        return max(level, start + alpha * threshold)
 
     per_sensor = {n: {"start": starts[n],
-                      "level": above(float(np.quantile(levels[n], q)), starts[n])}
+                      "level": above(float(np.quantile(levels[n], q)), starts[n],
+                                     thresholds[n])}
                   for n in raw if own[n]}
     return LongTermSpec(alpha=float(alpha), quantile=float(q), start=start_all,
-                        level=above(pooled, start_all), per_sensor=per_sensor)
+                        level=above(pooled, start_all, default_threshold),
+                        per_sensor=per_sensor)
 
 
 def fit_threshold(

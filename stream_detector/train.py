@@ -407,7 +407,10 @@ def train(
             {name: np.concatenate([b_raw[bridge.owner == i], raw[val.owner == i]])
              for i, name in enumerate(names)},
             {name: thresholds.for_sensor(name) for name in names},
-            cfg.long_term_alpha, cfg.long_term_q, cfg.min_sensor_windows))
+            # own figures where the sensor has its own threshold's count of windows (the
+            # validation split's, W - 1 fewer than these)
+            cfg.long_term_alpha, cfg.long_term_q, cfg.min_sensor_windows + cfg.window - 1,
+            default))
     manifest = Manifest(
         # the lowest schema that holds the artifact, so older builds serve what they can:
         # 4 with a long-term term, 3 with per-sensor input scalers

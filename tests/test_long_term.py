@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from stream_detector.config import DetectorSettings
-from stream_detector.detector import Detector, converged_after
+from stream_detector.detector import NEVER_EXACT, Detector, converged_after
 from stream_detector.errors import ArtifactError
 from stream_detector.manifest import LongTermSpec, Manifest
 from stream_detector.scoring import (
@@ -66,23 +66,30 @@ def test_fit_long_term_by_hand() -> None:
     a = np.array([0.5, 3.0, 0.5, 0.5])  # clipped at 1: mean 0.625
     b = np.array([2.0, 2.0])  # too few windows for its own figures
     spec = fit_long_term({"a": a, "b": b}, {"a": 1.0, "b": 4.0}, alpha=0.5, q=0.75,
-                         min_windows=3)
-    assert spec.start == pytest.approx((0.5 + 1 + 0.5 + 0.5 + 2 + 2) / 6)
+                         min_windows=3, default_threshold=0.2)
+    assert spec.start == pytest.approx((0.5 + 1 + 0.5 + 0.5 + 2 + 2) / 6)  # 1.0833
     assert list(spec.per_sensor) == ["a"]
     own = spec.per_sensor["a"]
     assert own["start"] == pytest.approx(0.625)
     la = long_term(a, 1.0, 0.5, 0.625)  # 0.5625, 0.78125, 0.640625, 0.5703125
     np.testing.assert_allclose(la, [0.5625, 0.78125, 0.640625, 0.5703125])
-    assert own["level"] == pytest.approx(np.quantile(la, 0.75))  # 0.67578125
-    lb = long_term(b, 4.0, 0.5, spec.start)  # b starts at the pooled start
-    assert spec.level == pytest.approx(np.quantile(np.concatenate([la, lb]), 0.75))
+    # the 0.75 quantile, 0.67578125, is below start + alpha x threshold = 1.125: the floor
+    assert np.quantile(la, 0.75) == pytest.approx(0.67578125)
+    assert own["level"] == pytest.approx(1.125)
+    lb = long_term(b, 4.0, 0.5, spec.start)  # b starts at the pooled start: 1.5417, 1.7708
+    pooled = np.quantile(np.concatenate([la, lb]), 0.75)  # 1.3516, above 1.0833 + 0.5 x 0.2
+    assert pooled > spec.start + 0.1 and spec.level == pytest.approx(pooled)
     assert spec.for_sensor("a") == (own["start"], own["level"])
     assert spec.for_sensor("b") == spec.for_sensor("never-seen") == (spec.start, spec.level)
-    # a quantile at or below the start (scores that never varied): a level a hair above it
-    flat = fit_long_term({"c": np.full(5, 0.5)}, {"c": 1.0}, alpha=0.5, q=0.75, min_windows=3)
-    assert flat.per_sensor["c"]["start"] == 0.5 < flat.per_sensor["c"]["level"] < 0.5 + 1e-8
+    # scores that never varied: the level is the floor, so the term stays finite and one
+    # window cannot reach the threshold from the usual level
+    flat = fit_long_term({"c": np.full(5, 0.5)}, {"c": 1.0}, alpha=0.05, q=0.75,
+                         min_windows=3, default_threshold=1.0)
+    assert flat.per_sensor["c"] == {"start": 0.5, "level": pytest.approx(0.55)}
+    one = long_term(np.array([1e9]), 1.0, 0.05, 0.5)  # one window at the clip
+    assert long_term_term(one, 1.0, 0.5, 0.55)[0] < 1.0
     with pytest.raises(ValueError, match="zero sensors"):
-        fit_long_term({}, {}, 0.5, 0.5, 3)
+        fit_long_term({}, {}, 0.5, 0.5, 3, 1.0)
 
 
 @pytest.mark.parametrize("k", [1, 4])
@@ -152,6 +159,9 @@ def test_converged_after_by_hand() -> None:
         math.log(1e-4 / 6.0) / math.log(0.95))  # a start above the threshold
     assert converged_after(1.0, 0.1, 1.0, 2.0, 1e-4) == 1
     assert converged_after(0.05, 0.1, 1.0, 1e-5, 1e-4) == 0
+    # a tolerance below what rounding allows (0), or an alpha too small to count: never
+    assert converged_after(0.05, 0.1, 1.0, 2.0, 0.0) == NEVER_EXACT
+    assert converged_after(1e-30, 0.1, 1.0, 2.0, 1e-4) == NEVER_EXACT
 
 
 def test_a_later_start_converges_to_the_uninterrupted_scores_within_the_tolerance() -> None:
@@ -213,7 +223,7 @@ def test_manifest_round_trip_and_refusals() -> None:
         ({"alpha": 0.0}, r"long_term.alpha must be in \(0, 1\]"),
         ({"alpha": 1.5}, r"long_term.alpha must be in \(0, 1\]"),
         ({"quantile": 1.0}, r"long_term.quantile must be in \(0, 1\)"),
-        ({"start": -1.0}, "long_term.start must be >= 0"),
+        ({"start": -1.0}, "long_term.start must be finite and >= 0, got -1.0"),
         ({"level": 0.3}, r"long_term.level must be finite and above score.long_term.start"),
         ({"level": float("nan")}, "long_term.level must be finite and above"),
         ({"per_sensor": {"x": {"start": 0.1, "level": 0.05}}},
@@ -221,6 +231,9 @@ def test_manifest_round_trip_and_refusals() -> None:
         ({"per_sensor": {"x": {"start": 0.1}}}, r"long_term.per_sensor\['x'\] has no 'level'"),
         ({"level": "high"}, "long_term.level must be a number"),
         ({"beta": 1}, r"long_term has unknown fields \['beta'\]"),
+        ({"per_sensor": {"x": {"start": 0.1, "level": 0.5, "lvl": 2}}},
+         r"long_term.per_sensor\['x'\] has unknown fields \['lvl'\]"),
+        ({"start": float("inf")}, r"long_term.start must be finite and >= 0, got inf"),
     ]
     for change, message in cases:
         with pytest.raises(ArtifactError, match=message):
@@ -230,4 +243,25 @@ def test_manifest_round_trip_and_refusals() -> None:
     with pytest.raises(ArtifactError, match="long_term has no 'level'"):
         Manifest.from_dict(raw)
     raw["score"]["long_term"] = None  # no long-term term
-    assert Manifest.from_dict(raw).score.long_term is None
+    plain = Manifest.from_dict(raw)
+    assert plain.score.long_term is None
+    # written without the key, and without empty per-sensor scalers: builds that predate
+    # them read such an artifact (they refuse unknown fields)
+    out = orjson.loads(plain.to_json())
+    assert "long_term" not in out["score"] and "scaler_per_sensor" not in out
+    assert Manifest.from_dict(out) == plain
+    assert "long_term" in orjson.loads(m.to_json())["score"]
+
+
+def test_replay_parity_leaves_out_the_carried_over_rows_of_a_known_sensor() -> None:
+    from stream_detector.replay import _carried_over
+
+    manifest = _lt_manifest(smoothing=4)
+    thr = manifest.thresholds.for_sensor("s1")
+    start, level = manifest.score.long_term.for_sensor("s1")
+    expect = converged_after(0.05, start, thr, long_term_gain(thr, level, start), 1e-4 / thr)
+    assert _carried_over(manifest, "s1", 1e-4) == expect > 3
+    assert _carried_over(manifest, "s1", 0.0) == NEVER_EXACT  # every row left out
+    plain = dataclasses.replace(manifest, score=dataclasses.replace(manifest.score,
+                                                                    long_term=None))
+    assert _carried_over(plain, "s1", 0.0) == 3  # smoothing 4: k - 1 rows
