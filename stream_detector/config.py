@@ -272,11 +272,12 @@ class DetectorSettings(_Group):
     top_features: int = Field(5, ge=1, le=64, description="Contributing features named per alert.")
     long_term_tolerance: float = Field(
         1e-4, ge=1e-9, le=1,
-        description="After a restart or rebalance, a rebuilt sensor counts as exact once its "
-        "long-term score term can differ from an uninterrupted consumer's by at most this "
-        "fraction of its threshold (the term forgets its start geometrically: about 200 "
-        "windows for the default, each tenfold smaller adds about 45). Artifacts without a "
-        "long-term term ignore it (docs/messages.md).",
+        description="Only for artifacts trained with the long-term score term (long_term_alpha "
+        "> 0, off by default); others ignore it. After a restart or rebalance, a rebuilt sensor "
+        "counts as exact once its long-term term can differ from an uninterrupted consumer's "
+        "by at most this fraction of its threshold (the term forgets its start geometrically: "
+        "at 1e-4 and alpha 0.05, 186-238 windows on the shipped datasets; each tenfold smaller "
+        "adds about 45) (docs/messages.md).",
     )
     max_sensors: int = Field(
         200_000, ge=1, description="Hard cap on tracked sensors (memory guard)."
@@ -324,7 +325,8 @@ class ServiceSettings(_Group):
         10_000, ge=0, le=100_000_000,
         description="Records re-read per assigned partition to rebuild windows, smoothing and "
         "alert state: sensors per partition x (window + smoothing) readings covers every "
-        "sensor's window in one pass. The rebuild doubles it while a sensor's alert state is "
+        "sensor's window in one pass (sensors x 265 with a long-term artifact). The rebuild "
+        "doubles it while a sensor's alert state is "
         "not yet exact, up to SD_SERVICE__REBUILD_MAX_LOOKBACK (docs/messages.md).",
     )
     rebuild_max_lookback: int = Field(

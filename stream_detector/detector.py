@@ -651,7 +651,8 @@ class Detector:
     def _count_calm(self, sl: np.ndarray, smoothed: np.ndarray, thr: np.ndarray,
                     full: np.ndarray) -> None:
         """Advance each inexact sensor's run of calm windows (see :meth:`inexact`): fully
-        smoothed (``full``, from :meth:`_smooth`) and below ``clear_ratio * threshold``.
+        smoothed and, with a long-term term, past its convergence count (``full``, from
+        :meth:`_scores`), and below ``clear_ratio * threshold``.
         The arguments hold every window of this batch of those sensors, in order."""
         need, calm = self._hyst.clear_after, self._calm
         with np.errstate(divide="ignore", invalid="ignore"):

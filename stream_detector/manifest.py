@@ -47,8 +47,9 @@ class LongTermSpec:
     becomes ``max(short, q_s * (L - start) / (level - start))``: the short-term score (the mean
     of the last ``smoothing`` window scores), or the long-term level expressed in the same
     units, about 0 at the sensor's usual level and reaching the threshold exactly when ``L``
-    reaches ``level``, the ``quantile`` of ``L`` on the sensor's validation windows (``level``
-    > ``start``). Thresholds and alert levels keep their meaning.
+    reaches ``level``, the ``quantile`` of ``L`` on the sensor's validation windows (at least
+    ``start + alpha * threshold``). The thresholds are those of the short-term score (not
+    refitted with the term).
 
     ``per_sensor``: ``{sensor: {"start": .., "level": ..}}`` for sensors with at least
     ``min_sensor_windows`` validation windows; the others (and sensors unseen in training) get
