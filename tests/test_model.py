@@ -902,6 +902,12 @@ def test_trainer_calibrates_the_long_term_term_on_every_validation_row(artifact,
         np.testing.assert_array_equal(with_lt.score, with_long_term(
             smooth(raw, manifest.score.smoothing), raw, thr, lt, e.name))
         assert (with_lt.score > plain.score).any() and (with_lt.score >= plain.score).all()
+    # own figures exactly where the sensor has its own threshold: 520 train rows give 104
+    # validation rows, 97 validation windows (window 8) < min_sensor_windows (100)
+    few = [entities[0], dataclasses.replace(entities[1], train=entities[1].train[:520])]
+    m2 = train(few, dataclasses.replace(CFG, epochs=1, long_term_alpha=0.05), tmp_path / "few")
+    assert set(m2.thresholds.per_sensor) == set(m2.score.long_term.per_sensor) == {
+        entities[0].name}
     with pytest.raises(ValueError, match=r"long_term_alpha must be in \[0, 1\]"):
         TrainConfig(long_term_alpha=1.5)
     with pytest.raises(ValueError, match=r"long_term_q must be in \[0.5, 1\)"):
