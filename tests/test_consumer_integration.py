@@ -247,6 +247,18 @@ def _event_ids(alerts: list[dict]) -> set[str]:
 @pytest.fixture(scope="module")
 def reference_alerts(kafka_broker, artifact, tmp_path_factory) -> tuple[list, set[str]]:
     """Alerts of an uninterrupted run over a 3-sensor stream (one consumer)."""
+    items, ids, _ = _reference_run(kafka_broker, artifact)
+    return items, ids
+
+
+@pytest.fixture(scope="module")
+def long_term_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_tiny(tmp_path_factory.mktemp("art-lt") / "model", long_term_alpha=0.05)
+
+
+def _reference_run(kafka_broker, artifact: Path) -> tuple[list, set[str], list[dict]]:
+    """Readings, alert event ids and score records of an uninterrupted run over a 3-sensor
+    stream (one consumer)."""
     import uuid
 
     bs = kafka_broker.bootstrap_servers
@@ -263,9 +275,10 @@ def reference_alerts(kafka_broker, artifact, tmp_path_factory) -> tuple[list, se
     read_all(bs, names["scores"], expect=_expected_windows(tiny_entities(), 8))
     service.stop()
     th.join(30)
+    scores = read_all(bs, names["scores"])
     alerts = read_all(bs, names["alerts"])
     assert alerts
-    return items, _event_ids(alerts)
+    return items, _event_ids(alerts), scores
 
 
 @pytest.mark.slow
@@ -360,6 +373,50 @@ def test_a_short_rebuild_look_back_deepens_until_alert_ids_survive_a_restart(
     m = second.metrics
     assert m.rebuild_deepened._value.get() >= 3  # 4 -> 8 -> 16 -> 32 records at least
     assert m.rebuild_inexact._value.get() == 0
+
+
+@pytest.mark.slow
+def test_a_long_term_artifact_rebuilds_its_term_after_a_restart(
+    kafka_broker, topics, long_term_artifact
+) -> None:
+    """The same restart in sensor-0's spike episode with an artifact trained with the
+    long-term term: its successor deepens (from 4 records) until the term has forgotten its
+    start, here to the log's start, so the episode keeps its alert_id, every event is the
+    uninterrupted run's, and every score after the restart is that run's within
+    SD_DETECTOR__LONG_TERM_TOLERANCE x threshold (a consumer that rebuilt the windows and the
+    smoothing only, with the term started afresh, is off by far more)."""
+    art = long_term_artifact
+    items, expected, ref_scores = _reference_run(kafka_broker, art)
+    bs = kafka_broker.bootstrap_servers
+    settings = settings_for(bs, topics, art)
+    scorer = TorchScorer.load(art)
+    assert scorer.manifest.score.long_term is not None
+    window = scorer.manifest.window
+    split = 3 * (window - 1 + 200 + 3)
+    produce_readings(bs, topics["input"], items[:split])
+    first = DetectorService(settings, scorer.manifest, scorer, serve_http=False)
+    th = _run_in_thread(first)
+    read_all(bs, topics["scores"], expect=split - 3 * (window - 1))
+    first.stop()
+    th.join(30)
+    produce_readings(bs, topics["input"], items[split:])
+    second = DetectorService(settings, scorer.manifest, scorer, serve_http=False,
+                             rebuild_lookback=4)
+    th = _run_in_thread(second)
+    n = _expected_windows(tiny_entities(), window)
+    _wait_for(lambda: len({(s["sensor"], s["window_end"]) for s in
+                           read_all(bs, topics["scores"], idle_s=0.5, max_s=5)}) >= n, 120)
+    second.stop()
+    th.join(30)
+    assert not th.is_alive() and second.failure is None
+    assert _event_ids(read_all(bs, topics["alerts"])) == expected
+    assert second.metrics.rebuild_deepened._value.get() >= 5  # to the log's start
+    assert second.metrics.rebuild_inexact._value.get() == 0
+    ref = {(s["sensor"], s["window_end"]): s["score"] for s in ref_scores}
+    tol = settings.detector.long_term_tolerance
+    for s in read_all(bs, topics["scores"]):
+        key = (s["sensor"], s["window_end"])
+        assert abs(s["score"] - ref[key]) <= tol * s["threshold"] + 1e-9, key
 
 
 def test_sigterm_drains_and_exits_zero(kafka_broker, topics, artifact, tmp_path) -> None:
