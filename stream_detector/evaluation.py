@@ -29,6 +29,7 @@ import structlog
 from tqdm.auto import tqdm
 
 from stream_detector.datasets.base import Entity
+from stream_detector.scoring import long_term_words
 
 log = structlog.get_logger(__name__)
 
@@ -186,8 +187,8 @@ def _markdown(dataset: str, manifest: Any, rows: list[dict[str, Any]],
         f"# Evaluation: {dataset}",
         "",
         f"Model `{manifest.model_version}` ({manifest.network.get('encoder', '?')} encoder, "
-        f"window {manifest.window}, {manifest.n_features} features), {len(rows)} entities, "
-        f"{seconds:.0f} s.",
+        f"window {manifest.window}, {manifest.n_features} features, "
+        f"{long_term_words(manifest)}), {len(rows)} entities, {seconds:.0f} s.",
         "",
         "## Mean over entities",
         "",

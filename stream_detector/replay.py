@@ -51,6 +51,7 @@ from stream_detector.datasets.base import Entity
 from stream_detector.errors import StreamDetectorError
 from stream_detector.evaluation import plot_file_name, prepare_out_dir
 from stream_detector.logs import kafka_logger
+from stream_detector.scoring import long_term_words
 
 log = structlog.get_logger(__name__)
 
@@ -731,7 +732,7 @@ def _markdown(opts: ReplayOptions, rows: list[dict[str, Any]], s: dict[str, Any]
         f"# Replay report: {opts.dataset}",
         "",
         f"- model version: `{manifest.model_version}`, window {manifest.window}, "
-        f"{manifest.n_features} features",
+        f"{manifest.n_features} features, {long_term_words(manifest)}",
         f"- {s['entities']} {'entity' if s['entities'] == 1 else 'entities'}, "
         f"{s['readings']:,} readings, {s['windows_scored']:,} "
         f"windows scored through Kafka ({where})",

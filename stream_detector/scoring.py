@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from stream_detector.manifest import LongTermSpec, ScoreSpec
+from stream_detector.manifest import LongTermSpec, Manifest, ScoreSpec
 
 EPS = 1e-12
 
@@ -139,6 +139,12 @@ def with_long_term(short: np.ndarray, raw: np.ndarray, threshold: float, spec: L
     start, level = spec.for_sensor(sensor)
     levels = long_term(raw, threshold, spec.alpha, start)
     return np.maximum(short, long_term_term(levels, threshold, start, level))
+
+
+def long_term_words(manifest: Manifest) -> str:
+    """How a report names the artifact's long-term term."""
+    lt = manifest.score.long_term
+    return "no long-term term" if lt is None else f"long-term term alpha {lt.alpha:g}"
 
 
 def fit_long_term(raw: dict[str, np.ndarray], thresholds: dict[str, float], alpha: float,

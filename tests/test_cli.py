@@ -147,6 +147,7 @@ def test_train_check_evaluate(quick_artifact: Path, tmp_path: Path) -> None:
     # and at the label-free threshold (best-F1 picks its threshold with the test labels)
     assert summary["model"]["f1_at_threshold"] > summary["random"]["f1_at_threshold"] + 0.2
     md = (out / "evaluation.md").read_text()
+    assert "features, no long-term term)" in md
     assert "PA best-F1" in md and "random" in md
     assert list(out.glob("*.png"))
 

@@ -114,6 +114,8 @@ def test_replay_real_data(dataset: str, folder: str, entities: str, options: lis
              "--artifact", str(art), "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     report = _check_report(out, entities.split(","))
+    md = (out / "report.md").read_text()
+    assert ("long-term term alpha 0.05" if options else "no long-term term") in md
     if dataset == "smd":  # interpretation_label gives the responsible metrics: HitRate reported
         assert all(np.isfinite(row["hitrate_100"]) for row in report["entities"]
                    if row["rc_alerts"] > 0)
