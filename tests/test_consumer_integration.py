@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -337,18 +338,15 @@ def test_two_consumers_with_rebalance_emit_reference_alerts(
     assert got == expected
 
 
-@pytest.mark.slow
-def test_a_short_rebuild_look_back_deepens_until_alert_ids_survive_a_restart(
-    kafka_broker, topics, artifact, reference_alerts
-) -> None:
-    """A consumer stopped in the middle of sensor-0's spike episode; its successor starts with
-    a look-back of 4 records per partition (less than a window: it rebuilt nobody, and the
-    episode went on under a new alert_id). It deepens the rebuild through the real consumer's
-    seek() until every sensor's state is exact, and publishes the reference's events."""
-    items, expected = reference_alerts
+def _restart_in_the_spike_episode(kafka_broker, topics, art: Path, items: list
+                                  ) -> tuple[DetectorService, Any]:
+    """A consumer stopped 3 readings into sensor-0's spike episode (test row 200), with that
+    episode open; its successor starts with a look-back of 4 records per partition (less than
+    a window: it rebuilds nobody in its first pass) and runs to the end of the stream.
+    Returns the successor (stopped) and the settings."""
     bs = kafka_broker.bootstrap_servers
-    settings = settings_for(bs, topics, artifact)
-    scorer = TorchScorer.load(artifact)
+    settings = settings_for(bs, topics, art)
+    scorer = TorchScorer.load(art)
     window = scorer.manifest.window
     split = 3 * (window - 1 + 200 + 3)  # sensor-0's spike (test row 200) began 3 readings ago
     produce_readings(bs, topics["input"], items[:split])
@@ -369,7 +367,20 @@ def test_a_short_rebuild_look_back_deepens_until_alert_ids_survive_a_restart(
     second.stop()
     th.join(30)
     assert not th.is_alive() and second.failure is None
-    assert _event_ids(read_all(bs, topics["alerts"])) == expected
+    return second, settings
+
+
+@pytest.mark.slow
+def test_a_short_rebuild_look_back_deepens_until_alert_ids_survive_a_restart(
+    kafka_broker, topics, artifact, reference_alerts
+) -> None:
+    """A consumer stopped in the middle of sensor-0's spike episode; its successor starts with
+    a look-back of 4 records per partition (less than a window: it rebuilt nobody, and the
+    episode went on under a new alert_id). It deepens the rebuild through the real consumer's
+    seek() until every sensor's state is exact, and publishes the reference's events."""
+    items, expected = reference_alerts
+    second, _ = _restart_in_the_spike_episode(kafka_broker, topics, artifact, items)
+    assert _event_ids(read_all(kafka_broker.bootstrap_servers, topics["alerts"])) == expected
     m = second.metrics
     assert m.rebuild_deepened._value.get() >= 3  # 4 -> 8 -> 16 -> 32 records at least
     assert m.rebuild_inexact._value.get() == 0
@@ -385,30 +396,11 @@ def test_a_long_term_artifact_rebuilds_its_term_after_a_restart(
     uninterrupted run's, and every score after the restart is that run's within
     SD_DETECTOR__LONG_TERM_TOLERANCE x threshold (a consumer that rebuilt the windows and the
     smoothing only, with the term started afresh, is off by far more)."""
-    art = long_term_artifact
-    items, expected, ref_scores = _reference_run(kafka_broker, art)
+    items, expected, ref_scores = _reference_run(kafka_broker, long_term_artifact)
+    assert TorchScorer.load(long_term_artifact).manifest.score.long_term is not None
+    second, settings = _restart_in_the_spike_episode(kafka_broker, topics, long_term_artifact,
+                                                     items)
     bs = kafka_broker.bootstrap_servers
-    settings = settings_for(bs, topics, art)
-    scorer = TorchScorer.load(art)
-    assert scorer.manifest.score.long_term is not None
-    window = scorer.manifest.window
-    split = 3 * (window - 1 + 200 + 3)
-    produce_readings(bs, topics["input"], items[:split])
-    first = DetectorService(settings, scorer.manifest, scorer, serve_http=False)
-    th = _run_in_thread(first)
-    read_all(bs, topics["scores"], expect=split - 3 * (window - 1))
-    first.stop()
-    th.join(30)
-    produce_readings(bs, topics["input"], items[split:])
-    second = DetectorService(settings, scorer.manifest, scorer, serve_http=False,
-                             rebuild_lookback=4)
-    th = _run_in_thread(second)
-    n = _expected_windows(tiny_entities(), window)
-    _wait_for(lambda: len({(s["sensor"], s["window_end"]) for s in
-                           read_all(bs, topics["scores"], idle_s=0.5, max_s=5)}) >= n, 120)
-    second.stop()
-    th.join(30)
-    assert not th.is_alive() and second.failure is None
     assert _event_ids(read_all(bs, topics["alerts"])) == expected
     assert second.metrics.rebuild_deepened._value.get() >= 5  # to the log's start
     assert second.metrics.rebuild_inexact._value.get() == 0
