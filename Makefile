@@ -51,7 +51,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/stream-detector bench
 
-## backtest: train, evaluate and replay every dataset in ../shared/data (about 5 minutes on 2 cores)
+## backtest: train, evaluate and replay every dataset in ../shared/data (about 5 minutes on 2 cores;
+## TRAIN_SET="KEY=VALUE ...", ARTIFACTS=DIR, REPORTS=DIR: training options and output folders)
 backtest: $(STAMP)
 	scripts/full_backtest.sh $(or $(DATA_ROOT),../shared/data)
 

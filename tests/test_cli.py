@@ -543,3 +543,41 @@ def test_datasets_list_names_a_datasets_entities_and_refuses_what_it_cannot_list
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
     r = _cli("datasets", "list", timeout=60)
     assert r.returncode == 0 and "synthetic  built in" in r.stdout
+
+
+def test_full_backtest_passes_training_options_and_output_folders(tmp_path: Path) -> None:
+    """scripts/full_backtest.sh (make backtest): TRAIN_SET reaches every train call as --set,
+    ARTIFACTS / REPORTS name the folders every command uses; without them, the defaults."""
+    root = Path(__file__).resolve().parents[1]
+    log = tmp_path / "calls.txt"
+    stub = tmp_path / "stub"
+    stub.write_text(f'#!/usr/bin/env bash\necho "$(basename "$0") $*" >> {log}\n')
+    stub.chmod(0o755)
+    rp = tmp_path / "replay"
+    rp.symlink_to(stub)
+    env = {**os.environ, "SD": str(stub), "RP": str(rp),
+           "TRAIN_SET": "long_term_alpha=0.05 epochs=2", "ARTIFACTS": "art/lt",
+           "REPORTS": "rep/lt"}
+    r = subprocess.run(["bash", str(root / "scripts/full_backtest.sh"), str(tmp_path / "data")],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    calls = log.read_text().splitlines()
+    trains = [c for c in calls if " train " in f" {c} "]
+    assert len(trains) == 5 and len(calls) == 15
+    for c in trains:
+        assert c.endswith("--set long_term_alpha=0.05 --set epochs=2"), c
+        assert "--out art/lt/" in c
+    assert all("--artifact art/lt/" in c for c in calls if c not in trains)
+    assert {c.split("--out ")[1] for c in calls if c not in trains} == {
+        f"rep/lt/{kind}-{ds}" for kind in ("evaluation", "replay")
+        for ds in ("synthetic", "smd", "smap", "msl", "nab")}
+    assert f"--data-dir {tmp_path / 'data'}/smd" in "\n".join(calls)
+    log.unlink()
+    env = {k: v for k, v in env.items() if k not in ("TRAIN_SET", "ARTIFACTS", "REPORTS")}
+    r = subprocess.run(["bash", str(root / "scripts/full_backtest.sh")], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    calls = log.read_text().splitlines()
+    assert not any("--set" in c for c in calls)
+    assert "train --dataset synthetic --out artifacts/synthetic" in calls[0]
+    assert calls[1].endswith("--artifact artifacts/synthetic --out reports/evaluation-synthetic")
