@@ -27,7 +27,7 @@ import numpy as np
 
 from stream_detector.batching import Batch, MicroBatcher
 from stream_detector.config import DetectorSettings
-from stream_detector.manifest import Manifest
+from stream_detector.manifest import LongTermSpec, Manifest
 from stream_detector.records import Alert, Reading, ScoreRecord, alert_id
 from stream_detector.scoring import (
     EpisodeTracker,
@@ -36,6 +36,7 @@ from stream_detector.scoring import (
     Level,
     ScoreFunction,
     long_term_gain,
+    long_term_units,
 )
 from stream_detector.windows import (
     FULL,
@@ -89,6 +90,14 @@ def converged_after(alpha: float, start: float, threshold: float, gain: float,
     if alpha >= 1:
         return 1
     return min(NEVER_EXACT, math.ceil(math.log(room / spread) / math.log1p(-alpha)))
+
+
+def long_term_windows(spec: LongTermSpec, sensor: str, threshold: float,
+                      tolerance: float) -> int:
+    """:func:`converged_after` for ``sensor`` of an artifact's long-term term."""
+    start, level = spec.for_sensor(sensor)
+    return converged_after(spec.alpha, start, threshold,
+                           long_term_gain(threshold, level, start), tolerance)
 
 
 class _InFlight:
@@ -450,8 +459,7 @@ class Detector:
                 thr = float(self._thr[slot])
                 self._lt[slot] = self._lt_start[slot] = start
                 self._lt_gain[slot] = long_term_gain(thr, level, start)
-                self._need[slot] = max(self._k, converged_after(
-                    lt.alpha, start, thr, float(self._lt_gain[slot]), tol))
+                self._need[slot] = max(self._k, long_term_windows(lt, sensor, thr, tol))
 
     def _complete(self) -> None:
         rest = self._batcher.flush()
@@ -607,8 +615,7 @@ class Detector:
                     lt[slots[i]] = cur
             out = np.asarray(levels)
         res = np.empty_like(out)
-        # long_term_term's operations: (L - start) * gain, floored at 0
-        res[order] = np.maximum((out - self._lt_start[sls]) * self._lt_gain[sls], 0.0)
+        res[order] = long_term_units(out, self._lt_start[sls], self._lt_gain[sls])
         return res
 
     def _finish(self, batch: Batch, rec_err: np.ndarray, fc_err: np.ndarray,

@@ -159,16 +159,21 @@ class Manifest:
         inv = (1.0 / np.asarray(stds, dtype=np.float64)).astype(np.float32)
         return np.asarray(means, dtype=np.float32), inv
 
-    def to_json(self) -> bytes:
-        """The manifest's JSON. Fields a schema added are left out when unused (no long-term
-        term, no per-sensor scalers), so a build that predates them reads the artifact: the
-        trainer writes the lowest schema version that holds it for that reason."""
+    def as_written(self) -> dict[str, Any]:
+        """The manifest as its JSON holds it. Fields a schema added are left out when unused
+        (no long-term term, no per-sensor scalers), so a build that predates them reads the
+        artifact (the trainer writes the lowest schema version that holds it for that reason),
+        and the model version digest of such an artifact stays what it was."""
         data = asdict(self)
         if data["score"].get("long_term") is None:
             data["score"].pop("long_term", None)
         if not data.get("scaler_per_sensor"):
             data.pop("scaler_per_sensor", None)
-        return orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
+        return data
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.as_written(),
+                            option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Manifest:

@@ -426,19 +426,16 @@ def _carried_over(manifest: Any, sensor: str, limit: float) -> int:
     a fresh start's by more than ``limit``: the first ``smoothing - 1`` (their mean reaches
     back), or with a long-term term those before its earlier level has faded below ``limit``
     (:func:`~stream_detector.detector.converged_after`)."""
-    from stream_detector.detector import converged_after
-    from stream_detector.scoring import long_term_gain
+    from stream_detector.detector import long_term_windows
 
     rows = max(1, int(manifest.score.smoothing)) - 1
     lt = manifest.score.long_term
     if lt is None:
         return rows
     thr = manifest.thresholds.for_sensor(sensor)
-    start, level = lt.for_sensor(sensor)
-    # converged_after is NEVER_EXACT (every row left out) for a limit below what rounding
-    # lets the term reach, e.g. 0
-    return max(rows, converged_after(lt.alpha, start, thr, long_term_gain(thr, level, start),
-                                     limit / thr))
+    # NEVER_EXACT (every row left out) for a limit below what rounding lets the term reach,
+    # e.g. 0
+    return max(rows, long_term_windows(lt, sensor, thr, limit / thr))
 
 
 def _stream(opts: ReplayOptions, manifest: Any, scorer: Any, names: list[str],

@@ -124,10 +124,17 @@ def long_term_gain(threshold: float, level: float, start: float) -> float:
     return float(threshold) / (float(level) - float(start))
 
 
+def long_term_units(levels: np.ndarray, start: float | np.ndarray,
+                    gain: float | np.ndarray) -> np.ndarray:
+    """Levels ``L`` in score units, ``max(0, (L - start) * gain)``: the operations offline
+    and online scoring share (per sensor, or per window with arrays)."""
+    return np.maximum((levels - start) * gain, 0.0)
+
+
 def long_term_term(levels: np.ndarray, threshold: float, start: float,
                    level: float) -> np.ndarray:
-    """The long-term term in score units, ``max(0, (L - start) * gain)``."""
-    return np.maximum((levels - start) * long_term_gain(threshold, level, start), 0.0)
+    """The long-term term in score units of a sensor's levels ``L``."""
+    return long_term_units(levels, start, long_term_gain(threshold, level, start))
 
 
 def with_long_term(short: np.ndarray, raw: np.ndarray, threshold: float, spec: LongTermSpec | None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
-from dataclasses import asdict, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -42,12 +42,10 @@ def content_digest(model: torch.nn.Module, manifest: Manifest) -> str:
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    settings = {k: v for k, v in asdict(manifest).items()
+    # fields a schema added are absent when unused (Manifest.as_written): versions kept
+    settings = {k: v for k, v in manifest.as_written().items()
                 if k in ("features", "window", "network", "scaler_mean", "scaler_std", "clip",
-                         "score", "thresholds")
-                or (k == "scaler_per_sensor" and v)}  # absent when empty: versions kept
-    if settings["score"].get("long_term") is None:  # likewise without a long-term term
-        settings["score"].pop("long_term", None)
+                         "score", "thresholds", "scaler_per_sensor")}
     h.update(orjson.dumps(settings, option=orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY))
     return h.hexdigest()
 
