@@ -44,3 +44,19 @@ for ds in DATASETS:
           f"{f(m.get('random_best_f1'))} | {f(m.get('random_pa_best_f1'))} | "
           f"{f(m.get('hitrate_100'))} | {f(m.get('hitrate_150'))} | "
           f"{s['parity_max_abs']:.1e} | {s['throughput_readings_per_s']:,.0f} |")
+
+print("\n## Alert episodes (replay), mean over entities\n")
+print("| dataset | episodes per entity | incident recall | episode precision | event F1 "
+      "| random event F1 | false episodes per 10k readings | alert share | median delay |")
+print("|---|---|---|---|---|---|---|---|---|")
+for ds in DATASETS:
+    p = ROOT / f"replay-{ds}" / "report.json"
+    if not p.exists():
+        continue
+    m = json.loads(p.read_text())["summary"]["mean"]
+    if "event_f1" not in m:  # a report from before the episode metrics
+        continue
+    print(f"| {ds} | {m['alerts']:.1f} | {f(m.get('incident_recall'))} | "
+          f"{f(m.get('episode_precision'))} | {f(m.get('event_f1'))} | "
+          f"{f(m.get('random_event_f1'))} | {m['false_episodes_per_10k']:.1f} | "
+          f"{f(m.get('alert_share'))} | {m['delay_p50']:.1f} |")

@@ -224,6 +224,111 @@ def hit_rate(
     return len(gt.intersection(ranked)) / len(gt)
 
 
+#: The keys of :func:`episode_metrics`, in report order.
+EPISODE_METRIC_KEYS: tuple[str, ...] = (
+    "incidents",
+    "incident_recall",
+    "episode_precision",
+    "event_f1",
+    "random_event_f1",
+    "random_incident_recall",
+    "random_episode_precision",
+    "false_episodes_per_10k",
+    "alert_share",
+    "delay_p50",
+)
+
+
+def _covered(episodes: np.ndarray, n: int) -> np.ndarray:
+    """Per row: is some episode (rows ``[start, end)``) open there."""
+    d = np.zeros(n + 1, dtype=np.int64)
+    np.add.at(d, episodes[:, 0], 1)
+    np.add.at(d, episodes[:, 1], -1)
+    return np.cumsum(d[:-1]) > 0
+
+
+def _event_counts(episodes: np.ndarray, segs: np.ndarray, n: int) -> tuple[int, int, np.ndarray]:
+    """(segments overlapped by an episode, episodes overlapping a segment, covered rows)."""
+    cov = _covered(episodes, n) if len(episodes) else np.zeros(n, dtype=bool)
+    csum = np.concatenate(([0], np.cumsum(cov)))
+    hit_segs = int(np.count_nonzero(csum[segs[:, 1]] - csum[segs[:, 0]])) if len(segs) else 0
+    if len(episodes) and len(segs):
+        # the first segment ending after an episode's start overlaps it iff it starts before
+        # the episode's end (segments are sorted and disjoint)
+        j = np.searchsorted(segs[:, 1], episodes[:, 0], side="right")
+        ok = j < len(segs)
+        true_eps = int(np.count_nonzero(segs[np.minimum(j, len(segs) - 1), 0][ok]
+                                        < episodes[ok, 1]))
+    else:
+        true_eps = 0
+    return hit_segs, true_eps, cov
+
+
+def _event_f1(recall: float, precision: float) -> float:
+    if math.isnan(recall):
+        return NAN
+    if recall == 0.0 or math.isnan(precision) or precision == 0.0:
+        return 0.0
+    return 2.0 * precision * recall / (precision + recall)
+
+
+def episode_metrics(episodes: Sequence[tuple[int, int]], labels: Any, draws: int = 100,
+                    seed: int = 0) -> dict[str, float]:
+    """Event-level metrics of alert episodes (what an on-call team sees), with their chance level.
+
+    ``episodes`` are ``(start, end_exclusive)`` row ranges (an alert's open to its resolve);
+    ``labels`` 0/1 per row. An *incident* is a run of labelled rows (:func:`segments`); it is
+    detected when an episode overlaps it (an episode already open when it began counts, with
+    delay 0). Keys: ``incidents``; ``incident_recall`` (incidents detected / incidents);
+    ``episode_precision`` (episodes overlapping an incident / episodes; NaN without episodes);
+    ``event_f1`` (their harmonic mean; 0 when nothing is detected); ``false_episodes_per_10k``
+    (episodes overlapping no incident per 10,000 rows); ``alert_share`` (the share of rows with
+    an episode open); ``delay_p50`` (the median over detected incidents of the rows from the
+    incident's start to its first row with an episode open).
+
+    Any overlap counts, so like point adjustment these figures reward long episodes: the
+    ``random_*`` keys are the means over ``draws`` placements of episodes with the same lengths
+    at uniformly random positions (seeded), the chance level for this alert budget. Without
+    incidents every incident-based key is NaN; the false-episode rate and share still count.
+    """
+    y = np.asarray(labels).reshape(-1)
+    n = int(y.size)
+    segs = np.asarray(segments(y), dtype=np.int64).reshape(-1, 2)
+    eps = np.asarray(list(episodes), dtype=np.int64).reshape(-1, 2)
+    if len(eps) and (eps[:, 0].min() < 0 or eps[:, 1].max() > n
+                     or (eps[:, 1] <= eps[:, 0]).any()):
+        raise ValueError(f"episodes must be non-empty row ranges within [0, {n}]")
+    hit, true_eps, cov = _event_counts(eps, segs, n)
+    out = dict.fromkeys(EPISODE_METRIC_KEYS, NAN)
+    out["incidents"] = float(len(segs))
+    out["false_episodes_per_10k"] = (len(eps) - true_eps) / n * 1e4 if n else NAN
+    out["alert_share"] = float(cov.mean()) if n else NAN
+    if not len(segs):
+        return out
+    recall = hit / len(segs)
+    precision = true_eps / len(eps) if len(eps) else NAN
+    out["incident_recall"], out["episode_precision"] = recall, precision
+    out["event_f1"] = _event_f1(recall, precision)
+    delays = [int(np.argmax(cov[a:b])) for a, b in segs if cov[a:b].any()]
+    out["delay_p50"] = float(np.median(delays)) if delays else NAN
+    if len(eps):
+        rng = np.random.default_rng(seed)
+        lengths = eps[:, 1] - eps[:, 0]
+        r_rec, r_prec, r_f1 = [], [], []
+        for _ in range(draws):
+            starts = rng.integers(0, n - lengths + 1)
+            h, t, _cov = _event_counts(np.stack([starts, starts + lengths], axis=1), segs, n)
+            r_rec.append(h / len(segs))
+            r_prec.append(t / len(eps))
+            r_f1.append(_event_f1(r_rec[-1], r_prec[-1]))
+        out["random_incident_recall"] = float(np.mean(r_rec))
+        out["random_episode_precision"] = float(np.mean(r_prec))
+        out["random_event_f1"] = float(np.mean(r_f1))
+    else:
+        out["random_incident_recall"] = out["random_event_f1"] = 0.0
+    return out
+
+
 def entity_metrics(scores: Any, labels: Any, threshold: float | None = None,
                    threshold_scores: Any = None) -> dict[str, float]:
     """One entity's detection metrics, all floats.

@@ -9,9 +9,11 @@ import pytest
 
 from stream_detector.metrics import (
     ENTITY_METRIC_KEYS,
+    EPISODE_METRIC_KEYS,
     auc_pr,
     best_f1,
     entity_metrics,
+    episode_metrics,
     f1_at,
     hit_rate,
     markdown_table,
@@ -257,3 +259,56 @@ def test_ranking_metrics_ignore_differences_below_the_models_precision() -> None
     # sklearn refuses)
     assert auc_pr([1.0, 2.0, 1e39], [0, 1, 1]) == pytest.approx(1.0)
     assert best_f1([1.0, -1e39, 1e39], [0, 0, 1])["f1"] == 1.0
+
+
+# Incidents (labelled runs) at rows 10-19, 50-59, 90-94 of 100. Episodes: 5-11 overlaps the
+# first (open when it begins: delay 0), 30-34 overlaps none (one false episode in 100 rows =
+# 100 per 10k), 55-69 overlaps the second (first open row 55: delay 5). Recall 2/3, precision
+# 2/3, F1 2/3; 7 + 5 + 15 = 27 of 100 rows under an open episode; median delay (0 + 5) / 2.
+EV_LABELS = np.zeros(100, dtype=np.int8)
+EV_LABELS[10:20] = EV_LABELS[50:60] = EV_LABELS[90:95] = 1
+
+
+def test_episode_metrics_hand_example() -> None:
+    m = episode_metrics([(5, 12), (30, 35), (55, 70)], EV_LABELS)
+    assert list(m) == list(EPISODE_METRIC_KEYS)
+    assert m["incidents"] == 3
+    assert m["incident_recall"] == pytest.approx(2 / 3)
+    assert m["episode_precision"] == pytest.approx(2 / 3)
+    assert m["event_f1"] == pytest.approx(2 / 3)
+    assert m["false_episodes_per_10k"] == pytest.approx(100.0)
+    assert m["alert_share"] == pytest.approx(0.27)
+    assert m["delay_p50"] == pytest.approx(2.5)
+    # an episode touching an incident's last row, and one ending just before an incident
+    m = episode_metrics([(19, 25), (40, 50)], EV_LABELS)
+    assert m["incident_recall"] == pytest.approx(1 / 3) and m["episode_precision"] == 0.5
+
+
+def test_episode_metrics_edge_cases() -> None:
+    none = episode_metrics([], EV_LABELS)  # nothing raised: nothing detected, nothing false
+    assert none["incident_recall"] == 0.0 and none["event_f1"] == 0.0
+    assert math.isnan(none["episode_precision"]) and none["false_episodes_per_10k"] == 0.0
+    assert none["random_event_f1"] == 0.0 and none["alert_share"] == 0.0
+    # one episode over everything: perfect by these figures, and so is chance
+    all_ = episode_metrics([(0, 100)], EV_LABELS)
+    assert all_["event_f1"] == 1.0 and all_["random_event_f1"] == 1.0
+    assert all_["delay_p50"] == 0.0
+    # no incidents: only the false-episode rate and the share are defined
+    quiet = episode_metrics([(0, 3)], np.zeros(10))
+    assert quiet["false_episodes_per_10k"] == pytest.approx(1000.0)
+    assert quiet["alert_share"] == pytest.approx(0.3)
+    assert math.isnan(quiet["event_f1"]) and math.isnan(quiet["random_event_f1"])
+    for bad in ([(-1, 3)], [(5, 5)], [(90, 101)]):
+        with pytest.raises(ValueError, match="row ranges"):
+            episode_metrics(bad, EV_LABELS)
+
+
+def test_episode_metrics_random_level_matches_its_expectation() -> None:
+    """One episode of length 6 on the 100 rows: of its 95 start positions, those overlapping an
+    incident are 5-19, 45-59 and 85-94 (15 + 15 + 10 = 40), so its chance precision is 40/95;
+    the seeded Monte-Carlo mean is within 0.01 of it and the same for the same seed."""
+    m = episode_metrics([(0, 6)], EV_LABELS, draws=20_000, seed=3)
+    assert m["random_episode_precision"] == pytest.approx(40 / 95, abs=0.01)
+    assert m["random_incident_recall"] == pytest.approx(40 / 95 / 3, abs=0.01)
+    again = episode_metrics([(0, 6)], EV_LABELS, draws=20_000, seed=3)
+    assert again["random_event_f1"] == m["random_event_f1"]

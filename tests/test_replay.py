@@ -39,7 +39,9 @@ def _check_report(out: Path, entities: list[str], limit: float = 1e-4) -> dict:
     for key in ("best_f1", "f1_at_threshold", "auc_pr", "pa_best_f1", "random_pa_best_f1"):
         assert key in report["entities"][0]
     assert s["throughput_readings_per_s"] > 0 and s["latency_ms"]["p99"] >= s["latency_ms"]["p50"]
-    assert "parity" in md and "point adjust" in md
+    assert "parity" in md and "point adjust" in md and "## Alert episodes" in md
+    for key in ("incident_recall", "episode_precision", "event_f1", "random_event_f1"):
+        assert key in report["entities"][0] and key in s["mean"]
     for e in entities:
         png = out / f"{e}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -89,6 +91,11 @@ def test_replay_synthetic_from_scratch(tmp_path: Path) -> None:
     rows = report["entities"]
     assert all(row["rc_alerts"] > 0 for row in rows)
     assert np.mean([row["hitrate_150"] for row in rows]) > 0.5
+    # the alert episodes it raised catch the generator's incidents better than episodes of
+    # the same lengths placed at random
+    assert all(row["incidents"] > 0 for row in rows)
+    assert np.mean([row["event_f1"] for row in rows]) > np.mean(
+        [row["random_event_f1"] for row in rows])
     assert "parity" in r.stdout
 
 
