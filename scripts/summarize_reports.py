@@ -29,7 +29,7 @@ for ds in DATASETS:
               f"{f(s.get('auc_pr'))} | {f(s.get('pa_best_f1'))} |")
 
 print("\n## Replay (through Kafka), mean over entities\n")
-print("| dataset | entities | readings | best-F1 | F1 @ deployed threshold | AUC-PR | PA best-F1 "
+print("| dataset | entities | readings | best-F1 | F1 @ label-free threshold | AUC-PR | PA best-F1 "
       "| random best-F1 | random PA best-F1 | HitRate@100% | HitRate@150% | parity max abs "
       "| readings/s |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -63,7 +63,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from stream_detector.datasets import load_dataset
-    from stream_detector.evaluation import prepare_out_dir
+    from stream_detector.evaluation import counted, prepare_out_dir
     from stream_detector.train import config_from_overrides, train
 
     overrides = _overrides(args.set)
@@ -76,7 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     manifest = train(entities, cfg, args.out, dataset=args.dataset)
     print(f"artifact: {args.out}  model_version: {manifest.model_version}  "
           f"trained in {manifest.training['seconds']} s, "
-          f"{len(manifest.training['history'])} epochs "
+          f"{counted(len(manifest.training['history']), 'epoch')} "
           f"({manifest.training['stopped_by'].replace('_', ' ')})")
     print(f"input scaling: {_scaling(manifest)}")
     print(f"long-term term: {_long_term(manifest)}")
@@ -217,6 +217,9 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     from stream_detector.errors import DatasetError
 
     if args.action == "list":
+        if args.to is not None:
+            raise ConfigError("--to is where `datasets download` writes; `datasets list NAME "
+                              "--data-dir DIR` lists a directory")
         if args.entities is not None:
             raise ConfigError("--entities selects machines to download; `datasets list NAME` "
                               "lists a dataset's entities")
@@ -239,6 +242,9 @@ def cmd_datasets(args: argparse.Namespace) -> int:
             return 0
         # one dataset: its directory and entity names (what --entities takes); errors exit 2
         loader = get_loader(args.name)
+        if args.data_dir is not None and not loader.needs_data_dir:
+            raise DatasetError(f"dataset {args.name!r} is generated, not read from files: "
+                               "leave out --data-dir")
         path = args.data_dir or (default_data_dir(args.name) if loader.needs_data_dir else None)
         if loader.needs_data_dir and path is None:
             raise DatasetError(f"no {args.name} data found; pass --data-dir")
@@ -246,15 +252,19 @@ def cmd_datasets(args: argparse.Namespace) -> int:
         if not names:
             raise DatasetError(f"dataset {args.name!r} has no entities in {path}: is that the "
                                f"{args.name} data directory?")
-        print(f"{args.name}: {path if path else 'built in'}, {len(names)} entities")
+        print(f"{args.name}: {path if path else 'built in'}, "
+              f"{len(names)} {'entity' if len(names) == 1 else 'entities'}")
         print(",".join(names))
         return 0
     if (args.name or "smd") != "smd":
         raise ConfigError("only 'smd' can be downloaded; see docs/backtesting.md for the others")
     from stream_detector.datasets.download import download_smd
 
+    if args.data_dir is not None:
+        raise ConfigError("datasets download writes to --to DIR (default data/smd); "
+                          "--data-dir is for datasets list")
     get_loader("smd")
-    path = download_smd(args.to, machines=_entities(args.entities))
+    path = download_smd(args.to or Path("data/smd"), machines=_entities(args.entities))
     print(f"SMD downloaded to {path}")
     return 0
 
@@ -348,13 +358,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--http", default=None, help="GET this URL (e.g. .../readyz) instead")
     c.set_defaults(func=cmd_check)
 
-    ds = sub.add_parser("datasets", help="list datasets or download SMD")
+    ds = sub.add_parser(
+        "datasets", help="list datasets or download SMD",
+        description="datasets list [NAME] [--data-dir DIR]: the datasets and where their data "
+                    "is (with NAME: its entity names, what --entities takes). datasets download "
+                    "smd [--to DIR] [--entities M,M]: fetch the public SMD files.")
     ds.add_argument("action", choices=["list", "download"])
     ds.add_argument("name", nargs="?", default=None,
                     help="list: this dataset's directory and entity names (default: every "
                          "dataset); download: smd (the default)")
-    ds.add_argument("--to", type=Path, default=Path("data/smd"))
-    ds.add_argument("--data-dir", type=Path, default=None)
+    ds.add_argument("--to", type=Path, default=None,
+                    help="download: the directory to fill (default data/smd)")
+    ds.add_argument("--data-dir", type=Path, default=None,
+                    help="list NAME: the dataset's directory (default: found under "
+                         "../shared/data or data/)")
     ds.add_argument("--entities", default=None, help="machines to download (default all 28)")
     ds.set_defaults(func=cmd_datasets)
 
@@ -400,7 +417,8 @@ def _add_replay_args(r: argparse.ArgumentParser) -> None:
                    help="use a running Kafka + deployment instead of the embedded broker")
     r.add_argument("--rate", type=float, default=0.0,
                    help="readings per second to produce (0 = as fast as possible)")
-    r.add_argument("--max-parity-error", type=float, default=1e-4)
+    r.add_argument("--max-parity-error", type=float, default=1e-4,
+                   help="largest streamed-vs-offline score difference allowed (exit 1 above)")
     r.add_argument("--no-plots", action="store_true")
     r.set_defaults(func=cmd_replay)
 
@@ -435,12 +453,16 @@ def _run(args: argparse.Namespace) -> int:
         configure_logging("console", "INFO")
     if args.command in _CLEANUP_ON_SIGTERM:
         _interrupt_on_sigterm()
+    from stream_detector.evaluation import remove_created_out_dirs
+
     try:
         return int(args.func(args) or 0)
     except StreamDetectorError as exc:
+        remove_created_out_dirs()  # an --out made for this run and still empty
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        remove_created_out_dirs()
         return 130
 
 

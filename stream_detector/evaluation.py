@@ -18,6 +18,7 @@ Test labels are used only to compute these metrics, never to choose a threshold.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,21 +70,43 @@ def baseline_label_free(entity: Entity, name: str, q: float, val_fraction: float
     return float(np.quantile(s[:n_val], q)), s[n_val:]
 
 
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``"1 feature"``, ``"38 features"``: a count with its noun (``plural``, default the noun
+    with an ``s``, for any other count)."""
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
+
+
+#: Directories :func:`prepare_out_dir` created in this process, parents first.
+_CREATED: list[Path] = []
+
+
 def prepare_out_dir(path: Path, option: str = "--out", what: str = "report") -> Path:
     """Create the ``what`` directory ``path`` (and its parents); a ConfigError (the CLI exits
-    2) when it cannot be one: an existing file, a file on its path, no permission."""
+    2) when it cannot be one: an existing file, a file on its path, no permission. The
+    directories it creates are remembered, so that a command that then fails can remove them
+    again while they are empty (:func:`remove_created_out_dirs`)."""
     from stream_detector.errors import ConfigError
 
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{option} {path} is an existing file, not a directory: pass a "
                           f"directory for the {what}")
+    new = [p for p in (path, *path.parents) if not p.exists()][::-1]
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"{option} {path}: cannot create the {what} directory "
                           f"({exc.strerror or exc})") from None
+    _CREATED.extend(new)
     return path
+
+
+def remove_created_out_dirs() -> None:
+    """Remove the directories :func:`prepare_out_dir` created that are still empty, deepest
+    first (a command that failed before writing into them leaves nothing behind)."""
+    while _CREATED:
+        with contextlib.suppress(OSError):  # not empty (or gone): keep it
+            _CREATED.pop().rmdir()
 
 
 def with_random(baselines: list[str] | None) -> list[str]:
@@ -187,8 +210,9 @@ def _markdown(dataset: str, manifest: Any, rows: list[dict[str, Any]],
         f"# Evaluation: {dataset}",
         "",
         f"Model `{manifest.model_version}` ({manifest.network.get('encoder', '?')} encoder, "
-        f"window {manifest.window}, {manifest.n_features} features, "
-        f"{long_term_words(manifest)}), {len(rows)} entities, {seconds:.0f} s.",
+        f"window {manifest.window}, {counted(manifest.n_features, 'feature')}, "
+        f"{long_term_words(manifest)}), {counted(len(rows), 'entity', 'entities')}, "
+        f"{seconds:.0f} s.",
         "",
         "## Mean over entities",
         "",

@@ -369,16 +369,23 @@ def _nanmean(values: Iterable[Any]) -> float:
     return sum(vals) / len(vals) if vals else NAN
 
 
+#: Per-entity figures whose mean over entities means nothing: a score value on each entity's
+#: own scale (the best-F1 threshold) and a per-entity maximum (replay's parity error, whose
+#: maximum over entities the report states). :func:`summarize` leaves them out and
+#: :func:`markdown_table` leaves their mean cell empty.
+NOT_AVERAGED: frozenset[str] = frozenset({"best_threshold", "parity_max_abs"})
+
+
 def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """Mean of every numeric key over ``rows`` (one per entity), skipping NaN values.
 
-    Non-numeric values (entity names) are ignored; a key NaN on every row stays NaN. Keys are in
-    first-seen order.
+    Non-numeric values (entity names) and the keys in :data:`NOT_AVERAGED` are left out; a key
+    NaN on every row stays NaN. Keys are in first-seen order.
     """
     keys: list[str] = []
     for row in rows:
         for k, v in row.items():
-            if k not in keys and _is_number(v):
+            if k not in keys and k not in NOT_AVERAGED and _is_number(v):
                 keys.append(k)
     return {k: _nanmean(row.get(k) for row in rows) for k in keys}
 
@@ -406,8 +413,9 @@ def markdown_table(
     ``columns`` are row keys, or ``(key, header)`` pairs. Floats get 3 decimals, ints as is;
     ``formats`` maps a key to another format spec for its floats (e.g. ``".1e"`` for figures
     far below 0.001, which 3 decimals would all show as 0.000).
-    In the mean row, numeric columns hold the mean over rows and the first non-numeric column
-    reads ``**mean**``. ``title`` becomes a ``### title`` line above the table.
+    In the mean row, numeric columns hold the mean over rows (empty for :data:`NOT_AVERAGED`)
+    and the first non-numeric column reads ``**mean**``. ``title`` becomes a ``### title``
+    line above the table.
     """
     cols = [(c, c) if isinstance(c, str) else (c[0], c[1]) for c in columns]
     spec = {k: (formats or {}).get(k, ".3f") for k, _ in cols}
@@ -426,7 +434,9 @@ def markdown_table(
         cells: list[str] = []
         labelled = False
         for k, _ in cols:
-            if any(_is_number(r.get(k)) for r in rows):
+            if k in NOT_AVERAGED:
+                cells.append("")
+            elif any(_is_number(r.get(k)) for r in rows):
                 counts = all(isinstance(r.get(k), int | np.integer) and not isinstance(
                     r.get(k), bool) for r in rows)  # a mean count: one decimal, not three
                 cells.append(_fmt(_nanmean(r.get(k) for r in rows),

@@ -97,9 +97,11 @@ def plot_entity(
     * bottom (when ``baselines``, name -> scores, is given): each baseline's score on a log
       scale rescaled to [0, 1] (see :func:`_normalize`), for shape comparison only.
 
-    Labelled anomaly ranges (``labels``) are shaded red in every panel. When a few extreme scores
-    would flatten the score curve, the y axis is cut at a level that keeps the threshold and
-    99.5 % of the scores visible (noted in the panel). Returns the path written.
+    Labelled anomaly ranges (``labels``) are shaded red in every panel. When scores reach more
+    than 20 times the threshold, the score axis is linear up to the threshold and logarithmic
+    above it; otherwise, when a few extreme scores would flatten the score curve, the y axis is
+    cut at a level that keeps the threshold and 99.5 % of the scores visible (either noted in
+    the panel). Returns the path written.
     """
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     n = s.size
@@ -146,7 +148,14 @@ def plot_entity(
     if thr_ok:
         ax.axhline(thr, color="black", ls="--", lw=1.0, label=f"threshold {thr:.3g}")
     _shade_labels(ax, segs, legend=True)
-    if n:
+    if n and thr_ok and thr > 0 and float(s.min()) >= 0 and float(s.max()) > 20 * thr:
+        # scores spanning orders of magnitude above the threshold (many long anomalies, where
+        # no axis cut helps): linear up to the threshold, logarithmic above it
+        ax.set_yscale("symlog", linthresh=thr, linscale=1.0)
+        ax.set_ylim(0, float(s.max()) * 1.3)
+        ax.text(0.005, 0.97, f"y axis logarithmic above the threshold (max {s.max():.3g})",
+                fontsize=7, transform=ax.transAxes, va="top")
+    elif n:
         q = float(np.percentile(s, 99.5))
         cap = max(q * 1.25, thr * 1.5 if thr_ok else q)
         lo = float(s.min())

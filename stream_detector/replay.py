@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from stream_detector.config import FETCH_QUEUE_BACKOFF_MS
 from stream_detector.datasets.base import Entity
 from stream_detector.errors import StreamDetectorError
-from stream_detector.evaluation import plot_file_name, prepare_out_dir
+from stream_detector.evaluation import counted, plot_file_name, prepare_out_dir
 from stream_detector.logs import kafka_logger
 from stream_detector.scoring import long_term_words
 
@@ -734,9 +734,9 @@ def _markdown(opts: ReplayOptions, rows: list[dict[str, Any]], s: dict[str, Any]
         f"# Replay report: {opts.dataset}",
         "",
         f"- model version: `{manifest.model_version}`, window {manifest.window}, "
-        f"{manifest.n_features} features, {long_term_words(manifest)}",
-        f"- {s['entities']} {'entity' if s['entities'] == 1 else 'entities'}, "
-        f"{s['readings']:,} readings, {s['windows_scored']:,} "
+        f"{counted(manifest.n_features, 'feature')}, {long_term_words(manifest)}",
+        f"- {counted(s['entities'], 'entity', 'entities')}, "
+        f"{counted(s['readings'], 'reading')}, {s['windows_scored']:,} "
         f"windows scored through Kafka ({where})",
         f"- throughput {s['throughput_readings_per_s']:,.0f} readings/s over "
         f"{s['stream_seconds']:.1f} s"
@@ -768,7 +768,9 @@ def _markdown(opts: ReplayOptions, rows: list[dict[str, Any]], s: dict[str, Any]
         "(`random_pa_best_f1`), which shows how much point adjustment inflates any detector. "
         "HitRate (where the dataset names the responsible features) averages over the `open` "
         "and every `update` event inside an interpretable anomaly range (this replay's "
-        "consumer sends an update at each rise of the peak: long episodes weigh more).",
+        "consumer sends an update at each rise of the peak: long episodes weigh more). "
+        "`alerts`: alert episodes opened; `rc_alerts`: the `open` and `update` events HitRate "
+        "averages over; `parity_max_abs`: the entity's largest streamed-vs-offline difference.",
         "",
         markdown_table(rows, ["entity", *COLUMNS], title=None,
                        formats={"parity_max_abs": ".1e"}),

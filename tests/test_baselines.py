@@ -209,3 +209,24 @@ def test_pca_univariate_is_squared_zscore() -> None:
     uni = dataclasses.replace(e, train=e.train[:, :1], test=e.test[:, :1], features=("a",))
     z = (e.test[:, 0].astype(np.float64) - e.train[:, 0].mean()) / e.train[:, 0].std()
     np.testing.assert_allclose(pca_scores(uni), z**2, rtol=1e-5)
+
+
+def test_plot_entity_scale_shows_the_threshold(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scores 100 times the threshold on 5 % of the rows (long anomalies: no axis cut applies)
+    left the threshold on the bottom line of a linear axis; it is shown on a symmetric-log axis,
+    linear up to the threshold. Ordinary scores keep the linear axis."""
+    import stream_detector.plots as plots
+
+    scales: list[str] = []
+    real_save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (
+        scales.append(fig.axes[-1].get_yscale()), real_save(fig, path))[1])
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(0.5, 1.5, 2000)
+    labels = np.zeros(2000, dtype=np.int8)
+    labels[500:600] = 1
+    assert _is_png(plot_entity(tmp_path / "calm.png", "x", scores, labels, 2.0))
+    scores[500:600] = 200.0
+    assert _is_png(plot_entity(tmp_path / "wide.png", "x", scores, labels, 2.0))
+    assert scales == ["linear", "symlog"]

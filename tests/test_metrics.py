@@ -226,7 +226,9 @@ def test_markdown_table_formats_a_column_in_scientific_notation() -> None:
     assert lines[2] == "| a | 0.500 | 8.4e-13 |"
     assert lines[3] == "| b | 0.250 | 2.0e-04 |"
     assert lines[4] == "| c | 0.750 | n/a |"
-    assert lines[5] == "| **mean** | 0.500 | 1.0e-04 |"
+    # a mean of per-entity maxima reads like the maximum: the cell stays empty
+    assert lines[5] == "| **mean** | 0.500 |  |"
+    assert summarize(rows) == {"best_f1": 0.5}
 
 
 def test_length_mismatch_raises() -> None:

@@ -131,6 +131,9 @@ def load_dataset(
     once per mention.
     """
     loader = get_loader(name)
+    if data_dir is not None and not loader.needs_data_dir:
+        raise DatasetError(f"dataset {name!r} is generated, not read from files: leave out "
+                           f"--data-dir (got {data_dir})")
     path = Path(data_dir) if data_dir is not None else None
     if entities is None:
         names = loader.list_entities(path)

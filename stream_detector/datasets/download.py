@@ -98,12 +98,19 @@ def download_smd(
     if retries < 1:
         raise DatasetError(f"retries must be >= 1, got {retries}")
     root = Path(to).expanduser()
+    if root.exists() and not root.is_dir():
+        raise DatasetError(f"--to {to} is an existing file, not a directory: pass the "
+                           "directory to download SMD into")
     base = base_url.rstrip("/")
 
     todo: list[tuple[str, Path]] = []
     for machine in names:
         for kind in KINDS:
-            (root / kind).mkdir(parents=True, exist_ok=True)
+            try:
+                (root / kind).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise DatasetError(f"cannot create {root / kind} for the download: "
+                                   f"{exc.strerror or exc}") from None
             present = find_file(root, kind, machine)
             if present is not None and present.stat().st_size > 0:
                 continue
