@@ -538,11 +538,38 @@ def test_datasets_list_names_a_datasets_entities_and_refuses_what_it_cannot_list
     for args, message in ((["foo"], "unknown dataset 'foo'"),
                           (["smd", "--data-dir", str(tmp_path)], "not an SMD directory"),
                           (["--data-dir", str(tmp_path)], "--data-dir needs the dataset"),
-                          (["smd", "--entities", "machine-1-1"], "--entities selects")):
+                          (["smd", "--entities", "machine-1-1"], "--entities selects"),
+                          (["synthetic", "--data-dir", str(tmp_path)], "leave out --data-dir"),
+                          (["smd", "--to", str(tmp_path)], "--to is where")):
         r = _cli("datasets", "list", *args, timeout=60)
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
     r = _cli("datasets", "list", timeout=60)
     assert r.returncode == 0 and "synthetic  built in" in r.stdout
+    r = _cli("datasets", "download", "--data-dir", str(tmp_path), timeout=60)
+    assert r.returncode == 2 and "--data-dir is for datasets list" in r.stderr, r.stderr
+    afile = tmp_path / "afile"  # --to naming a file: a message, not a traceback
+    afile.write_text("x")
+    r = _cli("datasets", "download", "smd", "--to", str(afile), "--entities", "machine-1-1",
+             timeout=60)
+    assert r.returncode == 2 and "is an existing file" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_a_failed_command_removes_the_empty_out_folders_it_created(tmp_path: Path) -> None:
+    """train and evaluate create --out before they load anything, and left it behind, empty,
+    when the data or the artifact was then refused; a folder that was there stays."""
+    out = tmp_path / "new" / "art"
+    r = _cli("train", "--dataset", "synthetic", "--data-dir", str(tmp_path / "nope"),
+             "--out", str(out), timeout=60)
+    assert r.returncode == 2 and "leave out --data-dir" in r.stderr, r.stderr
+    assert not (tmp_path / "new").exists()
+    r = _cli("evaluate", "--artifact", str(tmp_path / "nope"), "--out", str(tmp_path / "e"),
+             timeout=60)
+    assert r.returncode == 2 and not (tmp_path / "e").exists(), r.stderr
+    (tmp_path / "kept").mkdir()
+    r = _cli("evaluate", "--artifact", str(tmp_path / "nope"), "--out", str(tmp_path / "kept"),
+             timeout=60)
+    assert r.returncode == 2 and (tmp_path / "kept").is_dir()
 
 
 def test_full_backtest_passes_training_options_and_output_folders(tmp_path: Path) -> None:

@@ -567,6 +567,14 @@ def test_download_smd_errors(smd_server: tuple[str, Path], tmp_path: Path) -> No
     with pytest.raises(DatasetError, match="download failed after 2 attempt"):
         download_smd(tmp_path / "d", ["machine-1-1"], base_url="http://127.0.0.1:9",
                      progress=False, retries=2, backoff=0.0, timeout=2.0)
+    # --to naming a file, or a path through one: a DatasetError, not NotADirectoryError
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(DatasetError, match="is an existing file, not a directory"):
+        download_smd(afile, ["machine-1-1"], base_url=url, progress=False)
+    with pytest.raises(DatasetError, match="cannot create .*afile/sub/train"):
+        download_smd(afile / "sub", ["machine-1-1"], base_url=url, progress=False)
+    assert afile.read_text() == "x"
 
 
 # --------------------------------------------------------------------------- real data
