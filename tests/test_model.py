@@ -426,6 +426,25 @@ def test_tampered_model_file_is_refused(artifact, tmp_path) -> None:
     assert "tampered" in str(info.value)
 
 
+@pytest.mark.parametrize("edit", ["threshold", "scaler", "weight"])
+def test_an_edited_manifest_is_refused(artifact, tmp_path, edit: str) -> None:
+    """A manifest edited after training (a threshold halved, a scaler or a score weight
+    changed) loaded and kept its model_version, so its alerts reused the original's ids."""
+    root = _copy(artifact[0], tmp_path)
+    raw = orjson.loads((root / MANIFEST_FILE).read_bytes())
+    if edit == "threshold":
+        raw["thresholds"]["default"] /= 2
+    elif edit == "scaler":
+        raw["scaler_mean"][0] += 1.0
+    else:
+        raw["score"]["w_rec"] = 0.7
+    (root / MANIFEST_FILE).write_bytes(orjson.dumps(raw))
+    with pytest.raises(ArtifactError, match=r"does not match its contents .* changed after "
+                                            r"training"):
+        TorchScorer.load(root)
+    assert TorchScorer.load(artifact[0]).manifest.model_version == artifact[1].model_version
+
+
 def test_changed_schema_version_is_refused(artifact, tmp_path) -> None:
     root = _copy(artifact[0], tmp_path)
     _edit_manifest(root, schema_version=SCHEMA_VERSION + 1)

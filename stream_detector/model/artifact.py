@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 from dataclasses import replace
@@ -10,12 +9,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-import orjson
 import sklearn
 import torch
 
 from stream_detector import __version__
 from stream_detector.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
+from stream_detector.model.runtime import content_digest
 
 
 def library_versions() -> dict[str, str]:
@@ -26,28 +25,6 @@ def library_versions() -> dict[str, str]:
         "scikit-learn": sklearn.__version__,
         "python": platform.python_version(),
     }
-
-
-def content_digest(model: torch.nn.Module, manifest: Manifest) -> str:
-    """sha256 of what decides the artifact's scores and alerts: the weights (by name, dtype,
-    shape and bytes) and the manifest's features, window, network, scalers, score and thresholds.
-
-    The model version is derived from this, not from ``model.pt``'s checksum: the bytes
-    ``torch.jit.save`` writes vary between processes (hash-seed dependent ordering and a
-    serialization id), so the same training run in two processes would otherwise get two
-    versions, and two sets of alert ids.
-    """
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    # fields a schema added are absent when unused (Manifest.as_written): versions kept
-    settings = {k: v for k, v in manifest.as_written().items()
-                if k in ("features", "window", "network", "scaler_mean", "scaler_std", "clip",
-                         "score", "thresholds", "scaler_per_sensor")}
-    h.update(orjson.dumps(settings, option=orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY))
-    return h.hexdigest()
 
 
 def write_artifact(out_dir: str | Path, model: torch.nn.Module, manifest: Manifest) -> Manifest:

@@ -6,9 +6,11 @@ own graph, so a serving process needs nothing from :mod:`stream_detector.model.n
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
+import orjson
 import structlog
 import torch
 
@@ -96,6 +98,28 @@ def _check_rows(rows: np.ndarray, n: int) -> np.ndarray:
     return rows
 
 
+def content_digest(model: torch.nn.Module, manifest: Manifest) -> str:
+    """sha256 of what decides the artifact's scores and alerts: the weights (by name, dtype,
+    shape and bytes) and the manifest's features, window, network, scalers, score and thresholds.
+
+    The model version is derived from this, not from ``model.pt``'s checksum: the bytes
+    ``torch.jit.save`` writes vary between processes (hash-seed dependent ordering and a
+    serialization id), so the same training run in two processes would otherwise get two
+    versions, and two sets of alert ids.
+    """
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    # fields a schema added are absent when unused (Manifest.as_written): versions kept
+    settings = {k: v for k, v in manifest.as_written().items()
+                if k in ("features", "window", "network", "scaler_mean", "scaler_std", "clip",
+                         "score", "thresholds", "scaler_per_sensor")}
+    h.update(orjson.dumps(settings, option=orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY))
+    return h.hexdigest()
+
+
 class TorchScorer:
     """Implements the :class:`stream_detector.detector.Scorer` protocol with a TorchScript model.
 
@@ -148,6 +172,15 @@ class TorchScorer:
         module.eval()
         scorer = cls(manifest, module, threads)
         scorer._check_shape()
+        if manifest.schema_version >= 2:  # schema 1 artifacts hashed fields they lacked
+            expected = f"{manifest.dataset}-{content_digest(module, manifest)[:12]}"
+            if manifest.model_version != expected:
+                raise ArtifactError(
+                    f"artifact {artifact_dir}: model_version {manifest.model_version!r} does not "
+                    f"match its contents ({expected!r}): the manifest (thresholds, scalers, "
+                    "score settings) or the weights were changed after training. Alert ids "
+                    "derive from the model version, so an edited artifact would reuse the "
+                    "original's; train a new artifact (train --set KEY=VALUE) instead")
         return scorer
 
     def _check_shape(self) -> None:
