@@ -132,7 +132,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     service = DetectorService(settings, scorer.manifest, scorer,
                               rebuild_lookback=args.rebuild_lookback)
     service.install_signal_handlers()
-    return service.run()
+    code = service.run()
+    if service.close_abandoned:
+        # a Kafka client still waits for a broker that stopped answering: exiting the usual
+        # way would wait for it too (its destructor), past the grace period
+        import os
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def cmd_replay(args: argparse.Namespace) -> int:

@@ -380,6 +380,9 @@ class DetectorService:
         self._sensor_tp: dict[str, TP] = {}
         self._owned: set[TP] = set()  # partitions assigned to this instance now
         self._touched: set[TP] = set()  # partitions a rebalance callback changed (see _loop)
+        #: shutdown: the broker did not confirm the final commit and the group leave within
+        #: the grace period; the client is still waiting (serve exits without it)
+        self.close_abandoned = False
         self._drain_deadline: float | None = None  # shutdown: when the grace period ends
         self._wait_until: float | None = None  # a drain's end: the queue wait gives up there
         self._abandoned = False  # records given up in a full queue (exit code 1, not 0)
@@ -985,12 +988,30 @@ class DetectorService:
         log.info("draining", pending=self.detector.pending if self.detector else 0)
         remaining = self._drain_all(grace * 0.8)
         code = 2 if self._fatal else 1 if remaining or self._abandoned else 0
-        try:
-            self._consumer.commit(asynchronous=False)
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError._NO_OFFSET:
-                log.warning("final commit failed", error=str(exc))
-        self._consumer.close()
+        # the final commit and the group leave wait for the broker, without a timeout of their
+        # own (a broker that stopped answering held them for its socket timeout, 60 s, past
+        # any grace period): they run beside this thread, which waits until the grace ends
+        consumer = self._consumer
+        done = threading.Event()
+
+        def finish() -> None:
+            try:
+                consumer.commit(asynchronous=False)
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError._NO_OFFSET:
+                    log.warning("final commit failed", error=str(exc))
+            try:
+                consumer.close()
+            finally:
+                done.set()
+
+        threading.Thread(target=finish, name="sd-close", daemon=True).start()
+        if not done.wait(max(0.0, t0 + grace - time.monotonic())):
+            self.close_abandoned = True
+            code = max(code, 1)
+            log.error("the broker did not confirm the final commit and the group leave within "
+                      "the grace period; readings after the last committed offsets are read "
+                      "again after a restart", grace_period_s=grace)
         flush_kafka_log()  # librdkafka's held-back repeats, before the last line
         log.info("stopped", seconds=round(time.monotonic() - t0, 3), exit_code=code)
         return code

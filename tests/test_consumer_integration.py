@@ -447,3 +447,48 @@ def test_sigterm_drains_and_exits_zero(kafka_broker, topics, artifact, tmp_path)
         c.close()
     # one sensor: every reading on one partition, committed to its end
     assert committed == [len(items)], committed
+
+
+def test_sigterm_exits_within_the_grace_period_when_the_broker_stops_answering(
+        artifact, tmp_path) -> None:
+    """The final commit and the group leave waited for a broker that stopped answering until
+    its socket timeout (60 s), far past SD_SERVICE__GRACE_PERIOD_S, so Kubernetes killed the
+    pod: now serve exits 1 at the end of the grace period, saying why. A broker of its own,
+    frozen with SIGSTOP after the consumer joined."""
+    from stream_detector.devbroker import EmbeddedBroker, create_topics
+
+    broker = EmbeddedBroker(log_path=tmp_path / "tansu.log").start()
+    frozen = False
+    try:
+        bs = broker.bootstrap_servers
+        topics = {k: f"frozen-{k}" for k in ("input", "alerts", "dlq")} | {"group": "frozen"}
+        create_topics(bs, [topics["input"], topics["alerts"], topics["dlq"]], 1)
+        settings = settings_for(bs, topics, artifact)
+        produce_readings(bs, topics["input"],
+                         stream_of(tiny_entities(n=1, rows=40),
+                                   TorchScorer.load(artifact).manifest.window))
+        log_path = tmp_path / "serve.log"
+        env = {**os.environ, **env_for(settings), "SD_SERVICE__GRACE_PERIOD_S": "3"}
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "stream_detector.cli", "serve"],
+                                    env=env, stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            _wait_for(lambda: '"assigned"' in log_path.read_text(), 120)
+            time.sleep(2)
+            assert broker._proc is not None
+            os.kill(broker._proc.pid, signal.SIGSTOP)
+            frozen = True
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(30)
+            took = time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert code == 1, log_path.read_text()[-3000:]
+        assert took < 3 + 3, took
+        assert "did not confirm the final commit" in log_path.read_text()
+    finally:
+        if frozen and broker._proc is not None:
+            os.kill(broker._proc.pid, signal.SIGCONT)
+        broker.stop()
