@@ -376,8 +376,58 @@ class Settings(BaseSettings):
     service: ServiceSettings = ServiceSettings()
 
 
+#: ``SD_`` variables that are not settings: the dev broker's binary and the tests' data.
+OTHER_SD_VARIABLES = frozenset({"SD_TANSU_BIN", "SD_SHARED_DATA"})
+
+
+def setting_variables() -> set[str]:
+    """Every environment variable that names a setting (``SD_KAFKA`` for a whole group as JSON
+    and ``SD_KAFKA__BOOTSTRAP_SERVERS`` for one field)."""
+    names = set()
+    for field, info in Settings.model_fields.items():
+        names.add(f"SD_{field.upper()}")
+        model = info.annotation
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            names.update(f"SD_{field.upper()}__{sub.upper()}" for sub in model.model_fields)
+    return names
+
+
+def _unknown_variables() -> list[str]:
+    """``SD_*`` variables (environment, then the env file) that are no setting: a mistyped name
+    would otherwise leave its setting at the default without a word (the groups refuse unknown
+    fields, the top level ignored them)."""
+    import difflib
+    import os
+
+    from dotenv import dotenv_values
+
+    known = setting_variables()
+    found: dict[str, str] = {}
+    env_file = Settings.model_config.get("env_file")
+    sources: list[tuple[str, dict[str, str | None]]] = [("environment", dict(os.environ))]
+    if isinstance(env_file, str) and os.path.isfile(env_file):
+        sources.append((env_file, dotenv_values(env_file)))
+    for where, values in sources:
+        for var in values:
+            name = var.upper()
+            if (name.startswith("SD_") and name not in known and name not in OTHER_SD_VARIABLES
+                    and name not in found):
+                found[name] = where
+    problems = []
+    for name, where in sorted(found.items()):
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        problems.append(f"  {name} ({where}): not a setting{hint} (`stream-detector config` "
+                        "lists them)")
+    return problems
+
+
 def load_settings(**overrides: Any) -> Settings:
-    """Read settings from env/.env plus ``overrides``; raise :class:`ConfigError` naming fields."""
+    """Read settings from env/.env plus ``overrides``; raise :class:`ConfigError` naming fields
+    (and any ``SD_`` variable that names no setting)."""
+    unknown = _unknown_variables()
+    if unknown:
+        raise ConfigError("invalid settings:\n" + "\n".join(unknown))
     try:
         return Settings(**overrides)
     except ValidationError as exc:

@@ -513,7 +513,12 @@ def test_dotenv_in_cwd_is_read_and_env_wins(clean_env, monkeypatch) -> None:
         ("SD_KAFKA__PRODUCER_EXTRA", "{x",
          ["kafka.producer_extra (env SD_KAFKA__PRODUCER_EXTRA)", "not valid JSON"]),
         ("SD_KAFKA__EXTRA", '["a"]', ["kafka.extra", "SD_KAFKA__EXTRA"]),
-        ("SD_KAFKA__TYPO_FIELD", "1", ["kafka.typo_field", "Extra inputs are not permitted"]),
+        ("SD_KAFKA__TYPO_FIELD", "1", ["SD_KAFKA__TYPO_FIELD (environment): not a setting"]),
+        # a mistyped group or top-level name was ignored without a word (the groups refused
+        # unknown fields, the top level did not): the setting kept its default
+        ("SD_ARTIFACT_DIRR", "x", ["SD_ARTIFACT_DIRR", "did you mean SD_ARTIFACT_DIR?"]),
+        ("SD_SERVCE__HTTP_PORT", "1", ["did you mean SD_SERVICE__HTTP_PORT?"]),
+        ("SD_KAFKA__BOOTSTRAP_SERVER", "x", ["did you mean SD_KAFKA__BOOTSTRAP_SERVERS?"]),
         # the brokers refuse these empty ("Broker: Invalid topic" on the first record)
         *[(f"SD_KAFKA__{name.upper()}", "", [f"kafka.{name}", f"SD_KAFKA__{name.upper()}"])
           for name in ("input_topic", "alert_topic", "dead_letter_topic", "bootstrap_servers",
@@ -531,6 +536,19 @@ def test_invalid_value_names_the_field(clean_env, monkeypatch, env, value, names
     assert msg.startswith("invalid settings:")
     for name in names:
         assert name in msg, msg
+
+
+def test_unknown_variables_in_the_env_file_are_refused_too(clean_env, monkeypatch) -> None:
+    """The env file is read like the environment; SD_ variables that are not settings but the
+    project's own (the dev broker's binary, the tests' data) are allowed."""
+    monkeypatch.setenv("SD_TANSU_BIN", "/bin/true")
+    monkeypatch.setenv("sd_shared_data", "/tmp")
+    (clean_env / ".env").write_text("SD_KAFKA__GROUP_ID=g\nOTHER=1\n")
+    assert load_settings().kafka.group_id == "g"
+    (clean_env / ".env").write_text("SD_DETECTOR__MAX_BATCHES=8\n")
+    with pytest.raises(ConfigError, match=r"SD_DETECTOR__MAX_BATCHES \(\.env\): not a setting; "
+                                          r"did you mean SD_DETECTOR__MAX_BATCH\?"):
+        load_settings()
 
 
 def test_empty_score_topic_means_off(clean_env, monkeypatch) -> None:
