@@ -740,7 +740,7 @@ class DetectorService:
             for j, sensor in enumerate(batch.sensors):
                 if sensor in new and codes[j] != FULL:
                     sensor_tp.setdefault(sensor, tps[index[j]])
-        n_warming = 0
+        n_warming = n_dropped = 0
         dead_letter_late = self.settings.detector.late_policy == "dead_letter"
         for j in np.flatnonzero(codes != READY).tolist():
             i = index[j]
@@ -757,6 +757,7 @@ class DetectorService:
                                       f"ts {batch.ts_ms[j]} not after the sensor's last reading",
                                       messages[i], chunk)
                 else:
+                    n_dropped += 1
                     tracker.release(chunk)
             else:  # FULL: this replica holds SD_DETECTOR__MAX_SENSORS sensors already
                 self._dead_letter("sensor_limit", f"sensor {batch.sensors[j]!r} is new and this "
@@ -765,6 +766,8 @@ class DetectorService:
                 self._warn_sensor_limit(batch.sensors[j], detector.settings.max_sensors)
         if n_warming:
             m.warming.inc(n_warming)
+        if n_dropped:
+            m.dropped.labels("late_or_duplicate").inc(n_dropped)
 
     def _drop_future(self, batch: DecodedBatch, messages: list[Message],
                      refs: list[Ref], now_ms: float) -> DecodedBatch:

@@ -84,6 +84,10 @@ class Metrics:
             "sd_dead_letters_total", "Records sent to the dead-letter topic", ["reason"],
             registry=r,
         )
+        self.dropped = Counter(
+            "sd_readings_dropped_total", "Readings skipped without a dead letter "
+            "(late_or_duplicate with SD_DETECTOR__LATE_POLICY=drop)", ["reason"], registry=r,
+        )
         self.rebuilt = Counter(
             "sd_readings_rebuilt_total", "Readings re-read to rebuild windows", registry=r
         )
@@ -120,6 +124,7 @@ class Metrics:
             self.alerts.labels(event, level)
         for reason in REASONS:
             self.dead_letters.labels(reason)
+        self.dropped.labels("late_or_duplicate")  # present at 0, like every dead-letter reason
         for generation in GC_GENERATIONS:
             self.gc_pause.labels(generation)
         # the standard process_*, python_gc_* and python_info series, as in the default registry

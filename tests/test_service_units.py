@@ -1650,3 +1650,30 @@ def test_a_sensor_too_rare_for_a_window_does_not_make_the_rebuild_read_to_the_ma
     assert service.metrics.rebuild_inexact._value.get() == 0
     assert service.detector.unscored(["a", "b", "r"]) == ["r"]
     assert sent == reference
+
+
+@pytest.mark.parametrize("policy", ["dead_letter", "drop"])
+def test_late_readings_are_counted_under_either_policy(policy: str) -> None:
+    """With SD_DETECTOR__LATE_POLICY=drop the docs say late readings are "counted and
+    skipped", but nothing counted them: sd_readings_dropped_total{reason} does now."""
+    from stream_detector.config import DetectorSettings
+    from stream_detector.detector import Detector
+    from stream_detector.records import ReadingDecoder, encode_reading
+    from stream_detector.testing import NumpyScorer
+
+    service = _service()
+    detector = DetectorSettings(max_batch=1000, late_policy=policy)
+    service.settings = service.settings.model_copy(update={"detector": detector})
+    service.detector = Detector(service.manifest, NumpyScorer(), detector)
+    decoder = ReadingDecoder(service.manifest.features, 65536)
+    # ts 1000..1004, then 1002 and 1004 again (duplicates) and 900 (out of order)
+    stamps = [1000, 1001, 1002, 1003, 1004, 1002, 1004, 900]
+    msgs = [_msg(o, encode_reading("s", ts, [1.0, 2.0, 3.0])) for o, ts in enumerate(stamps)]
+    service._ingest(msgs, decoder, service.detector)
+    letters = [v for topic, v in service._producer.sent if topic == "sensor-readings-dlq"]
+    dropped = service.metrics.dropped.labels("late_or_duplicate")._value.get()
+    dead = service.metrics.dead_letters.labels("late_or_duplicate")._value.get()
+    if policy == "drop":
+        assert (dropped, dead, len(letters)) == (3, 0, 0)
+    else:
+        assert (dropped, dead, len(letters)) == (0, 3, 3)
