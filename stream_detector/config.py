@@ -315,7 +315,9 @@ class ServiceSettings(_Group):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     grace_period_s: float = Field(20.0, gt=0, description="SIGTERM drain budget, seconds.")
     max_message_bytes: int = Field(65_536, ge=64, description="Larger readings are dead-lettered.")
-    startup_retries: int = Field(10, ge=0, description="Broker connection attempts at start.")
+    startup_retries: int = Field(
+        10, ge=0, description="Retries of the broker connection at start, after the first "
+        "attempt (0 = one attempt; the default 10 gives up after about 4 minutes).")
     startup_backoff_s: float = Field(1.0, gt=0, description="First retry delay (doubles, max 30s).")
     rebuild_windows: bool = Field(
         True,
