@@ -40,6 +40,15 @@ def _count(text: str) -> int:
     return n
 
 
+def _threads(text: str) -> int:
+    """argparse type: torch threads, the range SD_SERVICE__TORCH_THREADS takes (0-256)."""
+    n = _count(text)
+    if n > 256:
+        raise argparse.ArgumentTypeError(f"must be at most 256 (as SD_SERVICE__TORCH_THREADS), "
+                                         f"got {n}")
+    return n
+
+
 def _entities(text: str | None) -> list[str] | None:
     """``--entities``: None (the option left out) means all; a value must name at least one
     entity, each once."""
@@ -183,6 +192,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.http:
         import urllib.request
 
+        if not args.http.startswith(("http://", "https://")):
+            raise ConfigError(f"--http takes an http:// or https:// URL (such as "
+                              f"http://127.0.0.1:8000/readyz), got {args.http!r}")
         try:
             with urllib.request.urlopen(args.http, timeout=3) as resp:  # noqa: S310
                 ok = resp.status == 200
@@ -333,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the Kafka consumer (settings from SD_* env / .env)")
     s.add_argument("--artifact", type=Path, default=None, help="overrides SD_ARTIFACT_DIR")
-    s.add_argument("--threads", type=_count, default=None,
+    s.add_argument("--threads", type=_threads, default=None,
                    help="torch intra-op threads (default SD_SERVICE__TORCH_THREADS, 1; "
                         "0 = torch's default, one per core)")
     s.add_argument("--rebuild-lookback", type=_count, default=None,

@@ -608,3 +608,13 @@ def test_full_backtest_passes_training_options_and_output_folders(tmp_path: Path
     assert not any("--set" in c for c in calls)
     assert "train --dataset synthetic --out artifacts/synthetic" in calls[0]
     assert calls[1].endswith("--artifact artifacts/synthetic --out reports/evaluation-synthetic")
+
+
+def test_check_http_and_serve_threads_refuse_bad_values_with_exit_2() -> None:
+    """`check --http not-a-url` printed a traceback; `serve --threads 1000` started although
+    SD_SERVICE__TORCH_THREADS=1000 is refused."""
+    r = _cli("check", "--http", "not-a-url", timeout=60)
+    assert r.returncode == 2 and "--http takes an http:// or https:// URL" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    r = _cli("serve", "--threads", "1000", timeout=60)
+    assert r.returncode == 2 and "must be at most 256" in r.stderr, r.stderr
