@@ -19,7 +19,14 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
@@ -53,6 +60,9 @@ class Metrics:
     by whatever partitions a replica owns and appears with them."""
 
     def __init__(self) -> None:
+        # no `<name>_created` gauge (a start timestamp) beside every counter and histogram:
+        # Prometheus does not need them, and they doubled the series a scrape lists
+        disable_created_metrics()
         r = self.registry = CollectorRegistry()
         self.readings = Counter("sd_readings_total", "Readings consumed", registry=r)
         self.warming = Counter(
