@@ -180,7 +180,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_dev_broker(args: argparse.Namespace) -> int:
     from stream_detector.devbroker import run_dev_broker
 
-    return run_dev_broker(args.port, args.ready_file) or 0
+    topics: dict[str, int] = {}
+    if not args.no_topics:
+        from stream_detector.config import load_settings
+
+        k = load_settings().kafka
+        if args.partitions < 1:
+            raise ConfigError("--partitions must be at least 1")
+        topics = {k.input_topic: args.partitions,
+                  **{t: 1 for t in (k.alert_topic, k.dead_letter_topic, k.score_topic) if t}}
+    return run_dev_broker(args.port, args.ready_file, topics) or 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -371,6 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=None)
     d.add_argument("--ready-file", type=Path, default=None,
                    help="write the bootstrap address here once the broker answers")
+    d.add_argument("--partitions", type=_count, default=4,
+                   help="partitions of the input topic it creates (default 4)")
+    d.add_argument("--no-topics", action="store_true",
+                   help="create no topics (default: the input, alert, dead-letter and score "
+                        "topics the SD_* settings / .env name, so `serve` finds them)")
     d.set_defaults(func=cmd_dev_broker)
 
     c = sub.add_parser("check", help="health check with a probe-friendly exit code")

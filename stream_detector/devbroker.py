@@ -237,8 +237,10 @@ def broker_or_existing(bootstrap_servers: str | None) -> Iterator[str]:
         yield broker.bootstrap_servers
 
 
-def run_dev_broker(port: int | None = None, ready_file: Path | None = None) -> int:
-    """``stream-detector dev-broker``: run in the foreground until Ctrl-C / SIGTERM."""
+def run_dev_broker(port: int | None = None, ready_file: Path | None = None,
+                   topics: dict[str, int] | None = None) -> int:
+    """``stream-detector dev-broker``: run in the foreground until Ctrl-C / SIGTERM, after
+    creating ``topics`` (name -> partitions; the broker is memory-only, so each start)."""
     broker = EmbeddedBroker(port)
     stop = False
 
@@ -251,6 +253,10 @@ def run_dev_broker(port: int | None = None, ready_file: Path | None = None) -> i
     broker.start()
     print(f"embedded Kafka-protocol broker (tansu) on {broker.bootstrap_servers}", flush=True)
     print(f"  export SD_KAFKA__BOOTSTRAP_SERVERS={broker.bootstrap_servers}", flush=True)
+    for name, partitions in (topics or {}).items():
+        create_topics(broker.bootstrap_servers, [name], partitions)
+        print(f"  topic {name} ({partitions} partition{'' if partitions == 1 else 's'})",
+              flush=True)
     if ready_file is not None:
         ready_file.parent.mkdir(parents=True, exist_ok=True)
         ready_file.write_text(broker.bootstrap_servers + "\n")

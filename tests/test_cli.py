@@ -301,10 +301,14 @@ def test_evaluate_plots_never_call_the_best_entity_worst(
 
 @pytest.mark.integration
 def test_dev_broker_runs_until_sigterm(tmp_path: Path) -> None:
+    """It creates the topics the settings name (serve waited for its input topic, and a
+    producer's auto-created one got the broker's default partitions), then runs until SIGTERM."""
     ready = tmp_path / "ready"
+    env = {**os.environ, "SD_KAFKA__INPUT_TOPIC": "dev-in", "SD_KAFKA__ALERT_TOPIC": "dev-alerts",
+           "SD_KAFKA__DEAD_LETTER_TOPIC": "dev-dlq", "SD_KAFKA__SCORE_TOPIC": ""}
     with subprocess.Popen([sys.executable, "-m", "stream_detector.cli", "dev-broker",
-                           "--ready-file", str(ready)], stdout=subprocess.PIPE,
-                          text=True) as proc:
+                           "--ready-file", str(ready), "--partitions", "3"],
+                          stdout=subprocess.PIPE, text=True, env=env) as proc:
         try:
             t0 = time.monotonic()
             while not ready.exists() and time.monotonic() - t0 < 30:
@@ -312,7 +316,9 @@ def test_dev_broker_runs_until_sigterm(tmp_path: Path) -> None:
             bootstrap = ready.read_text().strip()
             from confluent_kafka.admin import AdminClient
 
-            AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10)
+            meta = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10)
+            assert {t: len(m.partitions) for t, m in meta.topics.items()
+                    if t.startswith("dev-")} == {"dev-in": 3, "dev-alerts": 1, "dev-dlq": 1}
         finally:
             proc.send_signal(signal.SIGTERM)
             out, _ = proc.communicate(timeout=20)
