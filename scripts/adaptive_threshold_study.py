@@ -19,11 +19,10 @@ Scores each dataset's test data with the default artifacts that ``make backtest`
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
-from long_term_study import DATASETS, raw_scores
+from long_term_study import raw_scores, studies
 from numpy.lib.stride_tricks import sliding_window_view
 
 from stream_detector.datasets import load_dataset
@@ -70,11 +69,9 @@ def study(ds: str, data_dir: Path | None, art: Path) -> dict[object, dict[str, f
 
 
 if __name__ == "__main__":
-    arts = Path(sys.argv[1] if len(sys.argv) > 1 else "artifacts")
-    root = Path(sys.argv[2] if len(sys.argv) > 2 else "../shared/data")
     res = {}
-    for ds, sub in DATASETS.items():
-        res[ds] = study(ds, root / sub if sub else None, arts / ds)
+    for ds, result in studies(study):
+        res[ds] = result
         for v, m in res[ds].items():
             print(f"{ds:10s} N={v!s:8s} F1@thr {m['f1_at_threshold']:.4f}  precision "
                   f"{m['precision_at_threshold']:.3f}  recall {m['recall_at_threshold']:.3f}",

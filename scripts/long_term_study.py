@@ -120,12 +120,19 @@ def study(ds: str, data_dir: Path | None, art: Path) -> dict[str, dict[str, floa
     return {v: {k: round(float(summarize(r)[k]), 4) for k in KEYS} for v, r in rows.items()}
 
 
-if __name__ == "__main__":
+def studies(study_fn):
+    """Run ``study_fn(dataset, data_dir, artifact)`` on every dataset; yields (dataset, result).
+    Arguments: [ARTIFACTS_DIR] [DATA_ROOT] (artifacts, ../shared/data)."""
     arts = Path(sys.argv[1] if len(sys.argv) > 1 else "artifacts")
     root = Path(sys.argv[2] if len(sys.argv) > 2 else "../shared/data")
-    out = {}
     for ds, sub in DATASETS.items():
-        out[ds] = study(ds, root / sub if sub else None, arts / ds)
+        yield ds, study_fn(ds, root / sub if sub else None, arts / ds)
+
+
+if __name__ == "__main__":
+    out = {}
+    for ds, result in studies(study):
+        out[ds] = result
         for v, m in out[ds].items():
             print(f"{ds:10s} {v:8s} {json.dumps(m)}", flush=True)
     for v in ("default", "ewma", "finite", "product"):

@@ -28,16 +28,20 @@ for ds in DATASETS:
         print(f"| {ds} | {name} | {f(s.get('best_f1'))} | {f(s.get('f1_at_threshold'))} | "
               f"{f(s.get('auc_pr'))} | {f(s.get('pa_best_f1'))} |")
 
+def replay_reports():
+    """(dataset, report) of every replay report under ROOT, in DATASETS order."""
+    for ds in DATASETS:
+        p = ROOT / f"replay-{ds}" / "report.json"
+        if p.exists():
+            yield ds, json.loads(p.read_text())
+
+
 print("\n## Replay (through Kafka), mean over entities\n")
 print("| dataset | entities | readings | best-F1 | F1 @ label-free threshold | AUC-PR | PA best-F1 "
       "| random best-F1 | random PA best-F1 | HitRate@100% | HitRate@150% | parity max abs "
       "| readings/s |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-for ds in DATASETS:
-    p = ROOT / f"replay-{ds}" / "report.json"
-    if not p.exists():
-        continue
-    rep = json.loads(p.read_text())
+for ds, rep in replay_reports():
     s, m = rep["summary"], rep["summary"]["mean"]
     print(f"| {ds} | {s['entities']} | {s['readings']:,} | {f(m.get('best_f1'))} | "
           f"{f(m.get('f1_at_threshold'))} | {f(m.get('auc_pr'))} | {f(m.get('pa_best_f1'))} | "
@@ -49,11 +53,8 @@ print("\n## Alert episodes (replay), mean over entities\n")
 print("| dataset | episodes per entity | incident recall | episode precision | event F1 "
       "| random event F1 | false episodes per 10k readings | alert share | median delay |")
 print("|---|---|---|---|---|---|---|---|---|")
-for ds in DATASETS:
-    p = ROOT / f"replay-{ds}" / "report.json"
-    if not p.exists():
-        continue
-    m = json.loads(p.read_text())["summary"]["mean"]
+for ds, rep in replay_reports():
+    m = rep["summary"]["mean"]
     if "event_f1" not in m:  # a report from before the episode metrics
         continue
     print(f"| {ds} | {m['alerts']:.1f} | {f(m.get('incident_recall'))} | "
