@@ -218,6 +218,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     m = scorer.manifest
     print(f"artifact ok: {settings.artifact_dir} model_version={m.model_version} "
           f"features={m.n_features} window={m.window}")
+    print("model version: " + ("verified (the digest of the weights and the manifest)"
+                               if scorer.version_verified else
+                               "not verifiable (an artifact written before 2026-11-27 whose "
+                               "version is not the digest of its contents)"))
     print(f"input scaling: {_scaling(m)}")
     print(f"long-term term: {_long_term(m)}")
     if args.broker:

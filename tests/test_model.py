@@ -445,6 +445,26 @@ def test_an_edited_manifest_is_refused(artifact, tmp_path, edit: str) -> None:
     assert TorchScorer.load(artifact[0]).manifest.model_version == artifact[1].model_version
 
 
+def test_whole_number_float_options_and_older_artifacts_load(artifact, tmp_path) -> None:
+    """`--set clip=5` trained an artifact whose version hashed the int 5 while the loader reads
+    5.0: the new check refused an artifact nobody had edited. And an artifact without the
+    rule's marker (written before the check) whose version is not the digest (the sha256 of
+    model.pt before 2026-11-26) loads with a warning instead of being refused."""
+    from tests.kafka_helpers import train_tiny
+
+    art = train_tiny(tmp_path / "ints", clip=5, w_rec=1, w_fc=0)
+    raw = orjson.loads((art / MANIFEST_FILE).read_bytes())
+    assert raw["clip"] == 5 and raw["score"]["w_rec"] == 1
+    assert TorchScorer.load(art).version_verified
+    root = _copy(artifact[0], tmp_path)
+    raw = orjson.loads((root / MANIFEST_FILE).read_bytes())
+    del raw["versions"]["model_version_rule"]
+    raw["model_version"] = "tiny-" + raw["sha256"][:12]  # as builds before 2026-11-26 wrote it
+    (root / MANIFEST_FILE).write_bytes(orjson.dumps(raw))
+    old = TorchScorer.load(root)
+    assert not old.version_verified and old.manifest.model_version == raw["model_version"]
+
+
 def test_changed_schema_version_is_refused(artifact, tmp_path) -> None:
     root = _copy(artifact[0], tmp_path)
     _edit_manifest(root, schema_version=SCHEMA_VERSION + 1)

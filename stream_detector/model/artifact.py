@@ -9,12 +9,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import orjson
 import sklearn
 import torch
 
 from stream_detector import __version__
 from stream_detector.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
-from stream_detector.model.runtime import content_digest
+from stream_detector.model.runtime import (
+    VERIFIED_VERSION_KEY,
+    VERIFIED_VERSION_RULE,
+    content_digest,
+)
 
 
 def library_versions() -> dict[str, str]:
@@ -40,12 +45,16 @@ def write_artifact(out_dir: str | Path, model: torch.nn.Module, manifest: Manife
     tmp_model = root / (MODEL_FILE + ".tmp")
     torch.jit.save(scripted, str(tmp_model))
     digest = sha256_file(tmp_model)
-    version = manifest.model_version or f"{manifest.dataset}-{content_digest(model, manifest)[:12]}"
+    # the digest of the manifest as it reads back (a whole-number float option such as
+    # `--set clip=5` is 5 in memory and 5.0 once read), the form the consumer verifies
+    read_back = Manifest.from_dict(orjson.loads(manifest.to_json()))
+    version = (manifest.model_version
+               or f"{manifest.dataset}-{content_digest(model, read_back)[:12]}")
     final = replace(
         manifest,
         sha256=digest,
         model_version=version,
-        versions=library_versions(),
+        versions={**library_versions(), VERIFIED_VERSION_KEY: VERIFIED_VERSION_RULE},
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     final.validate()

@@ -120,6 +120,37 @@ def content_digest(model: torch.nn.Module, manifest: Manifest) -> str:
     return h.hexdigest()
 
 
+
+#: ``manifest.versions`` key of artifacts whose model version the consumer can verify (written
+#: since 2026-11-27: the digest of the manifest as it reads back). Older artifacts may hold a
+#: version derived otherwise (before 2026-11-26: the sha256 of model.pt; a whole-number float
+#: option hashed as an int), so a mismatch there is logged, not refused.
+VERIFIED_VERSION_KEY = "model_version_rule"
+VERIFIED_VERSION_RULE = "content-digest-2"
+
+
+def verify_model_version(manifest: Manifest, module: torch.nn.Module,
+                         artifact_dir: str | Path) -> bool:
+    """Recompute the model version from the weights and the manifest: True when it matches.
+    A mismatch is an ArtifactError for an artifact that declares the rule (the manifest or the
+    weights were changed after training: its alerts would reuse the original's ids), and a
+    warning for an older one, whose version may have been derived otherwise."""
+    expected = f"{manifest.dataset}-{content_digest(module, manifest)[:12]}"
+    if manifest.model_version == expected:
+        return True
+    if manifest.versions.get(VERIFIED_VERSION_KEY) == VERIFIED_VERSION_RULE:
+        raise ArtifactError(
+            f"artifact {artifact_dir}: model_version {manifest.model_version!r} does not match "
+            f"its contents ({expected!r}): the manifest (thresholds, scalers, score settings) "
+            "or the weights were changed after training. Alert ids derive from the model "
+            "version, so an edited artifact would reuse the original's; train a new artifact "
+            "(train --set KEY=VALUE) instead")
+    log.warning("model version not verifiable: the artifact predates the check, and its "
+                "version is not the digest of its contents (written by an older build, or "
+                "edited since)", artifact=str(artifact_dir), model_version=manifest.model_version)
+    return False
+
+
 class TorchScorer:
     """Implements the :class:`stream_detector.detector.Scorer` protocol with a TorchScript model.
 
@@ -131,6 +162,8 @@ class TorchScorer:
 
     def __init__(self, manifest: Manifest, module: torch.jit.ScriptModule, threads: int = 0):
         self.manifest = manifest
+        #: the model version was recomputed from the weights and manifest and matched (load)
+        self.version_verified = False
         self._module = module
         self._means, self._inv_stds = manifest.scaler_table()
         self._mean, self._inv_std = self._means[0], self._inv_stds[0]
@@ -172,15 +205,7 @@ class TorchScorer:
         module.eval()
         scorer = cls(manifest, module, threads)
         scorer._check_shape()
-        if manifest.schema_version >= 2:  # schema 1 artifacts hashed fields they lacked
-            expected = f"{manifest.dataset}-{content_digest(module, manifest)[:12]}"
-            if manifest.model_version != expected:
-                raise ArtifactError(
-                    f"artifact {artifact_dir}: model_version {manifest.model_version!r} does not "
-                    f"match its contents ({expected!r}): the manifest (thresholds, scalers, "
-                    "score settings) or the weights were changed after training. Alert ids "
-                    "derive from the model version, so an edited artifact would reuse the "
-                    "original's; train a new artifact (train --set KEY=VALUE) instead")
+        scorer.version_verified = verify_model_version(manifest, module, artifact_dir)
         return scorer
 
     def _check_shape(self) -> None:
