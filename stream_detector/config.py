@@ -394,8 +394,22 @@ def setting_variables() -> set[str]:
     return names
 
 
-def _unknown_variables() -> list[str]:
-    """``SD_*`` variables (environment, then the env file) that are no setting: a mistyped name
+def _object_prefixes() -> tuple[str, ...]:
+    """``SD_KAFKA__EXTRA__`` and the like: an object setting's keys can also be set one by one
+    with the nested delimiter (``SD_KAFKA__CONSUMER_EXTRA__fetch.max.bytes=1000``)."""
+    out = []
+    for field, info in Settings.model_fields.items():
+        model = info.annotation
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            out += [f"SD_{field.upper()}__{sub.upper()}__" for sub, sub_info in
+                    model.model_fields.items() if get_origin(sub_info.annotation) is dict
+                    or str(sub_info.annotation).startswith("dict")]
+    return tuple(out)
+
+
+def _unknown_variables(env_file: Any = "default") -> list[str]:
+    """``SD_*`` variables (environment, then the env file: ``env_file`` as Settings'
+    ``_env_file`` takes it, the configured one by default) that are no setting: a mistyped name
     would otherwise leave its setting at the default without a word (the groups refuse unknown
     fields, the top level ignored them)."""
     import difflib
@@ -404,16 +418,18 @@ def _unknown_variables() -> list[str]:
     from dotenv import dotenv_values
 
     known = setting_variables()
+    objects = _object_prefixes()
     found: dict[str, str] = {}
-    env_file = Settings.model_config.get("env_file")
+    if env_file == "default":
+        env_file = Settings.model_config.get("env_file")
+    files = [env_file] if isinstance(env_file, str | Path) else list(env_file or ())
     sources: list[tuple[str, dict[str, str | None]]] = [("environment", dict(os.environ))]
-    if isinstance(env_file, str) and os.path.isfile(env_file):
-        sources.append((env_file, dotenv_values(env_file)))
+    sources += [(str(f), dotenv_values(f)) for f in files if os.path.isfile(f)]
     for where, values in sources:
         for var in values:
             name = var.upper()
             if (name.startswith("SD_") and name not in known and name not in OTHER_SD_VARIABLES
-                    and name not in found):
+                    and not name.startswith(objects) and name not in found):
                 found[name] = where
     problems = []
     for name, where in sorted(found.items()):
@@ -427,7 +443,7 @@ def _unknown_variables() -> list[str]:
 def load_settings(**overrides: Any) -> Settings:
     """Read settings from env/.env plus ``overrides``; raise :class:`ConfigError` naming fields
     (and any ``SD_`` variable that names no setting)."""
-    unknown = _unknown_variables()
+    unknown = _unknown_variables(overrides.get("_env_file", "default"))
     if unknown:
         raise ConfigError("invalid settings:\n" + "\n".join(unknown))
     try:

@@ -549,6 +549,15 @@ def test_unknown_variables_in_the_env_file_are_refused_too(clean_env, monkeypatc
     with pytest.raises(ConfigError, match=r"SD_DETECTOR__MAX_BATCHES \(\.env\): not a setting; "
                                           r"did you mean SD_DETECTOR__MAX_BATCH\?"):
         load_settings()
+    # an env file named by the caller is the one checked (None: none)
+    assert load_settings(_env_file=None).kafka.group_id == "stream-detector"
+    (clean_env / "other.env").write_text("SD_KAFKA__GROUP_IDD=x\n")
+    with pytest.raises(ConfigError, match=r"SD_KAFKA__GROUP_IDD \(other\.env\)"):
+        load_settings(_env_file="other.env")
+    # an object setting's keys one by one, with the nested delimiter, are settings
+    (clean_env / ".env").unlink()
+    monkeypatch.setenv("SD_KAFKA__CONSUMER_EXTRA__fetch.max.bytes", "1000")
+    assert load_settings().kafka.consumer_extra == {"fetch.max.bytes": "1000"}
 
 
 def test_empty_score_topic_means_off(clean_env, monkeypatch) -> None:
