@@ -465,11 +465,7 @@ class DetectorService:
         finally:
             if self.http is not None:
                 self.http.stop()
-            # the clients are done: let them go now. A Producer lives (and keeps reconnecting
-            # to its broker, logging every failure) as long as it is referenced, and an
-            # embedding process (replay, bench, tests) keeps this object after run() returns
-            self._producer = None
-            self._consumer = None
+            self._release_clients()
             flush_kafka_log()  # held-back repeats (after a fatal error, waiting for the broker)
 
     # -- the hot loop ------------------------------------------------------------------
@@ -1018,6 +1014,16 @@ class DetectorService:
         flush_kafka_log()  # librdkafka's held-back repeats, before the last line
         log.info("stopped", seconds=round(time.monotonic() - t0, 3), exit_code=code)
         return code
+
+    def _release_clients(self) -> None:
+        """The clients are done: let them go now. A Producer lives (and keeps reconnecting to
+        its broker, logging every failure) as long as it is referenced, and an embedding
+        process (replay, bench, tests) keeps this object after run() returns. Not while an
+        abandoned close still runs: its revoke callback drains through them (serve exits the
+        process; an embedder's close thread finishes when the broker answers)."""
+        if not self.close_abandoned:
+            self._producer = None
+            self._consumer = None
 
     def _close_after_fatal(self) -> None:
         """Leave the group after a fatal error, so the partitions move to another replica now

@@ -1687,3 +1687,46 @@ def test_metrics_expose_no_created_timestamps() -> None:
     text = generate_latest(Metrics().registry).decode()
     assert "sd_readings_total" in text
     assert [ln for ln in text.splitlines() if "_created" in ln] == []
+
+
+def test_an_abandoned_close_keeps_the_clients_its_revoke_drain_uses() -> None:
+    """SIGTERM with a broker that answers only after the grace period: _shutdown gives up
+    (exit 1) while the close thread still waits; when the broker answers, close() runs the
+    revoke callback, which drains through the producer and stores offsets through the
+    consumer. Releasing the clients meanwhile (run()'s cleanup, for embedders that keep the
+    service) made that thread fail on None clients."""
+    import threading
+
+    answer = threading.Event()
+    errors: list[BaseException] = []
+    revoked = threading.Event()
+
+    class SlowConsumer:
+        def commit(self, asynchronous: bool = True) -> None:
+            answer.wait(10)  # the broker answers after the grace period
+
+        def close(self) -> None:
+            try:
+                service._on_revoke(self, [])
+            except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+                errors.append(exc)
+            finally:
+                revoked.set()
+
+        def unassign(self) -> None:
+            pass
+
+        def incremental_unassign(self, partitions) -> None:
+            pass
+
+        def store_offsets(self, offsets=None) -> None:
+            pass
+
+    service = _service()  # grace period 1 s
+    service._consumer = SlowConsumer()
+    assert service._shutdown() == 1 and service.close_abandoned
+    service._release_clients()  # what run() does next
+    answer.set()
+    assert revoked.wait(10)
+    assert errors == []
+    assert service._producer is not None and service._consumer is not None
