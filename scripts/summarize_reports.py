@@ -11,8 +11,8 @@ ROOT = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("reports")
 DATASETS = ["smd", "smap", "msl", "nab", "synthetic"]
 
 
-def f(x: object) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and x != x) else f"{x:.3f}"
+def f(x: object, spec: str = ".3f") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and x != x) else format(x, spec)
 
 
 print("## Evaluation (batch), mean over entities\n")
@@ -57,7 +57,7 @@ for ds, rep in replay_reports():
     m = rep["summary"]["mean"]
     if "event_f1" not in m:  # a report from before the episode metrics
         continue
-    print(f"| {ds} | {m['alerts']:.1f} | {f(m.get('incident_recall'))} | "
+    print(f"| {ds} | {f(m.get('alerts'), '.1f')} | {f(m.get('incident_recall'))} | "
           f"{f(m.get('episode_precision'))} | {f(m.get('event_f1'))} | "
-          f"{f(m.get('random_event_f1'))} | {m['false_episodes_per_10k']:.1f} | "
-          f"{f(m.get('alert_share'))} | {m['delay_p50']:.1f} |")
+          f"{f(m.get('random_event_f1'))} | {f(m.get('false_episodes_per_10k'), '.1f')} | "
+          f"{f(m.get('alert_share'))} | {f(m.get('delay_p50'), '.1f')} |")

@@ -201,7 +201,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.http:
         import urllib.request
 
-        if not args.http.startswith(("http://", "https://")):
+        if not args.http.lower().startswith(("http://", "https://")):
             raise ConfigError(f"--http takes an http:// or https:// URL (such as "
                               f"http://127.0.0.1:8000/readyz), got {args.http!r}")
         try:
@@ -492,8 +492,9 @@ def _run(args: argparse.Namespace) -> int:
         configure_logging("console", "INFO")
     if args.command in _CLEANUP_ON_SIGTERM:
         _interrupt_on_sigterm()
-    from stream_detector.evaluation import remove_created_out_dirs
+    from stream_detector.evaluation import forget_created_out_dirs, remove_created_out_dirs
 
+    forget_created_out_dirs()  # an earlier command in this process keeps its folders
     try:
         return int(args.func(args) or 0)
     except StreamDetectorError as exc:

@@ -19,6 +19,7 @@ Test labels are used only to compute these metrics, never to choose a threshold.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,7 +92,9 @@ def prepare_out_dir(path: Path, option: str = "--out", what: str = "report") -> 
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{option} {path} is an existing file, not a directory: pass a "
                           f"directory for the {what}")
-    new = [p for p in (path, *path.parents) if not p.exists()][::-1]
+    # absolute and normalised: `missing/../existing` must not count `existing` as created
+    full = Path(os.path.abspath(path))
+    new = [p for p in (full, *full.parents) if not p.exists()][::-1]
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -99,6 +102,11 @@ def prepare_out_dir(path: Path, option: str = "--out", what: str = "report") -> 
                           f"({exc.strerror or exc})") from None
     _CREATED.extend(new)
     return path
+
+
+def forget_created_out_dirs() -> None:
+    """Start a command afresh: directories an earlier command created are not removed."""
+    _CREATED.clear()
 
 
 def remove_created_out_dirs() -> None:

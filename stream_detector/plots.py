@@ -148,11 +148,12 @@ def plot_entity(
     if thr_ok:
         ax.axhline(thr, color="black", ls="--", lw=1.0, label=f"threshold {thr:.3g}")
     _shade_labels(ax, segs, legend=True)
-    if n and thr_ok and thr > 0 and float(s.min()) >= 0 and float(s.max()) > 20 * thr:
+    peak = float(s.max()) if n else float("nan")
+    if n and thr_ok and thr > 0 and float(s.min()) >= 0 and math.isfinite(peak) and peak > 20 * thr:
         # scores spanning orders of magnitude above the threshold (many long anomalies, where
         # no axis cut helps): linear up to the threshold, logarithmic above it
         ax.set_yscale("symlog", linthresh=thr, linscale=1.0)
-        ax.set_ylim(0, float(s.max()) * 1.3)
+        ax.set_ylim(0, peak * 1.3)
         ax.text(0.005, 0.97, f"y axis logarithmic above the threshold (max {s.max():.3g})",
                 fontsize=7, transform=ax.transAxes, va="top")
     elif n:

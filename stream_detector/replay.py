@@ -788,7 +788,7 @@ def _markdown(opts: ReplayOptions, rows: list[dict[str, Any]], s: dict[str, Any]
         "reading under an open episode.",
         "",
         markdown_table(rows, ["entity", *EVENT_COLUMNS], title=None,
-                       formats={"incidents": ".0f", "false_episodes_per_10k": ".1f",
+                       formats={"incidents": ".1f", "false_episodes_per_10k": ".1f",
                                 "delay_p50": ".1f"}),
         "",
     ]

@@ -230,3 +230,5 @@ def test_plot_entity_scale_shows_the_threshold(tmp_path: Path,
     scores[500:600] = 200.0
     assert _is_png(plot_entity(tmp_path / "wide.png", "x", scores, labels, 2.0))
     assert scales == ["linear", "symlog"]
+    scores[550] = np.inf  # an infinite score: plotted (no log axis to infinity), not a crash
+    assert _is_png(plot_entity(tmp_path / "inf.png", "x", scores, labels, 2.0))

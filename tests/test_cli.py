@@ -576,6 +576,10 @@ def test_a_failed_command_removes_the_empty_out_folders_it_created(tmp_path: Pat
     r = _cli("evaluate", "--artifact", str(tmp_path / "nope"), "--out", str(tmp_path / "kept"),
              timeout=60)
     assert r.returncode == 2 and (tmp_path / "kept").is_dir()
+    # a path through a missing folder back to an existing one names nothing new
+    r = _cli("evaluate", "--artifact", str(tmp_path / "nope"),
+             "--out", str(tmp_path / "missing" / ".." / "kept"), timeout=60)
+    assert r.returncode == 2 and (tmp_path / "kept").is_dir()
 
 
 def test_full_backtest_passes_training_options_and_output_folders(tmp_path: Path) -> None:
@@ -619,6 +623,8 @@ def test_full_backtest_passes_training_options_and_output_folders(tmp_path: Path
 def test_check_http_and_serve_threads_refuse_bad_values_with_exit_2() -> None:
     """`check --http not-a-url` printed a traceback; `serve --threads 1000` started although
     SD_SERVICE__TORCH_THREADS=1000 is refused."""
+    r = _cli("check", "--http", "HTTP://127.0.0.1:9/readyz", timeout=60)  # any case: a URL
+    assert r.returncode == 1 and r.stdout.startswith("FAIL HTTP://"), (r.stdout, r.stderr)
     r = _cli("check", "--http", "not-a-url", timeout=60)
     assert r.returncode == 2 and "--http takes an http:// or https:// URL" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
