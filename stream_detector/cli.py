@@ -220,7 +220,8 @@ def cmd_check(args: argparse.Namespace) -> int:
           f"features={m.n_features} window={m.window}")
     print("model version: " + ("verified (the digest of the weights and the manifest)"
                                if scorer.version_verified else
-                               "not verifiable (an artifact written before 2026-11-27 whose "
+                               "not verifiable (an artifact without versions."
+                               "model_version_rule, written before 2026-11-27 10:35, whose "
                                "version is not the digest of its contents)"))
     print(f"input scaling: {_scaling(m)}")
     print(f"long-term term: {_long_term(m)}")

@@ -122,9 +122,10 @@ def content_digest(model: torch.nn.Module, manifest: Manifest) -> str:
 
 
 #: ``manifest.versions`` key of artifacts whose model version the consumer can verify (written
-#: since 2026-11-27: the digest of the manifest as it reads back). Older artifacts may hold a
-#: version derived otherwise (before 2026-11-26: the sha256 of model.pt; a whole-number float
-#: option hashed as an int), so a mismatch there is logged, not refused.
+#: since 2026-11-27 10:35, commit 56a7260: the digest of the manifest as it reads back).
+#: Older artifacts may hold a version derived otherwise (before 2026-11-26: the sha256 of
+#: model.pt; a whole-number float option hashed as an int), so a mismatch there is logged,
+#: not refused.
 VERIFIED_VERSION_KEY = "model_version_rule"
 VERIFIED_VERSION_RULE = "content-digest-2"
 
