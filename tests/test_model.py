@@ -621,6 +621,7 @@ def test_schema_version_1_manifest_still_loads_with_global_scales(artifact, tmp_
     raw["schema_version"] = 1
     del raw["score"]["per_sensor"], raw["score"]["feature_weights"]
     raw["score"].pop("long_term", None)
+    del raw["versions"]["model_version_rule"]  # not written then: the version is not checked
     (root / MANIFEST_FILE).write_bytes(orjson.dumps(raw))
     scorer = TorchScorer.load(root)
     assert scorer.manifest.score.per_sensor == {} and scorer.manifest.score.feature_weights == ()
