@@ -250,6 +250,7 @@ def check_broker(settings: Any) -> int:
 def cmd_datasets(args: argparse.Namespace) -> int:
     from stream_detector.datasets import DATASETS, default_data_dir, get_loader
     from stream_detector.errors import DatasetError
+    from stream_detector.evaluation import counted
 
     if args.action == "list":
         if args.to is not None:
@@ -288,7 +289,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
             raise DatasetError(f"dataset {args.name!r} has no entities in {path}: is that the "
                                f"{args.name} data directory?")
         print(f"{args.name}: {path if path else 'built in'}, "
-              f"{len(names)} {'entity' if len(names) == 1 else 'entities'}")
+              f"{counted(len(names), 'entity', 'entities')}")
         print(",".join(names))
         return 0
     if (args.name or "smd") != "smd":

@@ -382,50 +382,54 @@ class Settings(BaseSettings):
 OTHER_SD_VARIABLES = frozenset({"SD_TANSU_BIN", "SD_SHARED_DATA"})
 
 
-def setting_variables() -> set[str]:
-    """Every environment variable that names a setting (``SD_KAFKA`` for a whole group as JSON
-    and ``SD_KAFKA__BOOTSTRAP_SERVERS`` for one field)."""
-    names = set()
-    for field, info in Settings.model_fields.items():
-        names.add(f"SD_{field.upper()}")
-        model = info.annotation
-        if isinstance(model, type) and issubclass(model, BaseModel):
-            names.update(f"SD_{field.upper()}__{sub.upper()}" for sub in model.model_fields)
-    return names
+def _groups() -> list[tuple[str, type[BaseModel]]]:
+    """The setting groups (``kafka``, ``detector``, ``service``) and their models."""
+    return [(field, info.annotation) for field, info in Settings.model_fields.items()
+            if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)]
 
 
-def _object_prefixes() -> tuple[str, ...]:
-    """``SD_KAFKA__EXTRA__`` and the like: an object setting's keys can also be set one by one
-    with the nested delimiter (``SD_KAFKA__CONSUMER_EXTRA__fetch.max.bytes=1000``)."""
-    out = []
-    for field, info in Settings.model_fields.items():
-        model = info.annotation
-        if isinstance(model, type) and issubclass(model, BaseModel):
-            out += [f"SD_{field.upper()}__{sub.upper()}__" for sub, sub_info in
-                    model.model_fields.items() if get_origin(sub_info.annotation) is dict
-                    or str(sub_info.annotation).startswith("dict")]
-    return tuple(out)
+def _object_fields(model: type[BaseModel]) -> list[str]:
+    """The fields of a group that hold an object (``extra``, ``consumer_extra``, ...)."""
+    return [f for f, info in model.model_fields.items()
+            if str(info.annotation).startswith("dict")]
 
 
-def _unknown_variables(env_file: Any = "default") -> list[str]:
-    """``SD_*`` variables (environment, then the env file: ``env_file`` as Settings'
-    ``_env_file`` takes it, the configured one by default) that are no setting: a mistyped name
-    would otherwise leave its setting at the default without a word (the groups refuse unknown
-    fields, the top level ignored them)."""
-    import difflib
+def _env_sources(env_file: Any = "default") -> list[tuple[str, dict[str, str | None]]]:
+    """Where settings come from, in order: the environment, then the env file (``env_file``
+    as Settings' ``_env_file`` takes it; the configured one by default), each named."""
     import os
 
     from dotenv import dotenv_values
 
-    known = setting_variables()
-    objects = _object_prefixes()
-    found: dict[str, str] = {}
     if env_file == "default":
         env_file = Settings.model_config.get("env_file")
     files = [env_file] if isinstance(env_file, str | Path) else list(env_file or ())
     sources: list[tuple[str, dict[str, str | None]]] = [("environment", dict(os.environ))]
-    sources += [(str(f), dotenv_values(f)) for f in files if os.path.isfile(f)]
-    for where, values in sources:
+    return sources + [(str(f), dotenv_values(f)) for f in files if os.path.isfile(f)]
+
+
+def setting_variables() -> set[str]:
+    """Every environment variable that names a setting (``SD_KAFKA`` for a whole group as JSON
+    and ``SD_KAFKA__BOOTSTRAP_SERVERS`` for one field)."""
+    names = {f"SD_{field.upper()}" for field in Settings.model_fields}
+    for group, model in _groups():
+        names.update(f"SD_{group.upper()}__{sub.upper()}" for sub in model.model_fields)
+    return names
+
+
+def _unknown_variables(env_file: Any = "default") -> list[str]:
+    """``SD_*`` variables (environment, then the env file, see :func:`_env_sources`) that are
+    no setting: a mistyped name would otherwise leave its setting at the default without a word
+    (the groups refuse unknown fields, the top level ignored them). An object setting's keys
+    set one by one with the nested delimiter (``SD_KAFKA__CONSUMER_EXTRA__fetch.max.bytes``)
+    are settings."""
+    import difflib
+
+    known = setting_variables()
+    objects = tuple(f"SD_{group.upper()}__{field.upper()}__" for group, model in _groups()
+                    for field in _object_fields(model))
+    found: dict[str, str] = {}
+    for where, values in _env_sources(env_file):
         for var in values:
             name = var.upper()
             if (name.startswith("SD_") and name not in known and name not in OTHER_SD_VARIABLES
@@ -471,19 +475,11 @@ def _bad_json_variable(group: str) -> str | None:
     """The ``SD_<GROUP>__*`` variable of an object setting of ``group`` (environment first,
     then the env file Settings reads) whose value is not JSON, to name it; None when none."""
     import json
-    import os
 
-    from dotenv import dotenv_values
-
-    model = getattr(Settings.model_fields.get(group), "annotation", None)
-    fields = getattr(model, "model_fields", {})
-    objects = sorted(f"SD_{group.upper()}__{field.upper()}" for field, info in fields.items()
-                     if str(info.annotation).startswith("dict"))
-    sources: list[dict[str, str | None]] = [dict(os.environ)]
-    env_file = Settings.model_config.get("env_file")
-    if isinstance(env_file, str) and os.path.isfile(env_file):
-        sources.append(dotenv_values(env_file))
-    for values in sources:
+    model = dict(_groups()).get(group)
+    objects = sorted(f"SD_{group.upper()}__{field.upper()}"
+                     for field in (_object_fields(model) if model is not None else ()))
+    for _, values in _env_sources():
         for var in objects:
             value = values.get(var)
             if value is None:
