@@ -363,8 +363,8 @@ def run_replay(opts: ReplayOptions) -> ReplayReport:
         alerts = [a for a in stream_result["alerts"] if a["sensor"] == e.name]
         opens = [a for a in alerts if a["event"] == "open"]
         hits = _root_cause(e, alerts, ref.contributions, off, t0)
-        events = episode_metrics(alert_ranges(alerts, off, len(e.labels), t0), e.labels,
-                                 seed=opts.seed)
+        episodes = alert_ranges(alerts, off, len(e.labels), t0)
+        events = episode_metrics(episodes, e.labels, seed=opts.seed)
         row = {
             "entity": e.name,
             "rows": len(e.test),
@@ -381,8 +381,8 @@ def run_replay(opts: ReplayOptions) -> ReplayReport:
             **events,
         }
         rows.append(row)
-        data[e.name] = {"score": s_stream, "ref": ref, "alerts": alerts, "entity": e,
-                        "n_ctx": off, "t0_ms": t0}
+        data[e.name] = {"score": s_stream, "ref": ref, "alerts": alerts, "episodes": episodes,
+                        "entity": e, "n_ctx": off, "t0_ms": t0}
 
     parity_ok = max_err <= opts.max_parity_error
     summary = _summary(rows, stream_result, n_readings, expected, max_err, parity_ok, opts,
@@ -827,9 +827,8 @@ def _plots(out_dir: Path, data: dict[str, Any], manifest: Any, progress: bool) -
 
     for name, d in tqdm(data.items(), desc="plots", disable=not progress, leave=False):
         e: Entity = d["entity"]
-        alert_rows = alert_ranges(d["alerts"], d["n_ctx"], len(e.labels), d["t0_ms"])
         plot_entity(out_dir / plot_file_name(name), name, d["score"], e.labels, d["ref"].threshold,
-                    signal=e.test, feature_names=list(e.features), alerts=alert_rows,
+                    signal=e.test, feature_names=list(e.features), alerts=d["episodes"],
                     title=f"{name}: streamed score, threshold, labelled anomalies, alerts")
 
 
