@@ -248,7 +248,12 @@ def check_broker(settings: Any) -> int:
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
-    from stream_detector.datasets import DATASETS, default_data_dir, get_loader
+    from stream_detector.datasets import (
+        DATASETS,
+        default_data_dir,
+        get_loader,
+        refuse_data_dir_of_generated,
+    )
     from stream_detector.errors import DatasetError
     from stream_detector.evaluation import counted
 
@@ -278,9 +283,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
             return 0
         # one dataset: its directory and entity names (what --entities takes); errors exit 2
         loader = get_loader(args.name)
-        if args.data_dir is not None and not loader.needs_data_dir:
-            raise DatasetError(f"dataset {args.name!r} is generated, not read from files: "
-                               "leave out --data-dir")
+        refuse_data_dir_of_generated(args.name, args.data_dir)
         path = args.data_dir or (default_data_dir(args.name) if loader.needs_data_dir else None)
         if loader.needs_data_dir and path is None:
             raise DatasetError(f"no {args.name} data found; pass --data-dir")

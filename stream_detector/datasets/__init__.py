@@ -39,6 +39,7 @@ __all__ = [
     "get_loader",
     "load_dataset",
     "check_entity_names",
+    "refuse_data_dir_of_generated",
     "resolve_data_dir",
 ]
 
@@ -121,6 +122,14 @@ def check_entity_names(names: Sequence[str], source: str) -> None:
                            "entity once")
 
 
+def refuse_data_dir_of_generated(name: str, data_dir: str | Path | None) -> None:
+    """DatasetError when a data directory is given for a dataset that is generated, not read
+    (``synthetic``): it would be ignored without a word."""
+    if data_dir is not None and not get_loader(name).needs_data_dir:
+        raise DatasetError(f"dataset {name!r} is generated, not read from files: leave out "
+                           f"--data-dir (got {data_dir})")
+
+
 def load_dataset(
     name: str, data_dir: str | Path | None = None, entities: Sequence[str] | None = None
 ) -> list[Entity]:
@@ -131,9 +140,7 @@ def load_dataset(
     once per mention.
     """
     loader = get_loader(name)
-    if data_dir is not None and not loader.needs_data_dir:
-        raise DatasetError(f"dataset {name!r} is generated, not read from files: leave out "
-                           f"--data-dir (got {data_dir})")
+    refuse_data_dir_of_generated(name, data_dir)
     path = Path(data_dir) if data_dir is not None else None
     if entities is None:
         names = loader.list_entities(path)
