@@ -412,10 +412,14 @@ class DetectorService:
 
     def run(self) -> int:
         """Run until stopped. Returns the process exit code (0 = clean drain)."""
-        # The model runs on torch's own thread, without the GIL, but a finished inference task
-        # waits for the GIL before the loop can see it; with Python's default 5 ms switch
-        # interval the model idles up to 5 ms per task while this thread decodes. 0.5 ms keeps
-        # it busy (measured in docs/benchmarks.md); restored when the loop ends.
+        # The model runs on torch's own thread, without the GIL: its task gets copies of the
+        # windows so that it never drops a tensor that has a Python object (model/runtime.py).
+        # Before that, each task waited for the GIL, up to Python's default 5 ms switch
+        # interval while this thread decoded, and 0.5 ms was the remedy. It stays as a bound
+        # for any other thread that needs the GIL (the HTTP server, a task that drops its
+        # results after the loop took them): the loop gives the GIL up within 0.5 ms. With the
+        # copies, 0.5 ms and 5 ms gave the same end-to-end rate (4 runs each, 2026-11-27).
+        # Restored when the loop ends.
         switch = sys.getswitchinterval()
         sys.setswitchinterval(min(switch, GIL_SWITCH_INTERVAL_S))
         try:

@@ -412,6 +412,33 @@ def test_async_scoring_scales_in_the_task_and_scores_chunk_by_chunk(artifact) ->
                                    rtol=1e-6, atol=1e-7)
 
 
+def test_async_scoring_finishes_while_the_caller_holds_the_gil(artifact) -> None:
+    """The forked task never needs the GIL: it finishes while the calling thread runs Python
+    without letting go of it (switch interval raised to 60 s). Before the task got copies of
+    the inputs it dropped the caller's tensors itself, which takes the GIL (torch >= 2.10), so
+    it waited for the caller's next pause: here, the end of the loop (done() stayed False),
+    in the service up to 5 ms per batch while the loop decoded readings."""
+    root, manifest, _ = artifact
+    scorer = TorchScorer.load(root)
+    assert scorer.overlapped
+    w = np.tile(np.asarray(manifest.scaler_mean, np.float32), (64, manifest.window, 1))
+    for rows in (None, np.zeros(64, dtype=np.intp)):
+        old = sys.getswitchinterval()
+        sys.setswitchinterval(60.0)
+        try:
+            pending = scorer.errors_async(w, 16, rows)
+            finished = False
+            for _ in range(20_000_000):  # pure Python, never blocks: seconds at most
+                if pending.done():
+                    finished = True
+                    break
+        finally:
+            sys.setswitchinterval(old)
+        assert finished, "the scoring task waited for the GIL"
+        rec, fc = pending.result()
+        assert rec.shape == fc.shape == (64, manifest.n_features)
+
+
 # ----------------------------------------------------------------------------- refusals
 
 

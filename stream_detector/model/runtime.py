@@ -28,7 +28,17 @@ class _AsyncModel(torch.nn.Module):
     global scaler or, given ``rows``, each window's row of the scaler table. Windows
     beyond ``chunk`` are scored ``chunk`` at a time, one call after the other in the same task:
     several queued micro-batches keep the model busy without the caller's help, each at its
-    own size."""
+    own size.
+
+    The task gets copies of the inputs, made on the caller's thread (``forward``). Since torch
+    2.10 a tensor that has a Python object (every tensor made in Python, such as the windows
+    handed in) takes the GIL whenever its C++ reference count goes from 1 to 2 or from 2 to 1,
+    so the task would wait for the GIL when it drops the caller's tensors: up to the
+    interpreter's switch interval (5 ms) each time the caller runs Python, which cut the
+    model's rate under a busy loop from about 214,000 to 21,000 windows/s (batch 256, one
+    thread, 2026-11-27; ``bench`` section 3 measures the service). A copy made in C++ has no
+    Python object, and the task then never touches the GIL.
+    """
 
     def __init__(self, model: torch.nn.Module, mean: np.ndarray, inv_std: np.ndarray,
                  clip: float) -> None:
@@ -65,7 +75,7 @@ class _AsyncModel(torch.nn.Module):
     def forward(
         self, x: torch.Tensor, rows: torch.Tensor, chunk: int
     ) -> torch.jit.Future[tuple[torch.Tensor, torch.Tensor]]:
-        return torch.jit.fork(self.run, x, rows, chunk)
+        return torch.jit.fork(self.run, x.clone(), rows.clone(), chunk)
 
 
 class PendingErrors:
