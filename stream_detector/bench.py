@@ -143,23 +143,60 @@ def machine_cpu() -> tuple[float, float]:
         return float("nan"), float("nan")
 
 
-class CpuMeter:
-    """CPU cores used over an interval: this process, the broker, the whole machine."""
+#: the service's threads by role, as :func:`thread_cpu_s` groups them
+THREAD_ROLES = ("loop", "torch_pool", "librdkafka", "other")
 
-    def __init__(self, broker_pid: int | None) -> None:
+
+def thread_cpu_s(loop_tid: int | None) -> dict[str, float]:
+    """CPU seconds so far of this process's threads, by role (Linux ``/proc/self/task``): the
+    service's loop (thread ``loop_tid``), torch's inter-op pool (``PTThreadPool``: the model
+    task), librdkafka's threads (``rdk:``) and the other threads (torch's intra-op workers
+    with more than one torch thread, the bench's own). Empty when unreadable. A thread that
+    ends between two readings takes its time with it (none of these do during a run)."""
+    out = dict.fromkeys(THREAD_ROLES, 0.0)
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return {}
+    for t in tasks:
+        try:
+            comm = Path(f"/proc/self/task/{t}/comm").read_text().strip()
+            fields = Path(f"/proc/self/task/{t}/stat").read_text().rsplit(")", 1)[1].split()
+            cpu = (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            continue  # ended meanwhile
+        role = ("loop" if loop_tid is not None and int(t) == loop_tid
+                else "torch_pool" if comm.startswith("PTThreadPool")
+                else "librdkafka" if comm.startswith("rdk:") else "other")
+        out[role] += cpu
+    return out
+
+
+class CpuMeter:
+    """CPU cores used over an interval: this process (and, on Linux, its threads by role:
+    :func:`thread_cpu_s`), the broker, the whole machine."""
+
+    def __init__(self, broker_pid: int | None, loop_tid: int | None = None) -> None:
         self.pid = broker_pid
+        self.loop_tid = loop_tid
         self.t0 = time.perf_counter()
         self.own0 = time.process_time()
+        self.threads0 = thread_cpu_s(loop_tid)
         self.broker0 = _proc_cpu_s(broker_pid) if broker_pid else float("nan")
         self.machine0 = machine_cpu()[0]
 
     def stop(self) -> dict[str, float]:
         secs = time.perf_counter() - self.t0
         broker = _proc_cpu_s(self.pid) if self.pid else float("nan")
+        threads = thread_cpu_s(self.loop_tid)
         return {
             "cpu_service_cores": (time.process_time() - self.own0) / secs,
             "cpu_broker_cores": (broker - self.broker0) / secs,
             "cpu_machine_cores": (machine_cpu()[0] - self.machine0) / secs,
+            **{f"cpu_{role}_cores": ((threads[role] - self.threads0.get(role, 0.0)) / secs
+                                     if threads else float("nan"))
+               for role in THREAD_ROLES},
         }
 
 
@@ -589,7 +626,8 @@ def run_service(
                   and service.detector.counters["readings"] > 0, 120, "the first reading",
                   check=run.check)
             t0 = time.perf_counter()
-            meter = CpuMeter(broker._proc.pid if broker._proc else None)
+            meter = CpuMeter(broker._proc.pid if broker._proc else None,
+                             run.thread.native_id if run.thread is not None else None)
             det = service.detector
             assert det is not None
             counters = det.counters
@@ -1179,6 +1217,12 @@ def bench_quality(entities: Sequence[Any], out: Path, sizes: Sizes, max_batch: i
 # -- report ------------------------------------------------------------------------------------
 
 
+def _roles(x: dict[str, Any]) -> str:
+    """``loop / model task`` cores of a service run ("n/a" where /proc was not readable)."""
+    return " / ".join(_f(x.get(f"cpu_{role}_cores", float("nan")), ".2f")
+                      for role in ("loop", "torch_pool"))
+
+
 def _f(x: Any, fmt: str = ",.0f") -> str:
     if x is None or (isinstance(x, float) and not np.isfinite(x)):
         return "n/a"
@@ -1300,7 +1344,8 @@ def render_markdown(r: dict[str, Any]) -> str:
             "## 3. End to end (embedded broker, stride 1)",
             "",
             "| run | steady readings/s (median) | each run | vs model-only | whole run "
-            "readings/s | mean batch | service cores | broker cores | machine cores | alerts |",
+            "readings/s | mean batch | service cores (loop / model task) | broker cores | "
+            "machine cores | alerts |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         bt = e["best_threads"]
@@ -1316,8 +1361,9 @@ def render_markdown(r: dict[str, Any]) -> str:
                     f"{' / '.join(f'{v:,.0f}' for v in x.get('all_steady_per_s', []))} | "
                     f"{e2e_rate(x) / model_ws:.0%} | "
                     f"{x['readings_per_s']:,.0f} | {x['mean_batch']:.0f} | "
-                    f"{x['cpu_service_cores']:.2f} | {x['cpu_broker_cores']:.2f} | "
-                    f"{x['cpu_machine_cores']:.2f} | {x['alerts']} |")
+                    f"{x['cpu_service_cores']:.2f} ({_roles(x)}) | "
+                    f"{x['cpu_broker_cores']:.2f} | {x['cpu_machine_cores']:.2f} | "
+                    f"{x['alerts']} |")
         x = e["model"]
         lines += ["", f"{x['readings']:,} readings of {x['sensors']:,} sensors "
                   f"({x['produce']['mean_bytes']:.0f} bytes each, pre-produced at "
@@ -1618,8 +1664,8 @@ def _run_bench(args: argparse.Namespace, r: dict[str, Any], sizes: Sizes,
                 _say(f"  {key:10s} {e2e_rate(x):10,.0f} readings/s steady "
                      f"({e2e_rate(x) / h['windows_per_s']:.0%} of model-only; whole run "
                      f"{x['readings_per_s']:,.0f}/s; cores: service "
-                     f"{x['cpu_service_cores']:.2f}, broker {x['cpu_broker_cores']:.2f}, "
-                     f"machine {x['cpu_machine_cores']:.2f})")
+                     f"{x['cpu_service_cores']:.2f} (loop / model task {_roles(x)}), broker "
+                     f"{x['cpu_broker_cores']:.2f}, machine {x['cpu_machine_cores']:.2f})")
             best = e2e[e2e["best"]]
             _say(f"  best: {e2e_rate(best):,.0f} readings/s with {best_threads} torch "
                  f"thread(s) = {e2e_rate(best) / h['windows_per_s']:.0%} of the model-only limit")

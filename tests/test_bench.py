@@ -7,17 +7,22 @@ import argparse
 import json
 import math
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from stream_detector.bench import SECTIONS as BENCH_SECTIONS
 from stream_detector.bench import (
+    THREAD_ROLES,
     histogram_buckets,
     histogram_quantiles,
     parse_cpus,
     parse_sections,
     run_bench,
+    thread_cpu_s,
 )
 from stream_detector.cli import build_parser
 from stream_detector.errors import ConfigError
@@ -126,6 +131,8 @@ def test_quick_bench_prints_every_section_and_writes_reports(
     for key in ("machine", "model", "ingest", "e2e", "latency", "memory", "river", "targets"):
         assert key in report, key
     assert report["e2e"]["model"]["windows"] > 0
+    if Path("/proc/self/task").is_dir():  # the service's CPU by thread role, in the report
+        assert report["e2e"]["model"]["cpu_loop_cores"] > 0
     assert report["model"]["headline"]["windows_per_s"] > 0
     assert len(report["latency"]) >= 2
     for row in report["latency"]:  # the service's own time, where a service ran
@@ -139,6 +146,63 @@ def test_quick_bench_prints_every_section_and_writes_reports(
     md = (tmp_path / "bench" / "bench.md").read_text()
     for section in SECTIONS[:6]:
         assert section.split(" (")[0] in md
+
+
+@torch.jit.script
+def _burn(x: torch.Tensor, n: int) -> torch.Tensor:
+    for _ in range(n):
+        x = torch.tanh(x @ x)
+    return x
+
+
+@torch.jit.script
+def _forked_burn(x: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.jit.wait(torch.jit.fork(_burn, x, n))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_thread_cpu_is_counted_by_role() -> None:
+    """The end-to-end rows split the service's CPU into its loop's and the model task's
+    (the question "which side is the limit" needs both): a thread that spins is counted as the
+    loop, a forked TorchScript task as torch's pool, neither as the other."""
+    tid: list[int] = []
+    go, spun, end = threading.Event(), threading.Event(), threading.Event()
+
+    def spin() -> None:
+        tid.append(threading.get_native_id())
+        go.wait()
+        t0 = time.thread_time()
+        while time.thread_time() - t0 < 0.3:
+            pass
+        spun.set()
+        end.wait()
+
+    th = threading.Thread(target=spin)
+    th.start()
+    try:
+        while not tid:
+            time.sleep(0.001)
+        before = thread_cpu_s(tid[0])
+        go.set()
+        spun.wait(30)
+        after = thread_cpu_s(tid[0])
+    finally:
+        end.set()
+        th.join()
+    assert after["loop"] - before["loop"] >= 0.2
+    assert after["torch_pool"] - before["torch_pool"] < 0.1
+
+    x = torch.full((128, 128), 0.01)
+    me = threading.get_native_id()  # waits in torch.jit.wait: not the pool's time
+    before, cpu0 = thread_cpu_s(me), time.process_time()
+    for _ in range(1000):  # until the task has burnt 0.5 s of CPU time, whatever the machine
+        _forked_burn(x, 200)
+        if time.process_time() - cpu0 > 0.5:
+            break
+    after = thread_cpu_s(me)
+    pool = after["torch_pool"] - before["torch_pool"]
+    assert pool >= 0.2 and pool > after["loop"] - before["loop"]
+    assert set(after) == set(THREAD_ROLES)
 
 
 def test_histogram_quantiles_interpolate_inside_buckets() -> None:
