@@ -143,60 +143,76 @@ def machine_cpu() -> tuple[float, float]:
         return float("nan"), float("nan")
 
 
-#: the service's threads by role, as :func:`thread_cpu_s` groups them
+#: the service's threads by role, as :func:`cpu_by_role` groups them
 THREAD_ROLES = ("loop", "torch_pool", "librdkafka", "other")
 
 
-def thread_cpu_s(loop_tid: int | None) -> dict[str, float]:
-    """CPU seconds so far of this process's threads, by role (Linux ``/proc/self/task``): the
-    service's loop (thread ``loop_tid``), torch's inter-op pool (``PTThreadPool``: the model
-    task), librdkafka's threads (``rdk:``) and the other threads (torch's intra-op workers
-    with more than one torch thread, the bench's own). Empty when unreadable. A thread that
-    ends between two readings takes its time with it (none of these do during a run)."""
-    out = dict.fromkeys(THREAD_ROLES, 0.0)
-    tick = os.sysconf("SC_CLK_TCK")
+def thread_times() -> dict[int, tuple[str, float]]:
+    """``{thread id: (name, CPU seconds so far)}`` of this process's threads (Linux
+    ``/proc/self/task``); empty when unreadable."""
+    out: dict[int, tuple[str, float]] = {}
     try:
+        tick = os.sysconf("SC_CLK_TCK")
         tasks = os.listdir("/proc/self/task")
-    except OSError:
-        return {}
+    except (OSError, ValueError):
+        return out
     for t in tasks:
         try:
             comm = Path(f"/proc/self/task/{t}/comm").read_text().strip()
             fields = Path(f"/proc/self/task/{t}/stat").read_text().rsplit(")", 1)[1].split()
-            cpu = (int(fields[11]) + int(fields[12])) / tick
+            out[int(t)] = (comm, (int(fields[11]) + int(fields[12])) / tick)
         except (OSError, IndexError, ValueError):
             continue  # ended meanwhile
-        role = ("loop" if loop_tid is not None and int(t) == loop_tid
+    return out
+
+
+def cpu_by_role(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+                loop_tid: int | None) -> dict[str, float]:
+    """CPU seconds between two :func:`thread_times` readings, by role: the service's loop
+    (thread ``loop_tid``), torch's thread pools (``PTThreadPool``: the inter-op thread that
+    runs the model task and the intra-op workers it starts, which inherit its name),
+    librdkafka's threads (``rdk:``) and the other threads (the bench's own, the HTTP
+    server's). Summed thread by thread: a thread that started in between counts from zero,
+    one that ended in between is missing (none of these do during a run). Empty when either
+    reading is."""
+    if not before or not after:
+        return {}
+    out = dict.fromkeys(THREAD_ROLES, 0.0)
+    for tid, (comm, cpu) in after.items():
+        role = ("loop" if loop_tid is not None and tid == loop_tid
                 else "torch_pool" if comm.startswith("PTThreadPool")
                 else "librdkafka" if comm.startswith("rdk:") else "other")
-        out[role] += cpu
+        out[role] += cpu - before.get(tid, (comm, 0.0))[1]
     return out
 
 
 class CpuMeter:
     """CPU cores used over an interval: this process (and, on Linux, its threads by role:
-    :func:`thread_cpu_s`), the broker, the whole machine."""
+    :func:`cpu_by_role`; the loop's share only when ``loop_tid`` is given, NaN otherwise),
+    the broker, the whole machine."""
 
     def __init__(self, broker_pid: int | None, loop_tid: int | None = None) -> None:
         self.pid = broker_pid
         self.loop_tid = loop_tid
         self.t0 = time.perf_counter()
         self.own0 = time.process_time()
-        self.threads0 = thread_cpu_s(loop_tid)
+        self.threads0 = thread_times()
         self.broker0 = _proc_cpu_s(broker_pid) if broker_pid else float("nan")
         self.machine0 = machine_cpu()[0]
 
     def stop(self) -> dict[str, float]:
         secs = time.perf_counter() - self.t0
         broker = _proc_cpu_s(self.pid) if self.pid else float("nan")
-        threads = thread_cpu_s(self.loop_tid)
+        roles = cpu_by_role(self.threads0, thread_times(), self.loop_tid)
+        by_role = {f"cpu_{role}_cores": roles[role] / secs if role in roles else float("nan")
+                   for role in THREAD_ROLES}
+        if self.loop_tid is None:  # no service thread: its time is not the loop's
+            by_role["cpu_loop_cores"] = float("nan")
         return {
             "cpu_service_cores": (time.process_time() - self.own0) / secs,
             "cpu_broker_cores": (broker - self.broker0) / secs,
             "cpu_machine_cores": (machine_cpu()[0] - self.machine0) / secs,
-            **{f"cpu_{role}_cores": ((threads[role] - self.threads0.get(role, 0.0)) / secs
-                                     if threads else float("nan"))
-               for role in THREAD_ROLES},
+            **by_role,
         }
 
 
@@ -939,7 +955,9 @@ def bench_latency(scorer: Any, manifest: Any, fleet: Fleet, rate: float, sizes: 
                                        w - 1, rate, sizes.latency_seconds, p_ready, go)
                 if not (r_ready.wait(120) and p_ready.wait(120)):
                     raise RuntimeError("latency producer/reader did not start")
-                meter = CpuMeter(broker._proc.pid if broker._proc else None)
+                meter = CpuMeter(broker._proc.pid if broker._proc else None,
+                                 run.thread.native_id if run is not None and run.thread
+                                 else None)
                 skip_until = time.time_ns() // 1_000_000 + int(sizes.latency_skip_s * 1000)
                 go.set()
                 before: list[tuple[float, float]] = []

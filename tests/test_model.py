@@ -417,7 +417,7 @@ def test_async_scoring_finishes_while_the_caller_holds_the_gil(artifact) -> None
     without letting go of it (switch interval raised to 60 s). Before the task got copies of
     the inputs it dropped the caller's tensors itself, which takes the GIL (torch >= 2.10), so
     it waited for the caller's next pause: here, the end of the loop (done() stayed False),
-    in the service up to 5 ms per batch while the loop decoded readings."""
+    in the service up to its 0.5 ms switch interval per task while the loop decoded."""
     root, manifest, _ = artifact
     scorer = TorchScorer.load(root)
     assert scorer.overlapped

@@ -35,7 +35,7 @@ class _AsyncModel(torch.nn.Module):
     handed in) takes the GIL whenever its C++ reference count goes from 1 to 2 or from 2 to 1,
     so the task would wait for the GIL when it drops the caller's tensors: up to the
     interpreter's switch interval (5 ms) each time the caller runs Python, which cut the
-    model's rate under a busy loop from about 214,000 to 21,000 windows/s (batch 256, one
+    model's rate under a busy loop to about 21,500 windows/s from 214,000-235,500 (batch 256, one
     thread, 2026-11-27; ``bench`` section 3 measures the service). A copy made in C++ has no
     Python object, and the task then never touches the GIL.
     """
