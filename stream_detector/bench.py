@@ -121,13 +121,19 @@ def rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def _proc_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` (Linux /proc); NaN when unreadable."""
+def _stat_cpu_s(stat: str) -> float:
+    """User + system CPU seconds in a ``/proc/.../stat`` file (a process's or a thread's);
+    NaN when unreadable (gone, or no /proc)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(stat).read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return float("nan")
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (Linux /proc); NaN when unreadable."""
+    return _stat_cpu_s(f"/proc/{pid}/stat")
 
 
 def machine_cpu() -> tuple[float, float]:
@@ -152,17 +158,17 @@ def thread_times() -> dict[int, tuple[str, float]]:
     ``/proc/self/task``); empty when unreadable."""
     out: dict[int, tuple[str, float]] = {}
     try:
-        tick = os.sysconf("SC_CLK_TCK")
         tasks = os.listdir("/proc/self/task")
-    except (OSError, ValueError):
+    except OSError:
         return out
     for t in tasks:
         try:
             comm = Path(f"/proc/self/task/{t}/comm").read_text().strip()
-            fields = Path(f"/proc/self/task/{t}/stat").read_text().rsplit(")", 1)[1].split()
-            out[int(t)] = (comm, (int(fields[11]) + int(fields[12])) / tick)
-        except (OSError, IndexError, ValueError):
+        except OSError:
             continue  # ended meanwhile
+        cpu = _stat_cpu_s(f"/proc/self/task/{t}/stat")
+        if cpu == cpu:  # not NaN: it had not ended
+            out[int(t)] = (comm, cpu)
     return out
 
 

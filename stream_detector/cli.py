@@ -42,10 +42,12 @@ def _count(text: str) -> int:
 
 def _threads(text: str) -> int:
     """argparse type: torch threads, the range SD_SERVICE__TORCH_THREADS takes (0-256)."""
+    from stream_detector.config import MAX_TORCH_THREADS
+
     n = _count(text)
-    if n > 256:
-        raise argparse.ArgumentTypeError(f"must be at most 256 (as SD_SERVICE__TORCH_THREADS), "
-                                         f"got {n}")
+    if n > MAX_TORCH_THREADS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_TORCH_THREADS} (as "
+                                         f"SD_SERVICE__TORCH_THREADS), got {n}")
     return n
 
 

@@ -74,6 +74,8 @@ _PRODUCER_ALIASES = {"linger.ms": "queue.buffering.max.ms", "compression.type": 
 #: up on a backlog (after a restart or a rebalance): 110,000 readings/s end to end with a
 #: zero-cost model against 220,000 with 10 ms (docs/benchmarks.md).
 FETCH_QUEUE_BACKOFF_MS = 10
+#: The most torch threads ``SD_SERVICE__TORCH_THREADS`` (and ``serve --threads``) take.
+MAX_TORCH_THREADS = 256
 
 
 class KafkaSettings(_Group):
@@ -340,7 +342,7 @@ class ServiceSettings(_Group):
         "At or below the look-back: no deepening (docs/messages.md).",
     )
     torch_threads: int = Field(
-        1, ge=0, le=256,
+        1, ge=0, le=MAX_TORCH_THREADS,
         description="Torch intra-op threads of the model (0 = torch's default, one per core). "
         "The model runs beside the consumer loop (one core of Python) and librdkafka's "
         "threads; 1 keeps them from competing for cores (docs/benchmarks.md).",

@@ -130,7 +130,6 @@ def content_digest(model: torch.nn.Module, manifest: Manifest) -> str:
     return h.hexdigest()
 
 
-
 #: ``manifest.versions`` key of artifacts whose model version the consumer can verify (written
 #: since 2026-11-27 10:35, commit 56a7260: the digest of the manifest as it reads back).
 #: Older artifacts may hold a version derived otherwise (before 2026-11-26: the sha256 of
