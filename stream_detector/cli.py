@@ -356,10 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", type=Path, default=Path("reports/evaluation"),
                    help="report directory (default reports/evaluation; make backtest writes "
                         "reports/evaluation-DATASET)")
-    e.add_argument("--baselines", default="random,pca,iforest,ridge",
+    e.add_argument("--baselines", default="random,pca,iforest,ridge,ridge_matched",
                    help="comma-separated baselines to compare with (random, pca, iforest, "
-                        "ridge; default all); random is always computed, whatever this says: "
-                        "point-adjusted F1 is never shown without it")
+                        "ridge, ridge_matched: the ridge smoothed as the model's score; default "
+                        "all); random is always computed, whatever this says: point-adjusted "
+                        "F1 is never shown without it")
     e.add_argument("--no-plots", action="store_true")
     e.set_defaults(func=cmd_evaluate)
 

@@ -48,7 +48,7 @@ class EvaluationResult:
 
 
 def baseline_label_free(entity: Entity, name: str, q: float, val_fraction: float,
-                        seed: int = 0) -> tuple[float, np.ndarray | None]:
+                        seed: int = 0, **kwargs: Any) -> tuple[float, np.ndarray | None]:
     """A baseline's label-free operating point, as the model's is made: the baseline fitted on
     the first ``1 - val_fraction`` of the train rows scores the rest of them and then the test
     rows; the threshold is quantile ``q`` of its scores on those held-out train rows, and it is
@@ -67,7 +67,7 @@ def baseline_label_free(entity: Entity, name: str, q: float, val_fraction: float
         return float("nan"), None
     after = np.concatenate([val, entity.test])
     proxy = Entity(entity.name, fit, after, np.zeros(len(after), np.int8), entity.features)
-    s = run_baselines(proxy, [name], seed)[name]
+    s = run_baselines(proxy, [name], seed, **kwargs)[name]
     return float(np.quantile(s[:n_val], q)), s[n_val:]
 
 
@@ -135,7 +135,7 @@ def run_evaluation(
     seed: int = 0,
     progress: bool = True,
 ) -> EvaluationResult:
-    from stream_detector.baselines import BASELINES, run_baselines
+    from stream_detector.baselines import BASELINES, SMOOTHED_LIKE_MODEL, run_baselines
     from stream_detector.datasets import load_dataset
     from stream_detector.errors import ConfigError
     from stream_detector.metrics import entity_metrics, summarize
@@ -153,6 +153,7 @@ def run_evaluation(
     data = load_dataset(dataset, data_dir, entities)
     q = float(manifest.training.get("config", {}).get("threshold_q", 0.995))
     val_fraction = float(manifest.training.get("config", {}).get("val_fraction", 0.2))
+    options = {b: {"smoothing": manifest.score.smoothing} for b in SMOOTHED_LIKE_MODEL}
 
     rows: list[dict[str, Any]] = []
     per_method: dict[str, list[dict[str, Any]]] = {"model": [], **{b: [] for b in baselines}}
@@ -166,12 +167,13 @@ def run_evaluation(
                                "anomaly_rows": int(e.labels.sum()), **m}
         per_method["model"].append({"entity": e.name, **m})
         scores = {"model": ref.score}
-        bs = run_baselines(e, baselines, seed)
+        bs = {b: run_baselines(e, [b], seed, **options.get(b, {}))[b] for b in baselines}
         for b in baselines:
             if b == "random":  # uniform scores: quantile q of their distribution is q itself
                 bm = entity_metrics(bs[b], e.labels, q)
             else:
-                thr, held_out_fit = baseline_label_free(e, b, q, val_fraction, seed)
+                thr, held_out_fit = baseline_label_free(e, b, q, val_fraction, seed,
+                                                        **options.get(b, {}))
                 bm = entity_metrics(bs[b], e.labels, thr, threshold_scores=held_out_fit)
             per_method[b].append({"entity": e.name, **bm})
             for k in METRICS:
@@ -206,6 +208,16 @@ def raise_features(e: Entity, manifest: Any) -> None:
     )
 
 
+def baseline_title(name: str, manifest: Any) -> str:
+    """What a baseline row is, for the report (``ridge_matched`` with the artifact's k)."""
+    from stream_detector.baselines import BASELINE_TITLES, SMOOTHED_LIKE_MODEL
+
+    title = BASELINE_TITLES.get(name, name)
+    if name in SMOOTHED_LIKE_MODEL:
+        title += f" (trailing mean of {manifest.score.smoothing})"
+    return title
+
+
 def _fmt(x: Any) -> str:
     if isinstance(x, float | np.floating):
         return "n/a" if not np.isfinite(x) else f"{x:.3f}"
@@ -235,6 +247,9 @@ def _markdown(dataset: str, manifest: Any, rows: list[dict[str, Any]],
         "best-F1 and AUC-PR are computed without point adjustment. PA best-F1 credits a whole "
         "labelled segment when any point in it is flagged; compare it with the random row, "
         "never alone.",
+        "",
+        "Baselines (fitted on each entity's train rows, no labels): "
+        + "; ".join(f"{b}: {baseline_title(b, manifest)}" for b in baselines) + ".",
         "",
         "## Per entity (model)",
         "",
@@ -285,7 +300,9 @@ def _plots(out_dir: Path, data: list[Entity], rows: list[dict[str, Any]],
             plot_entity(path, e.name, kept[e.name]["model"], e.labels,
                         manifest.thresholds.for_sensor(e.name), signal=e.test,
                         feature_names=list(e.features),
-                        baselines={b: kept[e.name][b] for b in baselines if b != "random"},
+                        # random is noise; the matched ridge would repeat the ridge's line
+                        baselines={b: kept[e.name][b] for b in baselines
+                                   if b not in ("random", "ridge_matched")},
                         title=f"{e.name} ({kind}): best-F1 {r['best_f1']:.3f}")
             lines.append(f"![{e.name}]({path.name})")
     return "\n".join(lines) + "\n"

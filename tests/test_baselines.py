@@ -55,7 +55,7 @@ def _entity(spike: bool = True, telemetry: bool = False) -> Entity:
 
 def test_registry_shapes_and_finite() -> None:
     e = _entity()
-    assert set(BASELINES) == {"random", "pca", "iforest", "ridge"}
+    assert set(BASELINES) == {"random", "pca", "iforest", "ridge", "ridge_matched"}
     out = run_baselines(e, seed=0)
     assert list(out) == list(BASELINES)
     for name, s in out.items():
@@ -81,8 +81,27 @@ def test_deterministic_per_seed() -> None:
     e = _entity()
     np.testing.assert_array_equal(random_scores(e, 1), random_scores(e, 1))
     assert not np.array_equal(random_scores(e, 1), random_scores(e, 2))
-    for name in ("pca", "iforest", "ridge"):
+    for name in ("pca", "iforest", "ridge", "ridge_matched"):
         np.testing.assert_array_equal(BASELINES[name](e, 7), BASELINES[name](e, 7), err_msg=name)
+
+
+def test_ridge_matched_is_the_trailing_mean_of_the_ridge_errors() -> None:
+    """The like-for-like ridge: the same per-row errors as the reference ridge, averaged over
+    the last k rows (fewer at the start, as the model's score) instead of the EWMA."""
+    from stream_detector.baselines import ridge_matched_scores
+
+    e = _entity()
+    err = ridge_scores(e, ewma_alpha=1.0)  # an EWMA with factor 1 is the errors themselves
+    np.testing.assert_allclose(ridge_matched_scores(e, smoothing=1), err, rtol=1e-12)
+    s = ridge_matched_scores(e, smoothing=3)
+    assert s[0] == pytest.approx(err[0])
+    assert s[1] == pytest.approx((err[0] + err[1]) / 2)
+    assert s[7] == pytest.approx(err[5:8].mean())
+    # default k is the trainer's default smoothing; it differs from the EWMA reference
+    np.testing.assert_allclose(ridge_matched_scores(e), ridge_matched_scores(e, smoothing=4))
+    assert not np.allclose(ridge_matched_scores(e), ridge_scores(e))
+    with pytest.raises(ValueError, match="smoothing"):
+        ridge_matched_scores(e, smoothing=0)
 
 
 def test_spike_ranks_top_for_pca() -> None:

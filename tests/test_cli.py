@@ -137,7 +137,11 @@ def test_train_check_evaluate(quick_artifact: Path, tmp_path: Path) -> None:
              "--artifact", str(quick_artifact), "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads((out / "evaluation.json").read_text())
-    assert set(report["summary"]) == {"model", "random", "pca", "iforest", "ridge"}
+    assert set(report["summary"]) == {"model", "random", "pca", "iforest", "ridge",
+                                      "ridge_matched"}
+    md = (out / "evaluation.md").read_text()
+    assert "ridge_matched: ridge forecaster, abs error smoothed as the model's score " \
+        "(trailing mean of 4)" in md
     for method in report["summary"].values():
         assert 0.0 <= method["best_f1"] <= 1.0 and 0.0 <= method["auc_pr"] <= 1.0
     # the model's figures come from its scores: far above random scores on the same labels
@@ -479,6 +483,26 @@ def test_baseline_label_free_f1_uses_the_fit_its_threshold_came_from(quick_artif
             old = f1_at(full, e.labels, float(np.quantile(s[:n_val], 0.995)))["f1"]
             differs += abs(old - want) > 1e-6
     assert differs  # the two fits do give different operating points here
+
+
+def test_matched_ridge_takes_the_artifacts_smoothing(tmp_path: Path) -> None:
+    """``ridge_matched`` is smoothed as the artifact's score is: k from its manifest, not the
+    default 4."""
+    from stream_detector.baselines import ridge_matched_scores
+    from stream_detector.datasets import load_dataset
+    from stream_detector.evaluation import run_evaluation
+
+    art = tmp_path / "art"
+    r = _cli("train", "--dataset", "synthetic", "--entities", "sensor-000", "--out", str(art),
+             "--quick", "--set", "smoothing=2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = run_evaluation("synthetic", None, ["sensor-000"], art, tmp_path / "e",
+                         baselines=["ridge_matched"], plots=False, progress=False)
+    e = load_dataset("synthetic", None, ["sensor-000"])[0]
+    got = res.scores["sensor-000"]["ridge_matched"]
+    np.testing.assert_array_equal(got, ridge_matched_scores(e, smoothing=2))
+    assert not np.allclose(got, ridge_matched_scores(e, smoothing=4))
+    assert "(trailing mean of 2)" in res.markdown
 
 
 def test_evaluate_removes_the_plots_of_an_earlier_run_into_its_folder(quick_artifact: Path,
