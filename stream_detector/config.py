@@ -463,7 +463,7 @@ def load_settings(**overrides: Any) -> Settings:
         name = found.group(1) if found else "?"
         env = "SD_" + name.upper()
         where = f"{name} (env {env} or {env}__*)"
-        culprit = _bad_json_variable(name)
+        culprit = _bad_json_variable(name, overrides.get("_env_file", "default"))
         if culprit is not None:
             where = f"{name}.{culprit[len(env) + 2:].lower()} (env {culprit})"
         raise ConfigError(
@@ -473,15 +473,16 @@ def load_settings(**overrides: Any) -> Settings:
         ) from None
 
 
-def _bad_json_variable(group: str) -> str | None:
+def _bad_json_variable(group: str, env_file: Any = "default") -> str | None:
     """The ``SD_<GROUP>__*`` variable of an object setting of ``group`` (environment first,
-    then the env file Settings reads) whose value is not JSON, to name it; None when none."""
+    then the env file Settings reads: ``env_file`` as :func:`_env_sources` takes it) whose
+    value is not JSON, to name it; None when none."""
     import json
 
     model = dict(_groups()).get(group)
     objects = sorted(f"SD_{group.upper()}__{field.upper()}"
                      for field in (_object_fields(model) if model is not None else ()))
-    for _, values in _env_sources():
+    for _, values in _env_sources(env_file):
         for var in objects:
             value = values.get(var)
             if value is None:

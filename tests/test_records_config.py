@@ -793,3 +793,14 @@ def test_every_setting_is_documented_in_the_readme_and_the_env_file() -> None:
     assert len(names) > 30
     assert [n for n in names if f"`{n}`" not in readme] == []
     assert [n for n in names if f"\n{n}=" not in env_file] == []
+
+
+def test_bad_json_in_a_named_env_file_is_named(clean_env) -> None:
+    """The variable whose value is not JSON is looked up in the env file the caller passed,
+    not the default one: a caller's file with a bad SD_KAFKA__EXTRA used to be reported as
+    ``kafka (env SD_KAFKA or SD_KAFKA__*)`` while a good default .env was searched."""
+    (clean_env / ".env").write_text('SD_KAFKA__EXTRA={"acks": "all"}\n')
+    (clean_env / "other.env").write_text("SD_KAFKA__PRODUCER_EXTRA={oops\n")
+    with pytest.raises(ConfigError,
+                       match=r"kafka\.producer_extra \(env SD_KAFKA__PRODUCER_EXTRA\)"):
+        load_settings(_env_file="other.env")
