@@ -835,8 +835,21 @@ class DetectorService:
         try:
             for b in batches:
                 alerts = b.alerts
-                if not (score_topic or alerts):  # the common case: nothing to produce
-                    # one release per chunk for all its windows here. A None chunk: a silent
+                if not score_topic:  # the common case: alerts at most
+                    # Each alert holds its chunk until the broker has it, taken before the
+                    # windows' own holds (from begin()) are released below, so a chunk cannot
+                    # settle in between. Alerts go out in window order.
+                    for j in sorted(alerts):
+                        chunk, kafka_ts = b.refs[j]
+                        if chunk is None or not current(chunk):
+                            continue
+                        alert = alerts[j]
+                        hold(chunk)
+                        self.metrics.alerts.labels(alert.event, alert.level).inc()
+                        self._produce(k.alert_topic, b.sensors[j].encode(), alert.to_json(),
+                                      chunk, kafka_ts, ("alert event", alert.event_id))
+                    # one release per chunk for all its windows here (not one per window: a
+                    # batch with one alert is as cheap as one without). A None chunk: a silent
                     # rebuild reading. A stale generation: read before its partition was lost;
                     # the partition's new owner scores it again from the committed offset, so
                     # nothing is published here
@@ -845,16 +858,15 @@ class DetectorService:
                             n += count
                             release(chunk, count)  # the holds taken by begin()
                     continue
-                for j, (chunk, kafka_ts) in enumerate(b.refs):
+                for j, (chunk, kafka_ts) in enumerate(b.refs):  # a record per window
                     if chunk is None or not current(chunk):
                         continue
                     n += 1
                     alert = alerts.get(j)
                     key = b.sensors[j].encode()
-                    if score_topic:
-                        hold(chunk)
-                        self._produce(score_topic, key, b.record(j).to_json(), chunk, None,
-                                      ("score of sensor", b.sensors[j], b.end_ms[j]))
+                    hold(chunk)
+                    self._produce(score_topic, key, b.record(j).to_json(), chunk, None,
+                                  ("score of sensor", b.sensors[j], b.end_ms[j]))
                     if alert is not None:
                         hold(chunk)
                         self.metrics.alerts.labels(alert.event, alert.level).inc()

@@ -229,6 +229,46 @@ def test_publish_skips_results_read_before_their_partition_was_lost() -> None:
         assert service.metrics.windows._value.get() == 2
 
 
+def test_publish_alerts_hold_their_chunk_and_go_out_in_window_order() -> None:
+    """Score topic off: a batch's alerts are produced in window order, each holding its chunk
+    until the broker acknowledges it, while the windows' own holds are released together;
+    an alert of a partition lost meanwhile is not produced."""
+    from stream_detector.consumer import DetectorService
+    from stream_detector.detector import ScoredBatch
+    from stream_detector.records import Alert
+
+    def alert(sensor: str, end: int) -> Alert:
+        return Alert(alert_id=f"a-{sensor}", event="open", sensor=sensor, level="warning",
+                     score=2.0, peak_score=2.0, threshold=1.0, reconstruction_error=0.1,
+                     forecast_error=0.2, top_features=(("x", 1.0),), episode_start_ms=end,
+                     window_start_ms=end - 1, window_end_ms=end, model_version="m",
+                     detected_at_ms=end)
+
+    service = DetectorService(Settings(kafka={"score_topic": ""}), None, None,  # type: ignore[arg-type]
+                              serve_http=False)
+    service._producer = _RecordingProducer()  # type: ignore[assignment]
+    tracker = service.tracker
+    stale = tracker.begin(B, 3)
+    tracker.drop(B)
+    chunk = tracker.begin(A, 8, 4)
+    refs = ((chunk, 101), (chunk, 102), (stale, 103), (chunk, 104), (chunk, 105))
+    sensors = ("s0", "s1", "s2", "s3", "s4")
+    # built out of window order: the alerts must still leave in window order
+    alerts = {3: alert("s3", 4), 1: alert("s1", 2), 2: alert("s2", 3)}
+    n = len(refs)
+    batch = ScoredBatch(sensors, refs, [0] * n, list(range(1, n + 1)), [0.5] * n, [0.1] * n,
+                        [0.2] * n, [1.0] * n, ["normal"] * n, alerts, "m")
+    service._publish([batch])
+    sent = service._producer.sent
+    assert [orjson.loads(value)["sensor"] for _, value in sent] == ["s1", "s3"]  # s2: stale
+    assert tracker.advance() == {}  # both alerts in flight hold the chunk
+    service._producer.callbacks[0](None, None)
+    assert tracker.advance() == {}
+    service._producer.callbacks[1](None, None)
+    assert tracker.advance() == {A: 8}
+    assert service.metrics.windows._value.get() == 4
+
+
 def test_ingest_tracks_a_chunk_per_partition_and_stores_after_everything_is_done() -> None:
     """One consume() batch over two partitions: silent rebuild readings of partition 0 are
     not tracked, a bad record goes to the dead-letter topic and holds its chunk until
