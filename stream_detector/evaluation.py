@@ -57,7 +57,8 @@ def baseline_label_free(entity: Entity, name: str, q: float, val_fraction: float
 
     (The test scores of the baseline fitted on all train rows, which its best-F1 and AUC-PR
     use, are not comparable with a threshold taken from another fit: IsolationForest's scale,
-    for one, moves with its training set.)
+    for one, moves with its training set.) ``kwargs`` go to the baseline (``ridge_matched``'s
+    ``smoothing``).
     """
     from stream_detector.baselines import run_baselines
 
