@@ -843,11 +843,11 @@ class DetectorService:
                         chunk, kafka_ts = b.refs[j]
                         if chunk is None or not current(chunk):
                             continue
-                        alert = alerts[j]
+                        event = alerts[j]
                         hold(chunk)
-                        self.metrics.alerts.labels(alert.event, alert.level).inc()
-                        self._produce(k.alert_topic, b.sensors[j].encode(), alert.to_json(),
-                                      chunk, kafka_ts, ("alert event", alert.event_id))
+                        self.metrics.alerts.labels(event.event, event.level).inc()
+                        self._produce(k.alert_topic, b.sensors[j].encode(), event.to_json(),
+                                      chunk, kafka_ts, ("alert event", event.event_id))
                     # one release per chunk for all its windows here (not one per window: a
                     # batch with one alert is as cheap as one without). A None chunk: a silent
                     # rebuild reading. A stale generation: read before its partition was lost;
