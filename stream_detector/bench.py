@@ -670,6 +670,7 @@ def run_service(
         steady = (windows - wa) / (t1 - ta) if ta is not None and t1 > ta else float("nan")
         sizes = det.batch_sizes
         alerts = _alert_count(service)
+        tracked = counters["tracked"]
         # the service's Kafka clients must go before the broker does (else they keep retrying)
         service = det = None
         del run
@@ -685,11 +686,21 @@ def run_service(
             "steady_per_s": steady,
             "mean_batch": float(np.mean(sizes)) if sizes else 0.0,
             "alerts": alerts,
+            # windows that went through the episode tracker (sensors in or near an alert): the
+            # loop's per-window Python work, which grows with how much of the fleet is alerting
+            "tracked_windows": tracked,
             **cpu,
             "produce": produced,
             "score_topic": scores,
             "load_avg": load_avg(),
         }
+
+
+def _share(part: int | None, whole: int) -> str:
+    """``"28,455 (10 %)"``; ``-`` when a result file predates the count."""
+    if part is None:
+        return "-"
+    return f"{part:,} ({part / whole:.0%})" if whole else f"{part:,}"
 
 
 def _alert_count(service: Any) -> int:
@@ -1369,8 +1380,8 @@ def render_markdown(r: dict[str, Any]) -> str:
             "",
             "| run | steady readings/s (median) | each run | vs model-only | whole run "
             "readings/s | mean batch | service cores (loop / model task) | broker cores | "
-            "machine cores | alerts |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "machine cores | alerts | windows near an alert |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         bt = e["best_threads"]
         for key, label in (("model", f"TorchScript model ({dt} torch threads), score topic off"),
@@ -1387,7 +1398,7 @@ def render_markdown(r: dict[str, Any]) -> str:
                     f"{x['readings_per_s']:,.0f} | {x['mean_batch']:.0f} | "
                     f"{x['cpu_service_cores']:.2f} ({_roles(x)}) | "
                     f"{x['cpu_broker_cores']:.2f} | {x['cpu_machine_cores']:.2f} | "
-                    f"{x['alerts']} |")
+                    f"{x['alerts']} | {_share(x.get('tracked_windows'), x['windows'])} |")
         x = e["model"]
         lines += ["", f"{x['readings']:,} readings of {x['sensors']:,} sensors "
                   f"({x['produce']['mean_bytes']:.0f} bytes each, pre-produced at "

@@ -252,7 +252,9 @@ class Detector:
         self._wall_ms = wall_clock_ms
         self._clock = clock
         self._top = min(s.top_features, manifest.n_features)
-        self.counters = {"readings": 0, "warming": 0, "late": 0, "full": 0, "windows": 0}
+        # tracked: windows that went through a sensor's episode tracker (in or near an alert)
+        self.counters = {"readings": 0, "warming": 0, "late": 0, "full": 0, "windows": 0,
+                         "tracked": 0}
         self.batch_sizes: list[int] = []
         self.on_batch: Callable[[int, float], None] | None = None
 
@@ -648,6 +650,7 @@ class Detector:
             at = np.minimum(np.searchsorted(uniq, sl), len(uniq) - 1)
             from_j = np.where(uniq[at] == sl, idx[first][at], m)
             todo = np.flatnonzero(np.arange(m) >= from_j).tolist()
+            self.counters["tracked"] += len(todo)
             self._track(todo, sensors, sl, starts, ends, smoothed, thr, scored, long_term,
                         levels, alerts)
         self.counters["windows"] += m

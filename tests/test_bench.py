@@ -132,6 +132,9 @@ def test_quick_bench_prints_every_section_and_writes_reports(
     for key in ("machine", "model", "ingest", "e2e", "latency", "memory", "river", "targets"):
         assert key in report, key
     assert report["e2e"]["model"]["windows"] > 0
+    # a zero-cost stub scores 0: no window comes near an alert
+    assert report["e2e"]["stub"]["tracked_windows"] == 0
+    assert 0 <= report["e2e"]["model"]["tracked_windows"] <= report["e2e"]["model"]["windows"]
     if Path("/proc/self/task").is_dir():  # the service's CPU by thread role, in the report
         assert report["e2e"]["model"]["cpu_loop_cores"] >= 0  # 10 ms ticks: may read 0
         for row in report["latency"]:  # NaN (null in JSON) where no service ran
@@ -149,6 +152,7 @@ def test_quick_bench_prints_every_section_and_writes_reports(
     md = (tmp_path / "bench" / "bench.md").read_text()
     for section in SECTIONS[:6]:
         assert section.split(" (")[0] in md
+    assert "| alerts | windows near an alert |" in md
 
 
 @torch.jit.script

@@ -356,6 +356,9 @@ def test_detector_raises_one_alert_per_spike_episode_naming_the_feature() -> Non
     assert opened.top_features[0][0] == "b"
     assert opened.window_end_ms == 30 and opened.level == "critical"
     assert opened.alert_id == alerts[1].alert_id
+    # only the episode's windows, open to resolve, went through the tracker
+    assert det.counters["tracked"] == alerts[1].window_end_ms - opened.window_end_ms + 1
+    assert det.counters["tracked"] < det.counters["windows"]
 
 
 def test_alerts_name_only_features_that_contribute() -> None:
