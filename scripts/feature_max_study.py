@@ -73,7 +73,9 @@ def study(ds: str, data_dir: Path | None, art: Path) -> dict[str, dict[str, floa
     sc = TorchScorer.load(art)
     man = sc.manifest
     w, k = man.window, man.score.smoothing
-    cfg = TrainConfig()
+    # the artifact's own training settings (validation split, threshold rule, per-sensor minimum)
+    cfg = TrainConfig(**{key: v for key, v in man.training.get("config", {}).items()
+                         if key in TrainConfig.__dataclass_fields__})
     ents = load_dataset(ds, data_dir)
     val_s: dict[str, dict[str, np.ndarray]] = {v: {} for v in VARIANTS}
     test_s: dict[str, dict[str, np.ndarray]] = {v: {} for v in VARIANTS}
@@ -87,12 +89,14 @@ def study(ds: str, data_dir: Path | None, art: Path) -> dict[str, dict[str, floa
     out = {}
     worst = 0.0
     for v in VARIANTS:
-        pooled = fit_threshold(np.concatenate(list(val_s[v].values())), "quantile", cfg.threshold_q)
+        def fit(x: np.ndarray) -> float:
+            return fit_threshold(x, cfg.threshold_method, cfg.threshold_q, cfg.threshold_margin)
+
+        pooled = fit(np.concatenate(list(val_s[v].values())))
         rows = []
         for e in ents:
             s = val_s[v][e.name]
-            thr = (fit_threshold(s, "quantile", cfg.threshold_q)
-                   if s.size >= cfg.min_sensor_windows else pooled)
+            thr = fit(s) if s.size >= cfg.min_sensor_windows else pooled
             if v == "mean":
                 want = man.thresholds.for_sensor(e.name)
                 worst = max(worst, abs(thr - want) / want)

@@ -697,7 +697,7 @@ def run_service(
 
 
 def _share(part: int | None, whole: int) -> str:
-    """``"28,455 (10 %)"``; ``-`` when a result file predates the count."""
+    """``"28,455 (10%)"``; ``-`` when a result file predates the count."""
     if part is None:
         return "-"
     return f"{part:,} ({part / whole:.0%})" if whole else f"{part:,}"

@@ -215,7 +215,10 @@ def baseline_title(name: str, manifest: Any) -> str:
 
     title = BASELINE_TITLES.get(name, name)
     if name in SMOOTHED_LIKE_MODEL:
-        title += f" (trailing mean of {manifest.score.smoothing})"
+        title += f" (trailing mean of {manifest.score.smoothing}"
+        if manifest.score.long_term is not None:
+            title += "; without the artifact's long-term term"
+        title += ")"
     return title
 
 
@@ -249,7 +252,7 @@ def _markdown(dataset: str, manifest: Any, rows: list[dict[str, Any]],
         "labelled segment when any point in it is flagged; compare it with the random row, "
         "never alone.",
         "",
-        "Baselines (fitted on each entity's train rows, no labels): "
+        "Baselines (fitted on each entity's train rows, random scores on nothing; no labels): "
         + "; ".join(f"{b}: {baseline_title(b, manifest)}" for b in baselines) + ".",
         "",
         "## Per entity (model)",

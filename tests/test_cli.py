@@ -490,7 +490,8 @@ def test_matched_ridge_takes_the_artifacts_smoothing(tmp_path: Path) -> None:
     default 4."""
     from stream_detector.baselines import ridge_matched_scores
     from stream_detector.datasets import load_dataset
-    from stream_detector.evaluation import run_evaluation
+    from stream_detector.evaluation import baseline_label_free, run_evaluation
+    from stream_detector.metrics import f1_at
 
     art = tmp_path / "art"
     r = _cli("train", "--dataset", "synthetic", "--entities", "sensor-000", "--out", str(art),
@@ -503,6 +504,13 @@ def test_matched_ridge_takes_the_artifacts_smoothing(tmp_path: Path) -> None:
     np.testing.assert_array_equal(got, ridge_matched_scores(e, smoothing=2))
     assert not np.allclose(got, ridge_matched_scores(e, smoothing=4))
     assert "(trailing mean of 2)" in res.markdown
+    # its label-free threshold comes from the same smoothing (held-out fit, as for all baselines)
+    thr, held_out = baseline_label_free(e, "ridge_matched", 0.995, 0.2, smoothing=2)
+    assert held_out is not None
+    want = f1_at(held_out, e.labels, thr)["f1"]
+    assert res.rows[0]["ridge_matched_f1_at_threshold"] == pytest.approx(want, abs=1e-12)
+    thr4, held4 = baseline_label_free(e, "ridge_matched", 0.995, 0.2, smoothing=4)
+    assert held4 is not None and f1_at(held4, e.labels, thr4)["f1"] != pytest.approx(want)
 
 
 def test_evaluate_removes_the_plots_of_an_earlier_run_into_its_folder(quick_artifact: Path,

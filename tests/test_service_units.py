@@ -268,6 +268,23 @@ def test_publish_alerts_hold_their_chunk_and_go_out_in_window_order() -> None:
     assert tracker.advance() == {A: 8}
     assert service.metrics.windows._value.get() == 4
 
+    # a batch over two chunks (two partitions) and a silent rebuild reading: each chunk
+    # settles when its own alert is acknowledged; the rebuild reading's alert is not produced
+    service._producer = _RecordingProducer()  # type: ignore[assignment]
+    first, second = tracker.begin(A, 10, 2), tracker.begin(B, 20, 1)
+    refs = ((first, 1), (None, 2), (first, 3), (second, 4))
+    alerts = {1: alert("s1", 2), 2: alert("s2", 3), 3: alert("s3", 4)}
+    n = len(refs)
+    batch = ScoredBatch(("s0", "s1", "s2", "s3"), refs, [0] * n, list(range(1, n + 1)),
+                        [0.5] * n, [0.1] * n, [0.2] * n, [1.0] * n, ["normal"] * n, alerts, "m")
+    service._publish([batch])
+    assert [orjson.loads(v)["sensor"] for _, v in service._producer.sent] == ["s2", "s3"]
+    assert tracker.advance() == {}
+    service._producer.callbacks[1](None, None)  # s3's alert: partition B's chunk
+    assert tracker.advance() == {B: 20}
+    service._producer.callbacks[0](None, None)
+    assert tracker.advance() == {A: 10}
+
 
 def test_ingest_tracks_a_chunk_per_partition_and_stores_after_everything_is_done() -> None:
     """One consume() batch over two partitions: silent rebuild readings of partition 0 are
