@@ -71,7 +71,7 @@ from stream_detector.errors import ConfigError, StreamDetectorError
 from stream_detector.logs import flush_kafka_log, kafka_logger
 from stream_detector.manifest import Manifest
 from stream_detector.observability import HealthServer, HealthState, Metrics
-from stream_detector.records import DecodedBatch, ReadingDecoder, dead_letter
+from stream_detector.records import Alert, DecodedBatch, ReadingDecoder, dead_letter
 from stream_detector.windows import FULL, LATE, READY, WARMING
 
 log = structlog.get_logger(__name__)
@@ -841,13 +841,8 @@ class DetectorService:
                     # settle in between. Alerts go out in window order.
                     for j in sorted(alerts):
                         chunk, kafka_ts = b.refs[j]
-                        if chunk is None or not current(chunk):
-                            continue
-                        event = alerts[j]
-                        hold(chunk)
-                        self.metrics.alerts.labels(event.event, event.level).inc()
-                        self._produce(k.alert_topic, b.sensors[j].encode(), event.to_json(),
-                                      chunk, kafka_ts, ("alert event", event.event_id))
+                        if chunk is not None and current(chunk):
+                            self._send_alert(b.sensors[j].encode(), alerts[j], chunk, kafka_ts)
                     # one release per chunk for all its windows here (not one per window: a
                     # batch with one alert is as cheap as one without). A None chunk: a silent
                     # rebuild reading. A stale generation: read before its partition was lost;
@@ -868,14 +863,20 @@ class DetectorService:
                     self._produce(score_topic, key, b.record(j).to_json(), chunk, None,
                                   ("score of sensor", b.sensors[j], b.end_ms[j]))
                     if alert is not None:
-                        hold(chunk)
-                        self.metrics.alerts.labels(alert.event, alert.level).inc()
-                        self._produce(k.alert_topic, key, alert.to_json(), chunk, kafka_ts,
-                                      ("alert event", alert.event_id))
+                        self._send_alert(key, alert, chunk, kafka_ts)
                     release(chunk)
         finally:
             if n:
                 self.metrics.windows.inc(n)
+
+    def _send_alert(self, key: bytes, alert: Alert, chunk: Chunk,
+                    kafka_ts: int | None) -> None:
+        """Produce one alert event; it holds ``chunk`` until the broker acknowledges it (the
+        caller releases the window's own hold)."""
+        self.tracker.hold(chunk)
+        self.metrics.alerts.labels(alert.event, alert.level).inc()
+        self._produce(self.settings.kafka.alert_topic, key, alert.to_json(), chunk, kafka_ts,
+                      ("alert event", alert.event_id))
 
     def _produce(self, topic: str, key: bytes | None, value: bytes, chunk: Chunk,
                  latency_from_ms: int | None, context: tuple[Any, ...] = (),
