@@ -28,15 +28,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from long_term_study import studies  # noqa: E402
+from long_term_study import scored_windows, studies  # noqa: E402
 
 from stream_detector.datasets import load_dataset  # noqa: E402
 from stream_detector.metrics import entity_metrics, summarize  # noqa: E402
 from stream_detector.model.runtime import TorchScorer  # noqa: E402
-from stream_detector.scoring import ScoreFunction, fit_threshold, smooth  # noqa: E402
+from stream_detector.scoring import fit_threshold, smooth  # noqa: E402
 from stream_detector.train import TrainConfig  # noqa: E402
 
 VARIANTS = ("mean", "max", "top3")
@@ -46,18 +45,13 @@ KEYS = ("best_f1", "auc_pr", "f1_at_threshold")
 def contributions(sc: TorchScorer, name: str, rows: np.ndarray) -> np.ndarray:
     """Per-feature contributions ``w_rec rec_n_f + w_fc fc_n_f`` (weighted features only) of the
     windows ending at rows[W-1:]; shape (windows, scored features)."""
-    man = sc.manifest
-    win = np.ascontiguousarray(
-        sliding_window_view(rows.astype(np.float32), man.window, axis=0).transpose(0, 2, 1))
-    rec, fc = sc.errors_batched(win, 4096, np.full(len(win), man.scaler_row(name))
-                                if man.scaler_per_sensor else None)
-    sf = ScoreFunction(man.score)
-    out = sf(rec, fc, sf.row(name))
-    w = np.asarray(man.score.feature_weights, dtype=np.float64)
+    out = scored_windows(sc, name, rows)
+    w = np.asarray(sc.manifest.score.feature_weights, dtype=np.float64)
     if w.size:  # contributions carry the normalised weights: undo them on the scored features
         keep = w > 0
         return out.contributions[:, keep] / (w[keep] / w.sum())
-    return out.contributions * rec.shape[1]  # contributions are divided by the feature count
+    # contributions are divided by the feature count
+    return out.contributions * out.contributions.shape[1]
 
 
 def combine(c: np.ndarray, how: str) -> np.ndarray:

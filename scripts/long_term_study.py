@@ -33,7 +33,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from stream_detector.datasets import load_dataset
 from stream_detector.metrics import entity_metrics, summarize
 from stream_detector.model.runtime import TorchScorer
-from stream_detector.scoring import ScoreFunction, smooth
+from stream_detector.scoring import ScoredWindows, ScoreFunction, smooth
 from stream_detector.train import TrainConfig
 
 Q, ALPHA, BURN, N, MIN_VAL = 0.995, 0.05, 60, 39, 100
@@ -43,6 +43,12 @@ KEYS = ("best_f1", "auc_pr", "f1_at_threshold", "pa_best_f1")
 
 def raw_scores(scorer: TorchScorer, name: str, rows: np.ndarray) -> np.ndarray:
     """Unsmoothed window scores of the windows ending at rows[W-1:]."""
+    return scored_windows(scorer, name, rows).score
+
+
+def scored_windows(scorer: TorchScorer, name: str, rows: np.ndarray) -> ScoredWindows:
+    """The artifact's scoring of the windows ending at rows[W-1:] (terms, score and
+    per-feature contributions), with ``name``'s scalers."""
     man = scorer.manifest
     win = sliding_window_view(rows.astype(np.float32), man.window, axis=0).transpose(0, 2, 1)
     srow = man.scaler_row(name)
@@ -54,7 +60,7 @@ def raw_scores(scorer: TorchScorer, name: str, rows: np.ndarray) -> np.ndarray:
         recs.append(r)
         fcs.append(f)
     sf = ScoreFunction(man.score)
-    return sf(np.concatenate(recs), np.concatenate(fcs), sf.row(name)).score
+    return sf(np.concatenate(recs), np.concatenate(fcs), sf.row(name))
 
 
 def ewma(x: np.ndarray, alpha: float, start: float | None = None) -> np.ndarray:
