@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Pre-registered study (2026-11-27, written down at 15:17 UTC and committed before any figure
+# of it was computed): is there a window length between the default (16) and 32 that keeps
+# SMD's gain from a longer window without the synthetic data's loss?
+#
+# Why: the default (LSTM window 16 / hidden 32) is 0.022 best-F1 below the best configuration
+# on SMD (LSTM w32 h64, 0.509; docs/benchmarks.md section 7), just outside the 0.02 that the
+# benchmark target allows; the window, not the hidden size, is what SMD gains from (w16 h64 is
+# level with the default, w32 h32 0.503), and every window-32 model lost 0.04-0.05 on the
+# synthetic data, so the default stayed by the rule of 2026-11-26 14:58.
+#
+# Candidates: LSTM window 20 / hidden 32 and LSTM window 24 / hidden 32, everything else the
+# default (fleet-view training, per-sensor scalers, smoothing 4), trained and evaluated on the
+# five datasets exactly as `make backtest` does (train, then evaluate; replay not needed).
+#
+# Rule (the 14:58 rule, unchanged, with two candidates): a candidate passes if
+#   (a) its SMD mean best-F1 is within 0.02 of the best configuration's (the best of section 7's
+#       table and these two rows: at present 0.509, so >= 0.489), and
+#   (b) on none of SMAP, MSL, NAB and the synthetic data is its mean best-F1 more than 0.02
+#       below the default's (0.393, 0.402, 0.299, 0.723).
+# If both pass, the shorter window becomes the default (its model does less work per window, so
+# it is the faster end to end; the bench's section 7 then measures it, and it must sustain
+# 20,000 readings/s). If neither passes, the default stays. Nothing else is tuned from these
+# figures; the test labels only score.
+#
+#   scripts/window_study.sh [DATA_ROOT] [OUT]   (defaults ../shared/data, /tmp/window-study)
+set -euo pipefail
+DATA=${1:-../shared/data}
+OUT=${2:-/tmp/window-study}
+SD=${SD:-.venv/bin/stream-detector}
+for w in ${WINDOWS:-20 24}; do
+  for spec in "synthetic:" "smd:$DATA/smd" "smap:$DATA/smap_msl" "msl:$DATA/smap_msl" "nab:$DATA/nab"; do
+    ds=${spec%%:*}; dir=${spec#*:}
+    dd=(); [ -n "$dir" ] && dd=(--data-dir "$dir")
+    echo "+ window $w $ds" >&2
+    /usr/bin/time -f "%e s wall" "$SD" train --dataset "$ds" "${dd[@]}" --out "$OUT/w$w/artifacts/$ds" \
+      --set window="$w" 2>&1 | grep -v "it/s\]" | tail -2
+    "$SD" evaluate --dataset "$ds" "${dd[@]}" --artifact "$OUT/w$w/artifacts/$ds" \
+      --out "$OUT/w$w/reports/evaluation-$ds" --baselines random --no-plots > /dev/null
+  done
+  .venv/bin/python scripts/summarize_reports.py "$OUT/w$w/reports" | grep -E "^\| (smd|smap|msl|nab|synthetic) \| \*\*model"
+done
