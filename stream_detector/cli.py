@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "SD_ARTIFACT_DIR; replay looks in artifacts/DATASET, as make backtest "
                         "trains)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="training option, e.g. --set window=16 --set hidden=32 (repeatable)")
+                   help="training option, e.g. --set window=32 --set hidden=64 (repeatable)")
     t.add_argument("--quick", action="store_true", help="few epochs, for smoke tests")
     t.set_defaults(func=cmd_train)
 
