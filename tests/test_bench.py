@@ -22,7 +22,9 @@ from stream_detector.bench import (
     histogram_quantiles,
     parse_cpus,
     parse_sections,
+    quality_target,
     run_bench,
+    targets,
     thread_times,
 )
 from stream_detector.cli import build_parser
@@ -526,3 +528,26 @@ def test_bench_without_river_skips_that_section(tmp_path: Path, monkeypatch: pyt
     assert "skipped: the river package is not installed" in capsys.readouterr().out
     assert "Skipped: the river package is not installed" in (
         tmp_path / "out" / "bench.md").read_text()
+
+
+def test_quality_target_compares_the_default_with_the_best_row() -> None:
+    def row(config: str, f1: float) -> dict:
+        return {"config": config, "best_f1": f1}
+
+    met = quality_target([row("lstm w20 h32 (default)", 0.49054), row("lstm w32 h64", 0.50928),
+                          row("lstm w16 h32", 0.48688)])
+    assert met is not None and met["met"]
+    assert met["measured"] == "0.491 (lstm w20 h32) against 0.509 (lstm w32 h64): 0.019 below"
+    missed = quality_target([row("lstm w16 h32 (default)", 0.48688), row("lstm w32 h64", 0.50928)])
+    assert missed is not None and not missed["met"] and "0.022 below" in missed["measured"]
+    best = quality_target([row("a (default)", 0.6), row("b", 0.5)])
+    assert best is not None and best["met"] and "is the best of 2" in best["measured"]
+    # no table, one row, or no default row: no target
+    assert quality_target([]) is None
+    assert quality_target([row("a (default)", 0.6)]) is None
+    assert quality_target([row("a", 0.6), row("b", 0.5)]) is None
+    # and the bench's targets list carries it when section 7 ran, not otherwise
+    names = [t["target"] for t in targets({"quality": {"configs": [
+        row("a (default)", 0.50), row("b", 0.53)]}})]
+    assert names == ["default within 0.02 best-F1 of the best configuration (section 7)"]
+    assert targets({"quality": {"note": "not run (pass --quality)"}}) == []
