@@ -43,7 +43,8 @@ class TrainConfig:
     # section 7; scripts/window_study.sh): within 0.02 best-F1 of the best configuration on SMD
     # (0.491 against LSTM w32 h64's 0.509; window 16 gave 0.487) and on no other dataset more
     # than 0.02 below window 16 (the synthetic data: -0.0197, at the rule's edge). Window 24 and
-    # 32 lost more than that on the synthetic data; 32 / 64 is a third of the throughput.
+    # 32 lost more than that on the synthetic data; 32 / 64 has about half the end-to-end
+    # throughput of 20 / 32 (a third of its model-only rate).
     window: int = 20
     hidden: int = 32
     encoder: str = "lstm"
