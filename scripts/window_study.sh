@@ -31,16 +31,9 @@
 set -euo pipefail
 DATA=${1:-../shared/data}
 OUT=${2:-/tmp/window-study}
-SD=${SD:-.venv/bin/stream-detector}
 for w in ${WINDOWS:-20 24}; do
-  for spec in "synthetic:" "smd:$DATA/smd" "smap:$DATA/smap_msl" "msl:$DATA/smap_msl" "nab:$DATA/nab"; do
-    ds=${spec%%:*}; dir=${spec#*:}
-    dd=(); [ -n "$dir" ] && dd=(--data-dir "$dir")
-    echo "+ window $w $ds" >&2
-    /usr/bin/time -f "%e s wall" "$SD" train --dataset "$ds" "${dd[@]}" --out "$OUT/w$w/artifacts/$ds" \
-      --set window="$w" 2>&1 | grep -v "it/s\]" | tail -2
-    "$SD" evaluate --dataset "$ds" "${dd[@]}" --artifact "$OUT/w$w/artifacts/$ds" \
-      --out "$OUT/w$w/reports/evaluation-$ds" --baselines random --no-plots > /dev/null
-  done
+  # the datasets and the train / evaluate steps of `make backtest`, without its replays
+  TRAIN_SET="window=$w" ARTIFACTS="$OUT/w$w/artifacts" REPORTS="$OUT/w$w/reports" REPLAY=0 \
+    EVAL_ARGS="--baselines random --no-plots" scripts/full_backtest.sh "$DATA"
   .venv/bin/python scripts/summarize_reports.py "$OUT/w$w/reports" | grep -E "^\| (smd|smap|msl|nab|synthetic) \| \*\*model"
 done
