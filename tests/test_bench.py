@@ -537,9 +537,16 @@ def test_quality_target_compares_the_default_with_the_best_row() -> None:
     met = quality_target([row("lstm w20 h32 (default)", 0.49054), row("lstm w32 h64", 0.50928),
                           row("lstm w16 h32", 0.48688)])
     assert met is not None and met["met"]
-    assert met["measured"] == "0.491 (lstm w20 h32) against 0.509 (lstm w32 h64): 0.019 below"
+    assert met["measured"] == (
+        "0.4905 (lstm w20 h32) against 0.5093 (lstm w32 h64): 0.0187 below")
     missed = quality_target([row("lstm w16 h32 (default)", 0.48688), row("lstm w32 h64", 0.50928)])
-    assert missed is not None and not missed["met"] and "0.022 below" in missed["measured"]
+    assert missed is not None and not missed["met"] and "0.0224 below" in missed["measured"]
+    # at the boundary the verdict follows the printed gap, not the float difference's last bits
+    edge = quality_target([row("a (default)", 0.51), row("b", 0.53)])  # > 0.02 in floats
+    assert 0.53 - 0.51 > 0.02 and edge is not None and edge["met"]
+    assert edge["measured"].endswith("0.0200 below")
+    near = quality_target([row("a (default)", 0.5096), row("b", 0.53)])
+    assert near is not None and not near["met"] and near["measured"].endswith("0.0204 below")
     best = quality_target([row("a (default)", 0.6), row("b", 0.5)])
     assert best is not None and best["met"] and "is the best of 2" in best["measured"]
     # no table, one row, or no default row: no target
