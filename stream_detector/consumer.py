@@ -30,7 +30,13 @@ goes on under a new ``alert_id`` and the old one gets no resolve (docs/messages.
 subscribers how to read that). Cost: re-reading and scoring the look-back per assigned
 partition (less than three times the final one fetched, when it deepens). On revocation the
 detector is flushed, results are delivered, offsets are committed synchronously, and the
-partition's sensors are forgotten.
+partition's sensors (those whose latest reading came from it) are forgotten. If that drain has
+to give records up (the producer's queue stayed full for its whole budget, half the grace
+period) while other partitions stay assigned, the service stops with a fatal error: those
+partitions' unpublished records would hold their offsets back for good, and a restart reads
+them again from the committed offsets. Any other error in the loop (a failing model task, a
+bug) stops it the same way: the consumer is closed (what was delivered is committed, the group
+is left at once) and the exit code is 2.
 """
 
 from __future__ import annotations
@@ -386,6 +392,7 @@ class DetectorService:
         self._drain_deadline: float | None = None  # shutdown: when the grace period ends
         self._wait_until: float | None = None  # a drain's end: the queue wait gives up there
         self._abandoned = False  # records given up in a full queue (exit code 1, not 0)
+        self._drain_abandoned = False  # the latest _drain_all gave records up
         # dead letters to send again without their payload: a delivery callback must not
         # produce (nor poll, as a full queue would make it), so they wait for the loop
         self._resend: list[tuple[Any, ...]] = []
@@ -455,13 +462,23 @@ class DetectorService:
             gc_timer = self.metrics.gc_callback()
             gc.callbacks.append(gc_timer)
             try:
-                # _Abandoned: stopped while the producer's queue was full
-                with tuned_gc(s.service.gc_threshold, s.service.gc_freeze), \
-                        contextlib.suppress(_Abandoned):
-                    self._loop()
-            finally:
-                gc.callbacks.remove(gc_timer)
-            return self._shutdown()
+                try:
+                    # _Abandoned: stopped while the producer's queue was full
+                    with tuned_gc(s.service.gc_threshold, s.service.gc_freeze), \
+                            contextlib.suppress(_Abandoned):
+                        self._loop()
+                finally:
+                    gc.callbacks.remove(gc_timer)
+                return self._shutdown()
+            except FatalError:
+                raise
+            except Exception as exc:
+                # a failing model task (torch raises RuntimeError), a bug, in the loop or in
+                # the shutdown's drain: stop as for a fatal error, so that the consumer is
+                # closed (what was delivered is committed, the group is left now rather than
+                # after a session timeout), with the traceback logged
+                log.exception("unexpected error in the consumer loop")
+                raise FatalError(f"unexpected error: {type(exc).__name__}: {exc}"[:500]) from exc
         except FatalError as exc:
             log.error("fatal", error=str(exc))
             self._close_after_fatal()
@@ -734,12 +751,16 @@ class DetectorService:
         index = batch.index
         codes = detector.submit_many(batch.sensors, batch.ts_ms, batch.values,
                                      [refs[i] for i in index])
+        # each sensor's partition, that of its latest reading, to forget its state when that
+        # partition is revoked (a sensor whose key moved to another partition, after the
+        # topic's partition count was raised, goes with its new one); not for a reading
+        # refused because the detector holds max_sensors already
         sensor_tp = self._sensor_tp
-        new = set(batch.sensors).difference(sensor_tp)
-        if new:  # remember each sensor's partition, to forget its state on revocation
-            for j, sensor in enumerate(batch.sensors):
-                if sensor in new and codes[j] != FULL:
-                    sensor_tp.setdefault(sensor, tps[index[j]])
+        if (codes == FULL).any():
+            sensor_tp.update((sensor, tps[index[j]]) for j, sensor in enumerate(batch.sensors)
+                             if codes[j] != FULL)
+        else:
+            sensor_tp.update(zip(batch.sensors, map(tps.__getitem__, index), strict=True))
         n_warming = n_dropped = 0
         dead_letter_late = self.settings.detector.late_policy == "dead_letter"
         for j in np.flatnonzero(codes != READY).tolist():
@@ -971,6 +992,7 @@ class DetectorService:
         # the wait for room in a full queue ends with the budget too (a revoke's drain waited
         # without limit; the shutdown's only once SIGTERM had come)
         self._wait_until = end
+        self._drain_abandoned = False
         try:
             self._publish(self.detector.flush_batches())
             # what publishing took counts: each flush gets what is left, not the budget again
@@ -981,6 +1003,7 @@ class DetectorService:
         except _Abandoned:
             log.error("producer queue still full at the end of the drain; the readings not "
                       "handed to it are read again from the committed offsets")
+            self._drain_abandoned = True
             remaining = len(self._producer)
         finally:
             self._wait_until = None
@@ -1028,6 +1051,9 @@ class DetectorService:
             log.error("the broker did not confirm the final commit and the group leave within "
                       "the grace period; readings after the last committed offsets are read "
                       "again after a restart", grace_period_s=grace)
+        if self._fatal:  # a delivery that failed in close()'s own revoke drain
+            log.error("delivery failed while closing", error=self._fatal)
+            code = 2
         flush_kafka_log()  # librdkafka's held-back repeats, before the last line
         log.info("stopped", seconds=round(time.monotonic() - t0, 3), exit_code=code)
         return code
@@ -1095,7 +1121,10 @@ class DetectorService:
                 if ((start > low or low > 0)
                         and self.rebuild_max_lookback > self.rebuild_lookback):
                     self._rebuilds[tp] = _Rebuild(c.offset, low, start, self.rebuild_lookback)
-            p.offset = start
+            # from the log's start: the logical offset, so that a retention run between the
+            # watermark request and the fetch cannot make it out of range (and
+            # auto.offset.reset=latest jump past the committed offset), as when deepening
+            p.offset = OFFSET_BEGINNING if start <= low else start
             log.info("rebuilding windows", topic=p.topic, partition=p.partition,
                      from_offset=start, committed=c.offset)
 
@@ -1131,6 +1160,17 @@ class DetectorService:
                 consumer.commit(asynchronous=False)
             except KafkaException as exc:
                 log.debug("commit on revoke", error=str(exc))
+            kept = self._owned - {(p.topic, p.partition) for p in partitions}
+            if self._drain_abandoned and kept and not self._fatal:
+                # The drain flushed every partition's windows, and the records it could not
+                # hand to the producer are gone: the kept partitions' chunks would never
+                # settle, their offsets never advance. Stop; a restart reads them again.
+                self._fatal = (
+                    "a rebalance's drain could not hand every record to the producer within "
+                    f"{self.settings.service.grace_period_s / 2:g} s (its queue stayed full: "
+                    f"the broker is slow or away); the {len(kept)} partition(s) kept here "
+                    "would stall, so the service stops and their readings are read again "
+                    "from the committed offsets")
         self._forget(partitions)
         if self.settings.kafka.partition_assignment_strategy == "cooperative-sticky":
             consumer.incremental_unassign(partitions)

@@ -1163,7 +1163,8 @@ def test_a_committed_offset_beyond_the_log_end_does_not_start_a_silent_rebuild()
     assert fake.positions[A] < 0  # left to the committed offset / auto.offset.reset
     fake = _ScriptedConsumer(service, [], committed=40, watermarks=(0, 50))
     service._on_assign(fake, [TopicPartition("readings", 0)])
-    assert service._silent_until == {A: 40} and fake.positions[A] == 0
+    # from the log's start (0): the logical offset, safe from a retention run before the fetch
+    assert service._silent_until == {A: 40} and fake.positions[A] == OFFSET_BEGINNING
 
 
 def test_a_stale_log_end_is_asked_again_before_the_rebuild_is_given_up(monkeypatch) -> None:
@@ -1187,7 +1188,8 @@ def test_a_stale_log_end_is_asked_again_before_the_rebuild_is_given_up(monkeypat
     fake = Stale(service, [], committed=40, watermarks=(0, 50), answers=[(0, 30), (0, 35)])
     service._on_assign(fake, [TopicPartition("readings", 0)])
     assert fake.asked == 3
-    assert service._silent_until == {A: 40} and fake.positions[A] == 0
+    # from the log's start (0): the logical offset, safe from a retention run before the fetch
+    assert service._silent_until == {A: 40} and fake.positions[A] == OFFSET_BEGINNING
     # a log that really ends before the committed offset: asked WATERMARK_ASKS times, no more
     service = _service()
     fake = Stale(service, [], committed=40, watermarks=(0, 30), answers=[])
@@ -1386,7 +1388,10 @@ class _LogConsumer:
 
     def assign(self, partitions) -> None:
         self.assigned = {(p.topic, p.partition) for p in partitions}
-        self.pos = partitions[0].offset if partitions[0].offset >= 0 else self.committed_offset
+        off = partitions[0].offset
+        self.assigned_at = off
+        self.pos = (self.low if off == OFFSET_BEGINNING else off if off >= 0
+                    else self.committed_offset)
 
     incremental_assign = assign
 
@@ -1787,3 +1792,230 @@ def test_an_abandoned_close_keeps_the_clients_its_revoke_drain_uses() -> None:
     assert revoked.wait(10)
     assert errors == []
     assert service._producer is not None and service._consumer is not None
+
+
+class _RetentionAtAssign(_LogConsumer):
+    """Retention deletes the log's first 50 records between the watermark request and the
+    first fetch; a fetch below the log's start resets to its end (auto.offset.reset=latest)."""
+
+    def assign(self, partitions) -> None:
+        super().assign(partitions)
+        self.low += 50
+        self.records = [m for m in self.records if m.offset() >= self.low]
+        if self.assigned_at != OFFSET_BEGINNING and self.pos < self.low:  # out of range
+            self.pos = self.records[-1].offset() + 1
+
+    incremental_assign = assign
+
+
+def test_a_first_rebuild_from_the_log_start_survives_retention_before_its_fetch() -> None:
+    """The first rebuild plan assigned the log's start as an absolute offset: if retention
+    moved the start before the first fetch, the fetch was out of range and
+    auto.offset.reset=latest jumped past the committed offset, so no live record was scored
+    (found in review; the deepening already used the logical offset)."""
+    records = _episode_log(low=500)
+    committed = 500 + 3 * 60
+    original = _LogConsumer
+    try:
+        globals()["_LogConsumer"] = _RetentionAtAssign
+        service, fake, _, _ = _rebuild_run(records, committed, 10_000, 10_000, low=500)
+    finally:
+        globals()["_LogConsumer"] = original
+    assert fake.assigned_at == OFFSET_BEGINNING
+    live = len(records) - (committed - 500)
+    assert service.metrics.windows._value.get() == live  # every live record scored
+    assert fake.stored == {A: records[-1].offset() + 1}
+
+
+class _SwitchProducer(_RecordingProducer):
+    """Queue full while ``full``; otherwise every record is acknowledged at the next poll()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.full = False
+
+    def produce(self, topic, value, key, on_delivery) -> None:
+        if self.full:
+            raise BufferError("Local: Queue full")
+        super().produce(topic, value, key, on_delivery)
+
+    def poll(self, timeout: float = 0) -> int:
+        pending, self.callbacks = self.callbacks, []
+        for cb in pending:
+            cb(None, None)
+        if self.full:
+            time.sleep(min(timeout, 0.01))
+        return len(pending)
+
+    def flush(self, timeout: float = 0) -> int:
+        self.poll(0)
+        return 0
+
+    def __len__(self) -> int:
+        return len(self.callbacks)
+
+
+class _CoopConsumer(_ScriptedConsumer):
+    """Revokes only the partitions named (incremental unassign); commits nothing."""
+
+    def incremental_unassign(self, partitions) -> None:
+        self.assigned -= {(p.topic, p.partition) for p in partitions}
+
+    def commit(self, asynchronous: bool = True) -> None:
+        pass
+
+
+def _two_partition_service(producer, **kafka):
+    service = _service(producer, partition_assignment_strategy="cooperative-sticky", **kafka)
+    fake = _CoopConsumer(service, [])
+    fake.assigned = {A, B}
+    service._owned = {A, B}
+    service._consumer = fake
+    return service, fake
+
+
+def _reading(partition: int, offset: int, sensor: str, t: int | None = None):
+    from confluent_kafka import Message
+
+    from stream_detector.records import encode_reading
+
+    t = offset if t is None else t
+    return Message(topic="readings", partition=partition, offset=offset, key=sensor.encode(),
+                   value=encode_reading(sensor, 1000 + 1000 * t, [float(t % 3), 1.0, 2.0]),
+                   timestamp=(1, 1))
+
+
+@pytest.mark.parametrize("strategy", ["cooperative-sticky", "range"])
+def test_a_revoke_drain_that_gives_records_up_stops_the_service_if_partitions_stay(
+        strategy) -> None:
+    """A cooperative revoke's drain flushes every partition's windows; when the producer's
+    queue stayed full for its whole budget, the records it could not hand over were dropped,
+    and the holds of the partitions kept here were never released: their offsets stopped for
+    good (found in review). Now the service stops with a fatal error (a restart reads them
+    again); with an eager revoke every partition goes, nothing is kept, nothing stalls."""
+    from stream_detector.records import ReadingDecoder
+
+    producer = _SwitchProducer()
+    service, fake = _two_partition_service(producer, score_topic="scores")
+    service.settings.kafka.__dict__["partition_assignment_strategy"] = strategy
+    decoder = ReadingDecoder(service.manifest.features, 65536)
+    service._ingest([_reading(0, o, "s") for o in range(5)]
+                    + [_reading(1, o, "t") for o in range(5)], decoder, service.detector)
+    producer.full = True
+    service.settings.service.__dict__["grace_period_s"] = 0.2
+    gone = [TopicPartition("readings", 0)] if strategy == "cooperative-sticky" else [
+        TopicPartition("readings", 0), TopicPartition("readings", 1)]
+    service._on_revoke(fake, gone)
+    assert service._drain_abandoned
+    if strategy == "cooperative-sticky":
+        assert service._fatal and "1 partition(s) kept here would stall" in service._fatal
+        with pytest.raises(FatalError, match="rebalance's drain"):
+            service._loop()
+        assert fake.stored == {}  # nothing of B stored past what was delivered
+    else:
+        assert not service._fatal and service._owned == set()
+
+
+def test_a_revoke_drain_that_delivers_everything_keeps_the_other_partitions_going() -> None:
+    """The same cooperative revoke with the broker answering: B carries on and its offsets
+    advance (the control for the test above)."""
+    from stream_detector.records import ReadingDecoder
+
+    producer = _SwitchProducer()
+    service, fake = _two_partition_service(producer, score_topic="scores")
+    decoder = ReadingDecoder(service.manifest.features, 65536)
+    service._ingest([_reading(0, o, "s") for o in range(5)]
+                    + [_reading(1, o, "t") for o in range(5)], decoder, service.detector)
+    service._on_revoke(fake, [TopicPartition("readings", 0)])
+    assert not service._drain_abandoned and not service._fatal
+    for start in (5, 10, 15):
+        service._ingest([_reading(1, o, "t") for o in range(start, start + 5)], decoder,
+                        service.detector)
+        service._publish(service.detector.flush_batches())
+        producer.poll(0)
+        service._store_offsets()
+    assert fake.stored == {A: 5, B: 20}
+
+
+def test_a_sensor_goes_with_the_partition_of_its_latest_reading() -> None:
+    """A sensor whose key moved to another partition (the topic's partition count raised)
+    stayed tied to the first one: revoking that one dropped its state although its live
+    partition stayed here, and revoking the live one left its state behind (found in review)."""
+    from stream_detector.records import ReadingDecoder
+
+    producer = _SwitchProducer()
+    service, fake = _two_partition_service(producer)
+    decoder = ReadingDecoder(service.manifest.features, 65536)
+    service._ingest([_reading(0, o, "s") for o in range(5)], decoder, service.detector)
+    service._ingest([_reading(1, o, "s", t=5 + o) for o in range(5)], decoder,
+                    service.detector)
+    service._publish(service.detector.flush_batches())
+    before = service.metrics.windows._value.get()
+    assert before == 8  # windows ending at t 2..9
+    service._on_revoke(fake, [TopicPartition("readings", 0)])  # s's old partition
+    assert service.detector.sensors() == ["s"]
+    service._ingest([_reading(1, o, "s", t=5 + o) for o in range(5, 8)], decoder,
+                    service.detector)
+    service._publish(service.detector.flush_batches())
+    assert service.metrics.windows._value.get() - before == 3  # as an uninterrupted consumer
+    service._on_revoke(fake, [TopicPartition("readings", 1)])  # s's live partition
+    assert service.detector.sensors() == [] and service._sensor_tp == {}
+
+
+def test_a_failing_model_task_closes_the_consumer_and_exits_2(monkeypatch) -> None:
+    """A model task that raised (torch's RuntimeError) left run() with a traceback: the
+    consumer was never closed, so no final commit and no group leave until the session timed
+    out (found in review). Now it stops as a fatal error does."""
+    from stream_detector.testing import NumpyScorer
+
+    class Failing:
+        def done(self) -> bool:
+            return True
+
+        def result(self):
+            raise RuntimeError("The following operation failed in the TorchScript interpreter")
+
+    class FailingAsync(NumpyScorer):
+        def errors_async(self, windows, chunk=0, rows=None):
+            return Failing()
+
+    service = _service()
+    service.scorer = FailingAsync()
+    fake = _ScriptedConsumer(service, [("assign",), ("msgs", [_msg(o) for o in range(5)])])
+    fake.subscribe = lambda topics, **cbs: None
+    fake.closed = False
+    monkeypatch.setattr(consumer_mod, "wait_for_broker", lambda *a, **k: True)
+    monkeypatch.setattr(consumer_mod, "_client",
+                        lambda cls, conf: fake if cls is consumer_mod.Consumer
+                        else _SwitchProducer())
+    assert service.run() == 2
+    assert fake.closed
+
+
+def test_a_delivery_that_fails_in_the_final_close_makes_the_exit_code_2() -> None:
+    """The exit code was chosen before close() ran its revoke drain: a delivery that failed
+    there (a fatal error, offsets not stored) still exited 0 (found in review)."""
+    from confluent_kafka import KafkaError as KE
+
+    class FailsOnSecondFlush(_RecordingProducer):
+        flushes = 0
+
+        def flush(self, timeout: float = 0) -> int:
+            self.flushes += 1
+            if self.flushes == 2:  # close()'s drain: the broker refuses what is pending
+                for cb in self.callbacks:
+                    cb(KafkaError(KE._MSG_TIMED_OUT), None)
+                self.callbacks = []
+            return 0
+
+    producer = FailsOnSecondFlush()
+    service = _service(producer)
+    fake = _ScriptedConsumer(service, [])
+    service._consumer = fake
+    service._on_assign(fake, [TopicPartition("readings", 0)])
+    # an alert still in the producer's queue when SIGTERM comes; its delivery fails in close()
+    chunk = service.tracker.begin(A, 8, 1, time.monotonic())
+    service._produce("sensor-alerts", b"s", b"{}", chunk, None, ("alert event", "e1"))
+    assert service._shutdown() == 2
+    assert "delivery to sensor-alerts failed" in service._fatal
+    assert fake.closed
