@@ -297,6 +297,17 @@ def _client(cls: Any, conf: dict[str, Any]) -> Any:
                           f"SD_KAFKA__* values): {exc}") from None
 
 
+def _score_named(msg: Message | None) -> str:
+    """A score record named in an error, from the message the delivery report carries."""
+    value = (msg.value() if msg is not None else None) or b""
+    try:
+        doc = orjson.loads(value)
+        what = f"score of sensor {doc['sensor']} {doc['window_end']}"
+    except Exception:  # noqa: BLE001 - only naming the record; never fail here
+        what = "score record"
+    return f"{what} ({len(value)} bytes)"
+
+
 def _describe(context: tuple[Any, ...], value: bytes) -> str:
     """A produced record, named in an error: what it is (``context``) and its size."""
     return " ".join(map(str, (*context, f"({len(value)} bytes)")))
@@ -851,7 +862,7 @@ class DetectorService:
         k = self.settings.kafka
         score_topic = k.score_topic
         tracker = self.tracker
-        current, hold, release = tracker.current, tracker.hold, tracker.release
+        current, release = tracker.current, tracker.release
         n = 0
         try:
             for b in batches:
@@ -874,18 +885,24 @@ class DetectorService:
                             n += count
                             release(chunk, count)  # the holds taken by begin()
                     continue
-                for j, (chunk, kafka_ts) in enumerate(b.refs):  # a record per window
+                # A record per window. Its score record takes the window's own hold over (from
+                # begin(): released when the broker has the record); an alert takes one more
+                # before it is produced. Delivery callbacks run only inside a poll, after the
+                # holds of the batch's later windows are already there, so no chunk settles
+                # early. One callback per chunk, not one per record.
+                acks: dict[Chunk, Callable[[KafkaError | None, Message], None]] = {}
+                for j, (chunk, kafka_ts) in enumerate(b.refs):
                     if chunk is None or not current(chunk):
                         continue
                     n += 1
-                    alert = alerts.get(j)
                     key = b.sensors[j].encode()
-                    hold(chunk)
-                    self._produce(score_topic, key, b.record(j).to_json(), chunk, None,
-                                  ("score of sensor", b.sensors[j], b.end_ms[j]))
+                    ack = acks.get(chunk)
+                    if ack is None:
+                        ack = acks[chunk] = self._score_ack(score_topic, chunk)
+                    self._produce(score_topic, key, b.score_json(j), chunk, None, ack=ack)
+                    alert = alerts.get(j)
                     if alert is not None:
                         self._send_alert(key, alert, chunk, kafka_ts)
-                    release(chunk)
         finally:
             if n:
                 self.metrics.windows.inc(n)
@@ -899,12 +916,28 @@ class DetectorService:
         self._produce(self.settings.kafka.alert_topic, key, alert.to_json(), chunk, kafka_ts,
                       ("alert event", alert.event_id))
 
+    def _score_ack(self, topic: str, chunk: Chunk
+                   ) -> Callable[[KafkaError | None, Message], None]:
+        """The delivery callback of a chunk's score records: each releases one hold of
+        ``chunk``; a failed delivery is fatal, as for every record."""
+        release = self.tracker.release
+
+        def on_delivery(err: KafkaError | None, msg: Message) -> None:
+            if err is not None:
+                self._fatal = f"delivery to {topic} failed: {err}; record: {_score_named(msg)}"
+                return
+            release(chunk)
+
+        return on_delivery
+
     def _produce(self, topic: str, key: bytes | None, value: bytes, chunk: Chunk,
                  latency_from_ms: int | None, context: tuple[Any, ...] = (),
-                 smaller: Callable[[], bytes] | None = None) -> None:
+                 smaller: Callable[[], bytes] | None = None,
+                 ack: Callable[[KafkaError | None, Message], None] | None = None) -> None:
         """Hand one record to the producer; ``chunk`` is released when the broker acknowledged
         it. ``context`` names the record in errors (formatted only then); ``smaller()`` is sent
-        instead when the record is too large for the topic or the producer."""
+        instead when the record is too large for the topic or the producer. ``ack``: a
+        delivery callback to use instead (shared by records, :meth:`_score_ack`)."""
         assert self._producer is not None
 
         def on_delivery(err: KafkaError | None, _msg: Message) -> None:
@@ -923,10 +956,11 @@ class DetectorService:
                     max(0.0, time.time() - latency_from_ms / 1000.0))
             self.tracker.release(chunk)
 
+        callback = on_delivery if ack is None else ack
         waiting_since, warned = 0.0, False
         while True:
             try:
-                self._producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
+                self._producer.produce(topic, value=value, key=key, on_delivery=callback)
                 if warned:
                     log.info("producer queue has room again",
                              waited_s=round(time.monotonic() - waiting_since, 1))

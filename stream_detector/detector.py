@@ -28,7 +28,7 @@ import numpy as np
 from stream_detector.batching import Batch, MicroBatcher
 from stream_detector.config import DetectorSettings
 from stream_detector.manifest import LongTermSpec, Manifest
-from stream_detector.records import Alert, Reading, ScoreRecord, alert_id
+from stream_detector.records import Alert, Reading, ScoreRecord, alert_id, score_json
 from stream_detector.scoring import (
     EpisodeTracker,
     EventKind,
@@ -159,6 +159,12 @@ class ScoredBatch:
         return ScoreRecord(self.sensors[j], self.start_ms[j], self.end_ms[j], self.score[j],
                            self.reconstruction[j], self.forecast[j], self.threshold[j],
                            self.levels[j], self.model_version)
+
+    def score_json(self, j: int) -> bytes:
+        """``record(j).to_json()`` without building the record."""
+        return score_json(self.sensors[j], self.start_ms[j], self.end_ms[j], self.score[j],
+                          self.reconstruction[j], self.forecast[j], self.threshold[j],
+                          self.levels[j], self.model_version)
 
     def results(self) -> list[Result]:
         alerts = self.alerts

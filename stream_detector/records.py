@@ -343,21 +343,31 @@ class ScoreRecord:
     model_version: str
 
     def to_json(self) -> bytes:
-        return orjson.dumps(
-            {
-                "schema_version": SCHEMA_VERSION,
-                "type": "score",
-                "sensor": self.sensor,
-                "window_start": self.window_start_ms,
-                "window_end": self.window_end_ms,
-                "score": self.score,
-                "reconstruction_error": self.reconstruction_error,
-                "forecast_error": self.forecast_error,
-                "threshold": self.threshold,
-                "level": self.level,
-                "model_version": self.model_version,
-            }
-        )
+        return score_json(self.sensor, self.window_start_ms, self.window_end_ms, self.score,
+                          self.reconstruction_error, self.forecast_error, self.threshold,
+                          self.level, self.model_version)
+
+
+def score_json(sensor: str, window_start_ms: int, window_end_ms: int, score: float,
+               reconstruction_error: float, forecast_error: float, threshold: float, level: str,
+               model_version: str) -> bytes:
+    """A score record's JSON (:class:`ScoreRecord`; the consumer encodes straight from a
+    :class:`~stream_detector.detector.ScoredBatch`'s columns, without the object)."""
+    return orjson.dumps(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "type": "score",
+            "sensor": sensor,
+            "window_start": window_start_ms,
+            "window_end": window_end_ms,
+            "score": score,
+            "reconstruction_error": reconstruction_error,
+            "forecast_error": forecast_error,
+            "threshold": threshold,
+            "level": level,
+            "model_version": model_version,
+        }
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -286,6 +286,66 @@ def test_publish_alerts_hold_their_chunk_and_go_out_in_window_order() -> None:
     assert tracker.advance() == {A: 10}
 
 
+def test_publish_with_scores_settles_a_chunk_only_when_every_record_of_it_is_delivered() -> None:
+    """Score topic on: each window's score record takes over its window's hold (one shared
+    delivery callback per chunk), an alert holds once more; the chunk settles only when every
+    record of every window in it is acknowledged, in any order. Records go out in window
+    order, each alert after its window's score; a failed score delivery is fatal and names
+    the record."""
+    from confluent_kafka import Message
+
+    from stream_detector.consumer import DetectorService
+    from stream_detector.detector import ScoredBatch
+    from stream_detector.records import Alert
+
+    alert = Alert(alert_id="a-s1", event="open", sensor="s1", level="warning", score=2.0,
+                  peak_score=2.0, threshold=1.0, reconstruction_error=0.1, forecast_error=0.2,
+                  top_features=(("x", 1.0),), episode_start_ms=2, window_start_ms=1,
+                  window_end_ms=2, model_version="m", detected_at_ms=2)
+    for order in ([0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2]):
+        service = DetectorService(Settings(kafka={"score_topic": "scores"}), None,  # type: ignore[arg-type]
+                                  None, serve_http=False)
+        service._producer = _RecordingProducer()  # type: ignore[assignment]
+        tracker = service.tracker
+        chunk, other = tracker.begin(A, 8, 3), tracker.begin(B, 5, 1)
+        refs = ((chunk, 1), (chunk, 2), (other, 3))
+        batch = ScoredBatch(("s0", "s1", "s2"), refs, [0, 1, 2], [1, 2, 3], [0.5, 2.0, 0.5],
+                            [0.1] * 3, [0.2] * 3, [1.0] * 3, ["normal", "warning", "normal"],
+                            {1: alert}, "m")
+        service._publish([batch])
+        sent = [(t, orjson.loads(v)) for t, v in service._producer.sent]
+        assert [(t, d.get("type", "alert"), d["sensor"]) for t, d in sent] == [
+            ("scores", "score", "s0"), ("scores", "score", "s1"),
+            ("sensor-alerts", "alert", "s1"), ("scores", "score", "s2")]
+        assert sent[1][1]["window_end"] == 2 and sent[1][1]["score"] == 2.0
+        assert tracker.advance() == {}  # chunk A: 1 reading open; everything in flight
+        tracker.release(chunk)  # the third reading of chunk A (say, it only warmed a window)
+        callbacks = service._producer.callbacks
+        done: dict = {}
+        left = {A: {0, 1, 2}, B: {3}}  # records 0-2 are of chunk A, record 3 of chunk B
+        for k in order:
+            callbacks[k](None, None)
+            done.update(tracker.advance())
+            for tp in left:
+                left[tp].discard(k)
+                # a chunk settles with its last record, not before
+                assert (tp in done) == (not left[tp]), (order, k, done)
+        assert done == {A: 8, B: 5}
+
+    # a failed score delivery stops the service; the chunk stays held
+    service._producer = _RecordingProducer()  # type: ignore[assignment]
+    chunk = service.tracker.begin(A, 20, 1)
+    batch = ScoredBatch(("s9",), ((chunk, 1),), [0], [7], [0.5], [0.1], [0.2], [1.0],
+                        ["normal"], {}, "m")
+    service._publish([batch])
+    topic, value = service._producer.sent[0]
+    msg = Message(topic=topic, partition=0, offset=0, key=b"s9", value=value, timestamp=(1, 1))
+    service._producer.callbacks[0](KafkaError(KafkaError._MSG_TIMED_OUT), msg)
+    assert service._fatal is not None and "delivery to scores failed" in service._fatal
+    assert f"score of sensor s9 7 ({len(value)} bytes)" in service._fatal
+    assert service.tracker.advance() == {}
+
+
 def test_ingest_tracks_a_chunk_per_partition_and_stores_after_everything_is_done() -> None:
     """One consume() batch over two partitions: silent rebuild readings of partition 0 are
     not tracked, a bad record goes to the dead-letter topic and holds its chunk until
