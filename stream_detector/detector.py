@@ -52,13 +52,13 @@ from stream_detector.windows import (
 class Scorer(Protocol):
     """Anything that maps raw windows ``(B, W, F)`` to per-feature errors ``(B, F)`` x 2.
 
-    A scorer may also offer ``errors_async(windows, chunk)`` returning a handle with ``done()``
-    and ``result()`` (the same pair ``errors`` returns, computed ``chunk`` windows per model
-    call); the detector then keeps the model busy while it takes in the next readings (see
-    :class:`Detector`).
+    A scorer may also offer ``errors_async(windows, sizes)`` returning a handle with ``done()``
+    and ``result()`` (the same pair ``errors`` returns, computed in consecutive model calls of
+    ``sizes`` windows: one per queued micro-batch); the detector then keeps the model busy
+    while it takes in the next readings (see :class:`Detector`).
 
     For a manifest with per-sensor input scalers (``Manifest.scaler_per_sensor``) the detector
-    passes ``rows`` as well (``errors(windows, rows)``, ``errors_async(windows, chunk, rows)``):
+    passes ``rows`` as well (``errors(windows, rows)``, ``errors_async(windows, sizes, rows)``):
     ``rows[i]`` is :meth:`Manifest.scaler_row` of window ``i``'s sensor. Without them it never
     does, so a scorer of a globally scaled artifact need not take the argument.
     """
@@ -183,12 +183,19 @@ class Detector:
     status code per reading (:data:`~stream_detector.windows.READY` means a window is queued
     and its result comes out of a later ``poll``/``flush`` call; ``WARMING``: absorbed, no
     window yet; ``LATE``/``FULL``: rejected). ``submit`` is the same for one reading. The
-    results do not depend on how readings are split into batches: a reading's window, score and
-    alert are those of submitting the stream one reading at a time.
+    detector's own work does not depend on how readings are split into batches: a reading's
+    window, smoothing and alert logic are those of submitting the stream one reading at a time,
+    and with a scorer that scores each window on its own (``NumpyScorer``) so are the scores.
+    The TorchScript model's float32 errors can differ in the last bits with the size of the
+    model call a window lands in (up to about 1e-6 relative, seen between calls of 1-2 windows
+    and larger ones on CPU), so with it a score can differ by that much between two batchings
+    (a live run and its replay, a consumer and one rebuilt after a rebalance), and a score
+    within that of a level can open or resolve an episode one window apart.
 
     When the scorer has ``errors_async`` (the TorchScript scorer runs the model on torch's own
     thread pool, without the GIL), full batches start scoring at once, all queued batches in one
-    task that runs them one after the other at the micro-batch size, while the caller decodes
+    task that runs them one after the other, each in a model call of its own (as without
+    ``errors_async``, so the two agree bit for bit), while the caller decodes
     more readings. One such task is in inference at a time; ``poll`` waits for the model while
     more than :data:`MAX_QUEUED_BATCHES` full batches are queued behind it (back-pressure).
     Results, their order and their values are the same as with ``errors``; only the call that
@@ -278,10 +285,21 @@ class Detector:
         refs: Sequence[Any] | None = None,
     ) -> np.ndarray:
         """Readings ``(sensors[i], ts_ms[i], values[i])`` in stream order; ``refs[i]`` comes back
-        with reading ``i``'s result. Returns the status codes (uint8, one per reading)."""
+        with reading ``i``'s result. Returns the status codes (uint8, one per reading).
+
+        Values must be finite (the Kafka driver's decoder dead-letters others as
+        ``non_finite``): a NaN would stay in the sensor's window, smoothing and long-term term
+        and could keep an episode open for good, so a batch holding one is refused with a
+        ValueError before any of it is taken in."""
         n = len(sensors)
         if n == 0:
             return np.zeros(0, dtype=np.uint8)
+        if not np.isfinite(values).all():
+            finite = np.isfinite(np.asarray(values)).reshape(n, -1).all(axis=1)
+            bad = int(np.flatnonzero(~finite)[0])
+            raise ValueError(f"reading {bad} of the batch (sensor {sensors[bad]!r}, ts "
+                             f"{int(ts_ms[bad])}) holds a NaN or infinite value; the detector "
+                             "takes finite values only")
         if refs is None:
             refs = [None] * n
         out = self._store.append_many(sensors, ts_ms, values)
@@ -505,11 +523,13 @@ class Detector:
             windows = (batches[0].windows if len(batches) == 1
                        else np.concatenate([b.windows for b in batches]))
             assert self._start is not None
+            # each batch in a model call of its own, as _drain scores it (a deadline's short
+            # batch ahead of full ones is not merged into their calls)
+            sizes = [len(b) for b in batches]
             if self._srow is None:
-                handle = self._start(windows, self.settings.max_batch)
+                handle = self._start(windows, sizes)
             else:
-                handle = self._start(windows, self.settings.max_batch,
-                                     self._scaler_rows(batches))
+                handle = self._start(windows, sizes, self._scaler_rows(batches))
             self._inflight = _InFlight(batches, handle, time.perf_counter())
         if fl is not None:
             per_batch = seconds / len(fl.batches)

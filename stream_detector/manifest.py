@@ -24,6 +24,10 @@ import orjson
 from stream_detector.errors import ArtifactError
 
 SCHEMA_VERSION = 4
+
+#: Largest window (and score smoothing) an artifact may declare: every sensor keeps a ring of
+#: this many readings, so an edited manifest with a huge window would exhaust memory at load.
+MAX_WINDOW = 10_000
 #: Schema versions this build reads. Version 1 had no per-sensor error scales and no feature
 #: weights; it is read with both absent (global scales, every feature weighted equally).
 #: Version 2 had no per-sensor input scalers (every sensor scaled by ``scaler_mean/std``).
@@ -266,10 +270,12 @@ class Manifest:
             raise ArtifactError(
                 "manifest score.feature_weights must be finite, non-negative and not all zero"
             )
-        if self.window < 3:
-            raise ArtifactError(f"manifest window must be >= 3, got {self.window}")
-        if self.score.smoothing < 1:
-            raise ArtifactError("manifest score.smoothing must be >= 1")
+        if not 3 <= self.window <= MAX_WINDOW:
+            raise ArtifactError(f"manifest window must be in [3, {MAX_WINDOW:,}], "
+                                f"got {self.window}")
+        if not 1 <= self.score.smoothing <= MAX_WINDOW:
+            raise ArtifactError(f"manifest score.smoothing must be in [1, {MAX_WINDOW:,}], "
+                                f"got {self.score.smoothing}")
         _finite("scaler_mean", self.scaler_mean)
         _positive("scaler_std", self.scaler_std)
         for sensor, sc in self.scaler_per_sensor.items():

@@ -553,3 +553,71 @@ def test_inexact_and_unscored_sensors() -> None:
     det.submit_many(["calm"], [100], ones)  # its slot starts over
     det.flush()
     assert det.unscored(names) == ["calm", "new"] and det.inexact(["calm"]) == []
+
+
+class _SizedCalls(NumpyScorer):
+    """An async scorer that scores as the TorchScript one does: one model call per size it is
+    given (``calls`` records them, as NumpyScorer's ``errors`` does); the task stays in flight
+    until the detector waits for it."""
+
+    def errors_async(self, windows: np.ndarray, sizes=0) -> _HeldTask:
+        from stream_detector.model.runtime import call_sizes
+
+        parts, at = [], 0
+        for size in call_sizes(len(windows), sizes):
+            parts.append(self.errors(windows[at : at + size]))
+            at += size
+        return _HeldTask((np.concatenate([p[0] for p in parts]),
+                          np.concatenate([p[1] for p in parts])))
+
+
+def test_async_scoring_makes_the_model_calls_the_sync_path_makes() -> None:
+    """A deadline's short batch queued ahead of full ones was merged into one task that the
+    model then cut every max_batch windows: calls [4, 4, 4, 1] against the sync path's
+    [4, 1, 4, 4]. The TorchScript model's float32 results can differ in the last bits with the
+    size of the call, so the async path scored some windows differently (found in review).
+    Each queued batch is now a call of its own."""
+    def drive(scorer: NumpyScorer) -> tuple[list[int], list[float]]:
+        clock = FakeClock()
+        d = Detector(make_manifest(window=3), scorer,
+                     DetectorSettings(max_batch=4, max_wait_ms=10), clock=clock)
+        t = 0
+        scores: list[float] = []
+
+        def feed(n: int) -> None:
+            nonlocal t
+            for _ in range(n):
+                t += 1
+                d.submit_many(["a"], [t], np.full((1, 3), float(t % 5), np.float32))
+
+        feed(2 + 4)
+        scores += [s for b in d.poll_batches() for s in b.score]  # a full batch: in flight
+        feed(1)
+        clock.advance(0.02)
+        scores += [s for b in d.poll_batches() for s in b.score]  # deadline: a batch of 1
+        feed(8)
+        scores += [s for b in d.poll_batches() for s in b.score]  # two full batches behind
+        scores += [s for b in d.flush_batches() for s in b.score]
+        return scorer.calls, scores
+
+    sync_calls, sync_scores = drive(NumpyScorer())
+    async_calls, async_scores = drive(_SizedCalls())
+    assert sync_calls == [4, 1, 4, 4]
+    assert async_calls == sync_calls
+    assert async_scores == sync_scores
+
+
+def test_a_batch_with_a_nan_reading_is_refused_before_any_of_it_is_taken_in() -> None:
+    """The core took NaN readings in: with the long-term term one NaN made every later score
+    NaN and the sensor's episode never resolved (found in review; the Kafka decoder already
+    dead-letters such readings, other callers of the core did not)."""
+    det = Detector(make_manifest(window=3), NumpyScorer(), DetectorSettings(max_batch=4))
+    values = np.ones((3, 3), np.float32)
+    values[1, 2] = np.nan
+    with pytest.raises(ValueError, match=r"reading 1 of the batch \(sensor 'b', ts 2\)"):
+        det.submit_many(["a", "b", "c"], [1, 2, 3], values)
+    assert det.counters["readings"] == 0 and det.sensors() == []
+    values[1, 2] = np.inf
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        det.submit(Reading("b", 2, values[1]))
+    assert det.submit_many(["a"], [1], np.ones((1, 3), np.float32)).tolist() == [0]  # warming

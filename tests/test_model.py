@@ -979,3 +979,40 @@ def test_trainer_calibrates_the_long_term_term_on_every_validation_row(artifact,
         TrainConfig(long_term_alpha=1.5)
     with pytest.raises(ValueError, match=r"long_term_q must be in \[0.5, 1\)"):
         TrainConfig(long_term_q=1.0)
+
+
+def test_async_model_calls_follow_the_given_sizes_bit_for_bit(artifact) -> None:
+    """errors_async with a list of sizes makes one model call per size, so each window's
+    errors are those errors() gives it in a call of that size, exactly; a chunk size splits
+    differently and (with this model, on CPU) need not match them in the last bits."""
+    root, manifest, _ = artifact
+    scorer = TorchScorer.load(root)
+    assert scorer.overlapped
+    rng = np.random.default_rng(3)
+    w = (np.asarray(manifest.scaler_mean, np.float32)
+         + rng.normal(0, 1, (17, manifest.window, manifest.n_features))).astype(np.float32)
+    rows = np.zeros(17, dtype=np.intp)
+    got = scorer.errors_async(w, [1, 8, 8], rows).result()
+    parts = [scorer.errors(w[a:b], rows[a:b]) for a, b in ((0, 1), (1, 9), (9, 17))]
+    for k in range(2):
+        assert np.array_equal(got[k], np.concatenate([p[k] for p in parts]))
+    with pytest.raises(ValueError, match="do not split 17 windows"):
+        scorer.errors_async(w, [8, 8], rows)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"window": 10**10}, r"window must be in \[3, 10,000\], got 10000000000"),
+    ({"window": 2**70}, r"window must be an integer"),  # beyond 64 bits: read as a float
+])
+def test_an_absurd_window_is_refused_not_a_memory_error(artifact, tmp_path, changes,
+                                                        message) -> None:
+    """A manifest edited to a huge window ran into numpy's MemoryError or OverflowError while
+    building the load's shape probe: a traceback, not a refusal (found in review)."""
+    import json
+
+    root = _copy(artifact[0], tmp_path)
+    raw = json.loads((root / MANIFEST_FILE).read_text())
+    raw.update(changes)
+    (root / MANIFEST_FILE).write_text(json.dumps(raw))  # json: orjson stops at 64 bits
+    with pytest.raises(ArtifactError, match=message):
+        TorchScorer.load(root)

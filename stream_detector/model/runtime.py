@@ -7,6 +7,7 @@ own graph, so a serving process needs nothing from :mod:`stream_detector.model.n
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +26,11 @@ class _AsyncModel(torch.nn.Module):
     once. The task runs the TorchScript graph in C++ without the GIL, so Python work of the
     caller (decoding the next readings) overlaps with inference. The task also scales the raw
     windows (the same float32 operations as :meth:`TorchScorer.scale`, bit for bit), with the
-    global scaler or, given ``rows``, each window's row of the scaler table. Windows
-    beyond ``chunk`` are scored ``chunk`` at a time, one call after the other in the same task:
-    several queued micro-batches keep the model busy without the caller's help, each at its
-    own size.
+    global scaler or, given ``rows``, each window's row of the scaler table. ``sizes`` splits
+    the windows into consecutive model calls, one after the other in the same task: several
+    queued micro-batches keep the model busy without the caller's help, each scored at its own
+    size, so in the same model call as the synchronous path scores it (the model's float32
+    results can differ in the last bits with the size of the call it is in).
 
     The task gets copies of the inputs, made on the caller's thread (``forward``). Since torch
     2.10 a tensor that has a Python object (every tensor made in Python, such as the windows
@@ -51,7 +53,7 @@ class _AsyncModel(torch.nn.Module):
 
     @torch.jit.export
     def run(self, raw: torch.Tensor, rows: torch.Tensor,
-            chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+            sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         # No class-level annotations for the buffers to please mypy: TorchScript cannot resolve
         # them under postponed annotations, the wrapper then fails to script and scoring loses
         # its overlap with the loop (tests/test_model.py checks ``overlapped``).
@@ -61,21 +63,22 @@ class _AsyncModel(torch.nn.Module):
             mean = self.mean.index_select(0, rows).unsqueeze(1)  # type: ignore[operator]
             inv = self.inv_std.index_select(0, rows).unsqueeze(1)  # type: ignore[operator]
         x = torch.clamp((raw - mean) * inv, -self.clip, self.clip)
-        n = x.size(0)
-        if chunk <= 0 or n <= chunk:
+        if len(sizes) <= 1:
             return self.model(x)
         recs: list[torch.Tensor] = []
         fcs: list[torch.Tensor] = []
-        for i in range(0, n, chunk):
-            rec, fc = self.model(x[i : i + chunk])
+        at = 0
+        for size in sizes:
+            rec, fc = self.model(x[at : at + size])
             recs.append(rec)
             fcs.append(fc)
+            at += size
         return torch.cat(recs), torch.cat(fcs)
 
     def forward(
-        self, x: torch.Tensor, rows: torch.Tensor, chunk: int
+        self, x: torch.Tensor, rows: torch.Tensor, sizes: list[int]
     ) -> torch.jit.Future[tuple[torch.Tensor, torch.Tensor]]:
-        return torch.jit.fork(self.run, x.clone(), rows.clone(), chunk)
+        return torch.jit.fork(self.run, x.clone(), rows.clone(), sizes)
 
 
 class PendingErrors:
@@ -98,6 +101,19 @@ class PendingErrors:
             rec, fc = self._future.wait()
             self._value = (rec.numpy().astype(np.float64), fc.numpy().astype(np.float64))
         return self._value
+
+
+def call_sizes(n: int, chunk: int | Sequence[int]) -> list[int]:
+    """The sizes of the model calls that score ``n`` windows: ``chunk`` windows at a time (0:
+    one call), or ``chunk`` itself when it lists the sizes (they must add up to ``n``)."""
+    if isinstance(chunk, int):
+        if chunk <= 0 or n <= chunk:
+            return [n]
+        return [chunk] * (n // chunk) + ([n % chunk] if n % chunk else [])
+    sizes = [int(s) for s in chunk]
+    if sum(sizes) != n or any(s <= 0 for s in sizes):
+        raise ValueError(f"call sizes {sizes} do not split {n} windows")
+    return sizes
 
 
 def _check_rows(rows: np.ndarray, n: int) -> np.ndarray:
@@ -220,8 +236,8 @@ class TorchScorer:
 
     def _check_shape(self) -> None:
         m = self.manifest
-        probe = np.tile(np.asarray(m.scaler_mean, dtype=np.float32), (1, m.window, 1))
         try:
+            probe = np.tile(np.asarray(m.scaler_mean, dtype=np.float32), (1, m.window, 1))
             rec, fc = self.errors(probe)
         except Exception as exc:
             raise ArtifactError(
@@ -251,23 +267,32 @@ class TorchScorer:
             rec, fc = self._module(x)
         return rec.numpy().astype(np.float64), fc.numpy().astype(np.float64)
 
-    def errors_async(self, windows: np.ndarray, chunk: int = 0,
+    def errors_async(self, windows: np.ndarray, chunk: int | Sequence[int] = 0,
                      rows: np.ndarray | None = None) -> PendingErrors:
         """Start :meth:`errors` on torch's inter-op thread pool; same numbers, returns at once.
-        With ``chunk``, the model is called on ``chunk`` windows at a time (the detector passes
-        its micro-batch size when it hands over several queued batches at once).
+        ``chunk``: the model is called on ``chunk`` windows at a time, or, given a list, on
+        consecutive calls of those sizes (the detector passes its queued micro-batches' sizes
+        when it hands over several at once, so that each is scored in a call of its own, as
+        :meth:`errors` on each would).
 
         Falls back to scoring in line (a finished handle) when the module cannot be wrapped.
         """
+        sizes = call_sizes(len(windows), chunk)
         if self._async is None:
-            if chunk <= 0:
+            if len(sizes) == 1:
                 return PendingErrors(None, self.errors(windows, rows))
-            return PendingErrors(None, self.errors_batched(windows, chunk, rows))
+            parts, at = [], 0
+            for size in sizes:
+                parts.append(self.errors(windows[at : at + size],
+                                         None if rows is None else rows[at : at + size]))
+                at += size
+            return PendingErrors(None, (np.concatenate([p[0] for p in parts]),
+                                        np.concatenate([p[1] for p in parts])))
         raw = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32))
         idx = (self._no_rows if rows is None
                else torch.from_numpy(_check_rows(rows, len(windows)).astype(np.int64)))
         with torch.inference_mode():
-            return PendingErrors(self._async(raw, idx, chunk))
+            return PendingErrors(self._async(raw, idx, sizes))
 
     def errors_batched(
         self, windows: np.ndarray, batch: int = 4096, rows: np.ndarray | None = None
