@@ -49,7 +49,12 @@ from tqdm.auto import tqdm
 from stream_detector.config import FETCH_QUEUE_BACKOFF_MS
 from stream_detector.datasets.base import Entity
 from stream_detector.errors import StreamDetectorError
-from stream_detector.evaluation import counted, plot_file_name, prepare_out_dir
+from stream_detector.evaluation import (
+    SELECTION_NOTE,
+    counted,
+    plot_file_name,
+    prepare_out_dir,
+)
 from stream_detector.logs import kafka_logger
 from stream_detector.scoring import long_term_words
 
@@ -351,9 +356,8 @@ def run_replay(opts: ReplayOptions) -> ReplayReport:
         # on every row
         skip = (_carried_over(manifest, e.name, opts.max_parity_error)
                 if stream_result["earlier_state"][i] else 0)
-        err = float(max(np.abs(s_stream[skip:] - ref.score[skip:]).max(initial=0.0),
-                        np.abs(rec[off:] - ref.reconstruction).max(initial=0.0),
-                        np.abs(fc[off:] - ref.forecast).max(initial=0.0)))
+        err = parity_error((s_stream[skip:], ref.score[skip:]),
+                           (rec[off:], ref.reconstruction), (fc[off:], ref.forecast))
         max_err = max(max_err, err)
         m = entity_metrics(s_stream, e.labels, ref.threshold)
         # the random baseline of `evaluate` for this entity and seed (its best-F1 figures do
@@ -668,6 +672,15 @@ def _root_cause(e: Entity, alerts: list[dict[str, Any]], contributions: np.ndarr
     }
 
 
+def parity_error(*pairs: tuple[np.ndarray, np.ndarray]) -> float:
+    """The largest ``|streamed - offline|`` over ``(streamed, offline)`` pairs; infinity when
+    any difference is NaN (a null field, a NaN in the reference): a failed parity, which
+    Python's ``max()`` of NaN and numbers would have passed over."""
+    diffs = np.array([np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+                             ).max(initial=0.0) for a, b in pairs])
+    return float(diffs.max(initial=0.0)) if np.isfinite(diffs).all() else math.inf
+
+
 def _summary(rows: list[dict[str, Any]], st: dict[str, Any], n_readings: int, expected: int,
              max_err: float, parity_ok: bool, opts: ReplayOptions, manifest: Any,
              seconds: float) -> dict[str, Any]:
@@ -748,6 +761,7 @@ def _markdown(opts: ReplayOptions, rows: list[dict[str, Any]], s: dict[str, Any]
         f"- parity (stream vs offline batch scores): max |diff| = {s['parity_max_abs']:.2e} "
         f"(limit {s['parity_limit']:.0e}) -> **{'OK' if s['parity_ok'] else 'FAILED'}**",
         f"- duplicate score records dropped: {s['duplicate_scores_dropped']}",
+        f"- {SELECTION_NOTE}",
     ]
     if s["sensors_with_earlier_state"]:
         k = max(1, int(manifest.score.smoothing))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 import threading
@@ -32,6 +33,7 @@ def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
 def _check_report(out: Path, entities: list[str], limit: float = 1e-4) -> dict:
     report = json.loads((out / "report.json").read_text())
     md = (out / "report.md").read_text()
+    assert "not a blind test of the defaults" in md
     s = report["summary"]
     assert s["parity_ok"] is True and s["parity_max_abs"] <= limit
     assert [r["entity"] for r in report["entities"]] == entities
@@ -528,3 +530,17 @@ def test_the_replay_producer_takes_the_deployments_client_settings(
     got = _FakeProducer.conf
     assert got["bootstrap.servers"] == "kafka:9093" and got["security.protocol"] == "SASL_SSL"
     assert got["sasl.password"] == "p" and got["enable.idempotence"] is True
+
+
+def test_parity_error_counts_a_nan_difference_as_a_failure() -> None:
+    """A NaN difference (a null error field in a score record, a NaN in the offline
+    reference) passed parity as 0: Python's max() of 0.0 and NaN is 0.0 (found in review)."""
+    from stream_detector.replay import parity_error
+
+    a, b = np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0 + 1e-6, 3.0])
+    assert abs(parity_error((a, b)) - 1e-6) < 1e-12
+    assert parity_error((a, a), (b, b)) == 0.0
+    assert parity_error((np.array([]), np.array([]))) == 0.0
+    nan = np.array([1.0, np.nan, 3.0])
+    assert parity_error((a, a), (nan, a)) == math.inf
+    assert parity_error((a, nan), (a, a)) == math.inf
