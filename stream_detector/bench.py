@@ -1582,6 +1582,12 @@ def run_bench(args: argparse.Namespace) -> int:
         check_e2e_reps(reps)
         sizes = replace(sizes, e2e_reps=reps)
     sections = parse_sections(getattr(args, "sections", None))
+    if (getattr(args, "sections", None) or "").strip() not in ("", "all") and (
+            "quality" in sections and not getattr(args, "quality", False)):
+        # asked for by name: training the bench's own artifact first, then skipping the
+        # section, would spend minutes on nothing
+        raise ConfigError("--sections quality needs --quality (it trains four models on SMD; "
+                          "add --data-dir DIR if SMD is not under ../shared/data)")
     do_quality = bool(getattr(args, "quality", False)) and "quality" in sections
     pin = getattr(args, "service_cpus", None)
     if pin and not hasattr(os, "sched_setaffinity"):

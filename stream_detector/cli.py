@@ -63,8 +63,22 @@ def _entities(text: str | None) -> list[str] | None:
     return names
 
 
+def _dataset(text: str) -> str:
+    """argparse type: a dataset name, as the registry spells it (lower case): it names the
+    artifact directory and the model version, so SMD and smd must be one dataset."""
+    return text.strip().lower()
+
+
+def _epochs(text: str) -> int:
+    """argparse type: a number of training epochs (>= 1)."""
+    n = _count(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="synthetic",
+    p.add_argument("--dataset", type=_dataset, default="synthetic",
                    help="smd, smap, msl, nab or synthetic (default; needs no data)")
     p.add_argument("--data-dir", type=Path, default=None, help="dataset directory")
     p.add_argument("--entities", default=None,
@@ -82,10 +96,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.setdefault("epochs", 3)
         overrides.setdefault("max_windows_per_epoch", 20_000)
     cfg = config_from_overrides(overrides)
-    prepare_out_dir(args.out, what="artifact")  # before minutes of training, not after
+    out = args.out or Path("artifacts") / args.dataset
+    prepare_out_dir(out, what="artifact")  # before minutes of training, not after
     entities = load_dataset(args.dataset, args.data_dir, _entities(args.entities))
-    manifest = train(entities, cfg, args.out, dataset=args.dataset)
-    print(f"artifact: {args.out}  model_version: {manifest.model_version}  "
+    manifest = train(entities, cfg, out, dataset=args.dataset)
+    print(f"artifact: {out}  model_version: {manifest.model_version}  "
           f"trained in {manifest.training['seconds']} s, "
           f"{counted(len(manifest.training['history']), 'epoch')} "
           f"({manifest.training['stopped_by'].replace('_', ' ')})")
@@ -119,7 +134,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     result = run_evaluation(
         dataset=args.dataset, data_dir=args.data_dir, entities=_entities(args.entities),
-        artifact_dir=args.artifact, out_dir=args.out, baselines=baselines,
+        artifact_dir=args.artifact or Path("artifacts") / args.dataset, out_dir=args.out,
+        baselines=baselines,
         plots=not args.no_plots,
     )
     print(result.markdown)
@@ -209,6 +225,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         try:
             with urllib.request.urlopen(args.http, timeout=3) as resp:  # noqa: S310
                 ok = resp.status == 200
+        except ValueError as exc:  # not a URL urllib can open ("http://[::1", a bad port)
+            raise ConfigError(f"--http {args.http!r} is not a valid URL: {exc}") from None
         except OSError as exc:
             print(f"FAIL {args.http}: {exc}")
             return 1
@@ -222,14 +240,21 @@ def cmd_check(args: argparse.Namespace) -> int:
           f"features={m.n_features} window={m.window}")
     print("model version: " + ("verified (the digest of the weights and the manifest)"
                                if scorer.version_verified else
-                               "not verifiable (an artifact without versions."
-                               "model_version_rule, written before 2026-11-27 10:35, whose "
-                               "version is not the digest of its contents)"))
+                               "NOT verifiable (an artifact without versions."
+                               "model_version_rule, written before 2026-11-27 10:35 or edited "
+                               "since, whose version is not the digest of its contents)"))
     print(f"input scaling: {_scaling(m)}")
     print(f"long-term term: {_long_term(m)}")
+    code = 0
+    if not scorer.version_verified and not args.allow_unverified:
+        # serve and replay load such an artifact (with a warning); the check is the gate that
+        # says an artifact is what training wrote, so it fails unless told the age is known
+        print("FAIL model version: not verifiable; pass --allow-unverified for an artifact "
+              "known to predate the check")
+        code = 1
     if args.broker:
-        return check_broker(settings)
-    return 0
+        return max(code, check_broker(settings))
+    return code
 
 
 def check_broker(settings: Any) -> int:
@@ -340,10 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train the hybrid model and write an artifact")
     _add_data_args(t)
-    t.add_argument("--out", type=Path, default=Path("artifacts/model"),
-                   help="artifact directory (default artifacts/model, where serve looks: "
-                        "SD_ARTIFACT_DIR; replay looks in artifacts/DATASET, as make backtest "
-                        "trains)")
+    t.add_argument("--out", type=Path, default=None,
+                   help="artifact directory (default artifacts/DATASET, where evaluate, replay "
+                        "and demo look; serve and check look in SD_ARTIFACT_DIR, which the "
+                        "repository's .env sets to artifacts/synthetic)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="training option, e.g. --set window=32 --set hidden=64 (repeatable)")
     t.add_argument("--quick", action="store_true", help="few epochs, for smoke tests")
@@ -351,8 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="batch-score test data; metrics table, baselines, plots")
     _add_data_args(e)
-    e.add_argument("--artifact", type=Path, default=Path("artifacts/model"),
-                   help="artifact directory (default artifacts/model, train's default --out)")
+    e.add_argument("--artifact", type=Path, default=None,
+                   help="artifact directory (default artifacts/DATASET, train's default --out)")
     e.add_argument("--out", type=Path, default=Path("reports/evaluation"),
                    help="report directory (default reports/evaluation; make backtest writes "
                         "reports/evaluation-DATASET)")
@@ -385,7 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="artifact dir (default artifacts/<dataset>)")
     dm.add_argument("--out", type=Path, default=Path("reports/demo"))
     dm.add_argument("--retrain", action="store_true", help="train even if the artifact exists")
-    dm.add_argument("--epochs", type=int, default=None, help="override training epochs")
+    dm.add_argument("--epochs", type=_epochs, default=None,
+                    help="override training epochs (>= 1)")
     dm.set_defaults(func=cmd_demo)
 
     d = sub.add_parser("dev-broker", help="run the embedded Tansu broker on loopback")
@@ -402,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="health check with a probe-friendly exit code")
     c.add_argument("--artifact", type=Path, default=None)
     c.add_argument("--broker", action="store_true", help="also check the broker answers")
+    c.add_argument("--allow-unverified", action="store_true",
+                   help="pass an artifact whose model version cannot be verified (one written "
+                        "before the check existed); without it such an artifact fails (exit 1)")
     c.add_argument("--http", default=None, help="GET this URL (e.g. .../readyz) instead")
     c.set_defaults(func=cmd_check)
 
@@ -418,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="download: the directory to fill (default data/smd)")
     ds.add_argument("--data-dir", type=Path, default=None,
                     help="list NAME: the dataset's directory (default: found under "
-                         "../shared/data or data/)")
+                         "../shared/data or data/, where datasets download writes)")
     ds.add_argument("--entities", default=None, help="machines to download (default all 28)")
     ds.set_defaults(func=cmd_datasets)
 
@@ -512,6 +541,16 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         remove_created_out_dirs()
         return 130
+    except BrokenPipeError:
+        # the reader went away (`stream-detector config | head`): stop quietly, as a Unix
+        # tool killed by SIGPIPE does, and keep Python from complaining at exit
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except BaseException:
+        remove_created_out_dirs()  # not our error (a bug): the traceback, but no empty --out
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:

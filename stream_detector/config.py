@@ -449,11 +449,15 @@ def _unknown_variables(env_file: Any = "default") -> list[str]:
 def load_settings(**overrides: Any) -> Settings:
     """Read settings from env/.env plus ``overrides``; raise :class:`ConfigError` naming fields
     (and any ``SD_`` variable that names no setting)."""
-    unknown = _unknown_variables(overrides.get("_env_file", "default"))
-    if unknown:
-        raise ConfigError("invalid settings:\n" + "\n".join(unknown))
     try:
+        unknown = _unknown_variables(overrides.get("_env_file", "default"))
+        if unknown:
+            raise ConfigError("invalid settings:\n" + "\n".join(unknown))
         return Settings(**overrides)
+    except UnicodeDecodeError as exc:
+        # an env file in another encoding (PowerShell's `echo ... > .env` writes UTF-16)
+        raise ConfigError(f"the env file (.env) is not UTF-8 text ({exc.reason} at byte "
+                          f"{exc.start}); save it as UTF-8") from None
     except ValidationError as exc:
         raise ConfigError("invalid settings:\n" + "\n".join(_problems(exc))) from None
     except SettingsError as exc:

@@ -72,7 +72,7 @@ def run_demo(opts: DemoOptions) -> int:
 
     print(f"[1/5] training on {opts.dataset} -> {artifact}", flush=True)
     if opts.retrain or not (artifact / "manifest.json").exists():
-        cfg = TrainConfig(epochs=opts.epochs) if opts.epochs else TrainConfig()
+        cfg = TrainConfig(epochs=opts.epochs) if opts.epochs is not None else TrainConfig()
         train(load_dataset(opts.dataset, opts.data_dir, opts.entities), cfg, artifact,
               dataset=opts.dataset)
     else:

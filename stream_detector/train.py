@@ -29,7 +29,13 @@ from tqdm.auto import tqdm
 
 from stream_detector.datasets.base import Entity
 from stream_detector.errors import ConfigError, DatasetError
-from stream_detector.manifest import SCHEMA_VERSION, Manifest, ScoreSpec, ThresholdSpec
+from stream_detector.manifest import (
+    MAX_WINDOW,
+    SCHEMA_VERSION,
+    Manifest,
+    ScoreSpec,
+    ThresholdSpec,
+)
 from stream_detector.model.artifact import write_artifact
 from stream_detector.model.network import ENCODERS, HybridModel
 from stream_detector.scoring import ScoreFunction, fit_long_term, fit_threshold, smooth
@@ -109,8 +115,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be {_KIND_WORDS[kind]}, got {value!r}")
         if not 0.05 <= self.val_fraction <= 0.5:
             raise ValueError(f"val_fraction must be in [0.05, 0.5], got {self.val_fraction}")
-        if self.window < 3:
-            raise ValueError(f"window must be >= 3, got {self.window}")
+        if not 3 <= self.window <= MAX_WINDOW:
+            raise ValueError(f"window must be in [3, {MAX_WINDOW:,}], got {self.window}")
+        if self.smoothing > MAX_WINDOW:
+            raise ValueError(f"smoothing must be at most {MAX_WINDOW:,}, got {self.smoothing}")
         if self.w_rec < 0 or self.w_fc < 0 or self.w_rec + self.w_fc <= 0:
             raise ValueError("score weights must be non-negative and not both zero")
         if self.encoder not in ENCODERS:
@@ -132,6 +140,12 @@ class TrainConfig:
                      "max_windows_per_epoch", "min_sensor_windows", "smoothing"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        # numpy's seeds are 0 .. 2**32 - 1 (torch's wider); torch threads as serve's (0-256)
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+        if not 0 <= self.threads <= 256:
+            raise ValueError(f"threads must be in [0, 256] (0 = torch's default), "
+                             f"got {self.threads}")
         for name in ("latent", "threads", "lambda_fc", "scale_floor_ratio", "lr"):
             value = getattr(self, name)
             if not (np.isfinite(value) and value >= 0):  # lr 0: weights frozen (a valid probe)

@@ -107,6 +107,11 @@ def test_missing_default_dir_says_pass_data_dir(
     (tmp_path / "a").mkdir()
     monkeypatch.chdir(tmp_path / "a")
     assert default_data_dir("nab") == (tmp_path / "shared" / "data" / "nab").resolve()
+    # and data/<name>, where `datasets download smd` writes by default (the help said so,
+    # the lookup did not)
+    assert default_data_dir("smd") is None
+    (tmp_path / "a" / "data" / "smd").mkdir(parents=True)
+    assert default_data_dir("smd") == (tmp_path / "a" / "data" / "smd").resolve()
 
 
 def test_load_dataset_refuses_a_directory_without_entities(tmp_path: Path) -> None:
@@ -258,7 +263,8 @@ def test_smd_whitespace_only_lines_skipped(tmp_path: Path) -> None:
     ("text", "message"),
     [
         ("1,2\n   \n\t\n3,4\n5,abc\n", "line 5 column 2: non-numeric value 'abc'"),
-        ("1,2\n   \n3,4\nnan,5\n", "line 4: value is NaN or infinite"),
+        ("1,2\n   \n3,4\nnan,5\n", "line 4: value is NaN, infinite or beyond float32"),
+        ("1,2\n3,1e300\n", "line 2: value is NaN, infinite or beyond float32 range"),
         ("1,2\n \n3,4,5\n", "line 3: expected 2 comma-separated values, found 3"),
         ("1,2\n3,1_0\n", "line 2 column 2: non-numeric value '1_0'"),
         ("1,2\n\t\n3,1_0\n", "line 3 column 2: non-numeric value '1_0'"),
@@ -565,8 +571,16 @@ def test_download_smd_errors(smd_server: tuple[str, Path], tmp_path: Path) -> No
     with pytest.raises(DatasetError, match="unknown SMD machine"):
         download_smd(tmp_path / "c", ["machine-9-9"], base_url=url, progress=False)
     with pytest.raises(DatasetError, match="download failed after 2 attempt"):
-        download_smd(tmp_path / "d", ["machine-1-1"], base_url="http://127.0.0.1:9",
+        download_smd(tmp_path / "d" / "smd", ["machine-1-1"], base_url="http://127.0.0.1:9",
                      progress=False, retries=2, backoff=0.0, timeout=2.0)
+    # nothing fetched: the folders it made are gone again (an empty layout later read as "no
+    # entities: is that the smd data directory?"; found in review), the one before them kept
+    assert not (tmp_path / "d").exists()
+    (tmp_path / "e").mkdir()
+    with pytest.raises(DatasetError, match="download failed"):
+        download_smd(tmp_path / "e", ["machine-1-1"], base_url="http://127.0.0.1:9",
+                     progress=False, retries=1, backoff=0.0, timeout=2.0)
+    assert (tmp_path / "e").is_dir() and not list((tmp_path / "e").iterdir())
     # --to naming a file, or a path through one: a DatasetError, not NotADirectoryError
     afile = tmp_path / "afile"
     afile.write_text("x")

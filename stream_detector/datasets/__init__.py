@@ -76,16 +76,17 @@ def get_loader(name: str) -> DatasetLoader:
 
 
 def default_data_dir(name: str) -> Path | None:
-    """``../shared/data/<subdir>`` for a real dataset, if it exists; else None.
+    """``../shared/data/<subdir>`` for a real dataset, if it exists, else ``data/<subdir>``
+    (where ``datasets download smd`` writes by default); else None.
 
-    Looked up relative to the current working directory first, then to the repository root.
-    Synthetic and unknown names give None.
+    Each looked up relative to the current working directory first, then to the repository
+    root. Synthetic and unknown names give None.
     """
     sub = _SHARED_SUBDIR.get(name.strip().lower())
     if sub is None:
         return None
-    for base in (Path.cwd(), _REPO_ROOT):
-        candidate = base.parent / "shared" / "data" / sub
+    for candidate in (*(base.parent / "shared" / "data" / sub for base in (Path.cwd(), _REPO_ROOT)),
+                      *(base / "data" / sub for base in (Path.cwd(), _REPO_ROOT))):
         if candidate.is_dir():
             return candidate.resolve()
     return None

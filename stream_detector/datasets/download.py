@@ -103,6 +103,22 @@ def download_smd(
                            "directory to download SMD into")
     base = base_url.rstrip("/")
 
+    # the folders this call creates, removed again if it fails and leaves them empty (an
+    # empty layout would later read as "no entities: is that the smd data directory?")
+    created = [d for d in (*reversed(root.parents), root, *(root / k for k in KINDS))
+               if not d.exists()]
+    try:
+        return _download(root, names, base, retries, backoff, timeout, progress,
+                         expected_columns)
+    except BaseException:
+        for d in reversed(created):
+            with contextlib.suppress(OSError):  # not empty (a file came), or gone
+                d.rmdir()
+        raise
+
+
+def _download(root: Path, names: list[str], base: str, retries: int, backoff: float,
+              timeout: float, progress: bool, expected_columns: int | None) -> Path:
     todo: list[tuple[str, Path]] = []
     for machine in names:
         for kind in KINDS:

@@ -139,7 +139,8 @@ def _load_npy(path: Path) -> np.ndarray:
     out = arr.astype(np.float32)
     if not np.isfinite(out).all():
         row = int(np.argwhere(~np.isfinite(out))[0][0])
-        raise DatasetError(f"{path}: NaN or infinite value at row {row}")
+        raise DatasetError(f"{path}: NaN, infinite or beyond float32 range (about 3.4e38) "
+                           f"value at row {row}")
     return out
 
 

@@ -141,7 +141,8 @@ def _read_rows(
         raise _scan_for_error(rows, linenos, path, ncols)
     if not np.isfinite(arr).all():
         row = int(np.argwhere(~np.isfinite(arr))[0][0])
-        raise DatasetError(f"{path} line {linenos[row]}: value is NaN or infinite")
+        raise DatasetError(f"{path} line {linenos[row]}: value is NaN, infinite or beyond "
+                           "float32 range (about 3.4e38)")
     return arr, rows, linenos
 
 
