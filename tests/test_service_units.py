@@ -1504,7 +1504,8 @@ def _reference_alerts(records, manifest, settings, committed: int) -> dict[str, 
     return out
 
 
-def _rebuild_run(records, committed: int, lookback: int, max_lookback: int, low: int = 0):
+def _rebuild_run(records, committed: int, lookback: int, max_lookback: int, low: int = 0,
+                 consumer_cls=None):
     from stream_detector.consumer import DetectorService
     from stream_detector.detector import Detector
     from stream_detector.testing import NumpyScorer, make_manifest
@@ -1517,7 +1518,7 @@ def _rebuild_run(records, committed: int, lookback: int, max_lookback: int, low:
     service = DetectorService(settings, manifest, NumpyScorer(), serve_http=False)
     service.detector = Detector(manifest, NumpyScorer(), settings.detector)
     service._producer = _AckingProducer()
-    fake = _LogConsumer(service, records, committed, low=low)
+    fake = (consumer_cls or _LogConsumer)(service, records, committed, low=low)
     service._consumer = fake
     service._loop()
     service._publish(service.detector.flush_batches())
@@ -1637,12 +1638,8 @@ def test_a_deeper_rebuild_past_a_log_start_that_retention_moved_loses_no_record(
     offset to there was never scored, its offset stored all the same (found in review)."""
     records = _episode_log(low=500)
     committed = 500 + 3 * 160  # mid-episode of b: the rebuild deepens
-    original = _LogConsumer
-    try:
-        globals()["_LogConsumer"] = _RetentionLog
-        service, fake, sent, reference = _rebuild_run(records, committed, 12, 10_000, low=500)
-    finally:
-        globals()["_LogConsumer"] = original
+    service, fake, sent, reference = _rebuild_run(records, committed, 12, 10_000, low=500,
+                                                  consumer_cls=_RetentionLog)
     live = len(records) - (committed - 500)
     assert service.metrics.windows._value.get() == live  # every live record scored
     assert fake.stored == {A: records[-1].offset() + 1}
@@ -1875,12 +1872,8 @@ def test_a_first_rebuild_from_the_log_start_survives_retention_before_its_fetch(
     (found in review; the deepening already used the logical offset)."""
     records = _episode_log(low=500)
     committed = 500 + 3 * 60
-    original = _LogConsumer
-    try:
-        globals()["_LogConsumer"] = _RetentionAtAssign
-        service, fake, _, _ = _rebuild_run(records, committed, 10_000, 10_000, low=500)
-    finally:
-        globals()["_LogConsumer"] = original
+    service, fake, _, _ = _rebuild_run(records, committed, 10_000, 10_000, low=500,
+                                       consumer_cls=_RetentionAtAssign)
     assert fake.assigned_at == OFFSET_BEGINNING
     live = len(records) - (committed - 500)
     assert service.metrics.windows._value.get() == live  # every live record scored
