@@ -359,7 +359,10 @@ def run_replay(opts: ReplayOptions) -> ReplayReport:
         err = parity_error((s_stream[skip:], ref.score[skip:]),
                            (rec[off:], ref.reconstruction), (fc[off:], ref.forecast))
         max_err = max(max_err, err)
-        m = entity_metrics(s_stream, e.labels, ref.threshold)
+        # F1 where the consumer opens episodes: the threshold times SD_DETECTOR__WARNING_RATIO
+        # (1 by default; a deployment reached with --bootstrap-servers may set another)
+        m = entity_metrics(s_stream, e.labels,
+                           ref.threshold * stream_result.get("warning_ratio", 1.0))
         # the random baseline of `evaluate` for this entity and seed (its best-F1 figures do
         # not depend on a threshold)
         rnd = entity_metrics(run_baselines(e, ["random"], opts.seed)["random"], e.labels,
@@ -623,6 +626,8 @@ def _stream(opts: ReplayOptions, manifest: Any, scorer: Any, names: list[str],
         "alerts": sorted(alerts.values(), key=lambda a: (a["sensor"], a["window_end"])),
         "duplicates": duplicates, "elapsed_s": elapsed, "service": metrics_snapshot,
         "t0_ms": t0_ms, "earlier_state": earlier_state,
+        # an episode opens at score >= threshold x warning ratio: the deployed operating point
+        "warning_ratio": float(settings.detector.warning_ratio),
     }
 
 

@@ -371,7 +371,7 @@ def test_replay_fails_when_offline_reference_differs(tiny_artifact: Path, tmp_pa
 
 
 def _replay_without_kafka(monkeypatch: pytest.MonkeyPatch, entities: list, art: Path,
-                          out: Path) -> Any:
+                          out: Path, **extra: Any) -> Any:
     """``run_replay`` on ``entities`` with the Kafka round trip replaced by the offline scores
     (a perfect stream): everything after the stream runs as in a real replay."""
     import stream_detector.datasets
@@ -388,7 +388,7 @@ def _replay_without_kafka(monkeypatch: pytest.MonkeyPatch, entities: list, art: 
                 out[key].append(np.concatenate([np.full(c, np.nan), arr]))
         return {**out, "latency_ms": np.array([1.0]), "alerts": [], "duplicates": 0,
                 "elapsed_s": 1.0, "service": {}, "t0_ms": T0_MS,
-                "earlier_state": [False] * len(names)}
+                "earlier_state": [False] * len(names), **extra}
 
     monkeypatch.setattr(stream_detector.datasets, "load_dataset",
                         lambda name, data_dir=None, wanted=None: entities)
@@ -544,3 +544,29 @@ def test_parity_error_counts_a_nan_difference_as_a_failure() -> None:
     nan = np.array([1.0, np.nan, 3.0])
     assert parity_error((a, a), (nan, a)) == math.inf
     assert parity_error((a, nan), (a, a)) == math.inf
+
+
+def test_replay_f1_at_the_deployed_threshold_takes_the_warning_ratio(
+        tiny_artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Episodes open at score >= threshold x SD_DETECTOR__WARNING_RATIO; the report's F1 at
+    the deployed threshold assumed a ratio of 1 (found in review)."""
+    from stream_detector.metrics import entity_metrics
+    from stream_detector.model.runtime import TorchScorer
+    from stream_detector.offline import batch_score
+    from tests.kafka_helpers import tiny_entities
+
+    entities = tiny_entities(2)
+    scorer = TorchScorer.load(tiny_artifact)
+    for ratio in (1.0, 0.5):
+        rep = _replay_without_kafka(monkeypatch, entities, tiny_artifact, tmp_path / f"r{ratio}",
+                                    warning_ratio=ratio)
+        for row, e in zip(rep.rows, entities, strict=True):
+            ref = batch_score(scorer, scorer.manifest, e)
+            want = entity_metrics(ref.score, e.labels, ref.threshold * ratio)["f1_at_threshold"]
+            assert row["f1_at_threshold"] == pytest.approx(want, nan_ok=True), (ratio, e.name)
+    # the two ratios give different figures on these entities (the test can fail)
+    one = _replay_without_kafka(monkeypatch, entities, tiny_artifact, tmp_path / "a",
+                                warning_ratio=1.0)
+    half = _replay_without_kafka(monkeypatch, entities, tiny_artifact, tmp_path / "b",
+                                 warning_ratio=0.5)
+    assert [r["f1_at_threshold"] for r in one.rows] != [r["f1_at_threshold"] for r in half.rows]
