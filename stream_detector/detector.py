@@ -185,12 +185,13 @@ class Detector:
     window yet; ``LATE``/``FULL``: rejected). ``submit`` is the same for one reading. The
     detector's own work does not depend on how readings are split into batches: a reading's
     window, smoothing and alert logic are those of submitting the stream one reading at a time,
-    and with a scorer that scores each window on its own (``NumpyScorer``) so are the scores.
-    The TorchScript model's float32 errors can differ in the last bits with the size of the
-    model call a window lands in (up to about 1e-6 relative, seen between calls of 1-2 windows
-    and larger ones on CPU), so with it a score can differ by that much between two batchings
-    (a live run and its replay, a consumer and one rebuilt after a rebalance), and a score
-    within that of a level can open or resolve an episode one window apart.
+    and so are the scores when the scorer gives a window the same errors in any model call.
+    ``NumpyScorer`` does; the TorchScript scorer does on the CPUs we measured, because it pads
+    calls of 1-2 windows (scored by other kernels, a few 1e-6 apart) to
+    :data:`~stream_detector.model.runtime.MIN_CALL`. On a CPU whose kernels differed for larger
+    calls too, a score could differ in its last float32 bits between two batchings (a live run
+    and its replay, a consumer and one rebuilt after a rebalance), and a score within that of
+    a level could open or resolve an episode one window apart.
 
     When the scorer has ``errors_async`` (the TorchScript scorer runs the model on torch's own
     thread pool, without the GIL), full batches start scoring at once, all queued batches in one
