@@ -396,9 +396,16 @@ def _nab(root: Path, rows: int = 100, windows: bool = False) -> list[str]:
 
 
 def test_nab_windows_from_labels(tmp_path: Path) -> None:
+    from structlog.testing import capture_logs
+
     stamps = _nab(tmp_path)
     loader = get_loader("nab")
-    assert loader.list_entities(tmp_path) == ["tiny_stream"]  # other.csv has no labels entry
+    with capture_logs() as logs:
+        assert loader.list_entities(tmp_path) == ["tiny_stream"]  # other.csv: no labels entry
+        loader.list_entities(tmp_path)
+    # left out, and said so once (a folder where no stream is covered read as "no entities")
+    warned = [x for x in logs if x["event"].startswith("NAB streams without an entry")]
+    assert len(warned) == 1 and warned[0]["streams"] == ["other"] and warned[0]["count"] == 1
     e = loader.load_entity(tmp_path, "tiny_stream")
     assert e.features == ("value",)
     assert e.train.shape == (15, 1) and e.test.shape == (85, 1)
