@@ -186,12 +186,12 @@ class Detector:
     detector's own work does not depend on how readings are split into batches: a reading's
     window, smoothing and alert logic are those of submitting the stream one reading at a time,
     and so are the scores when the scorer gives a window the same errors in any model call.
-    ``NumpyScorer`` does; the TorchScript scorer does on the CPUs we measured, because it pads
-    calls of 1-2 windows (scored by other kernels, a few 1e-6 apart) to
-    :data:`~stream_detector.model.runtime.MIN_CALL`. On a CPU whose kernels differed for larger
-    calls too, a score could differ in its last float32 bits between two batchings (a live run
-    and its replay, a consumer and one rebuilt after a rebalance), and a score within that of
-    a level could open or resolve an episode one window apart.
+    ``NumpyScorer`` does; the TorchScript scorer does on the CPU we measured, because it pads
+    every model call to a multiple of :data:`~stream_detector.model.runtime.CALL_MULTIPLE`
+    windows (torch picks its kernels by the call's size, a few 1e-6 apart). On a CPU whose
+    kernels differed beyond that, a score could differ in its last float32 bits between two
+    batchings (a live run and its replay, a consumer and one rebuilt after a rebalance), and a
+    score within that of a level could open or resolve an episode one window apart.
 
     When the scorer has ``errors_async`` (the TorchScript scorer runs the model on torch's own
     thread pool, without the GIL), full batches start scoring at once, all queued batches in one

@@ -1018,25 +1018,27 @@ def test_an_absurd_window_is_refused_not_a_memory_error(artifact, tmp_path, chan
         TorchScorer.load(root)
 
 
-def test_calls_of_one_or_two_windows_score_as_a_larger_call(artifact) -> None:
-    """torch scores a call of 1-2 windows with other CPU kernels than a larger call, and the
-    float32 errors differed in the last bits (up to ~4e-6): a window's score depended on the
-    micro-batch it landed in (found in review). Calls below MIN_CALL windows are padded, so a
-    window alone scores as it does among other windows, bit for bit, sync and async."""
-    from stream_detector.model.runtime import MIN_CALL
+def test_a_window_scores_alike_in_a_model_call_of_any_size(artifact) -> None:
+    """torch picks its CPU kernels by the call's size, and a window's float32 errors differed
+    in the last bits with the micro-batch it landed in (up to ~4e-6; found in review). Every
+    call is padded to a multiple of CALL_MULTIPLE windows, so a window scores alike alone, in
+    a short call or in a long one, bit for bit, sync and async."""
+    from stream_detector.model.runtime import CALL_MULTIPLE
 
     root, manifest, _ = artifact
     scorer = TorchScorer.load(root, threads=1)
     rng = np.random.default_rng(5)
+    n = 2 * CALL_MULTIPLE + 8
     w = (np.asarray(manifest.scaler_mean, np.float32)
-         + rng.normal(0, 1, (12, manifest.window, manifest.n_features))).astype(np.float32)
-    rows = np.zeros(12, dtype=np.intp)
-    among = scorer.errors(w, rows)  # one call of 12
-    assert MIN_CALL >= 3
-    for size in (1, 2, 3):
-        alone = [scorer.errors(w[i : i + size], rows[i : i + size]) for i in range(0, 12, size)]
+         + rng.normal(0, 1, (n, manifest.window, manifest.n_features))).astype(np.float32)
+    rows = np.zeros(n, dtype=np.intp)
+    among = scorer.errors(w, rows)  # one call of n
+    for size in (1, 2, 3, 5, 8, 20):
+        starts = range(0, n, size)
+        alone = [scorer.errors(w[i : i + size], rows[i : i + size]) for i in starts]
         for k in range(2):
             assert np.array_equal(np.concatenate([a[k] for a in alone]), among[k]), size
-        pending = scorer.errors_async(w, [size] * (12 // size), rows).result()
+        sizes = [min(size, n - i) for i in starts]
+        pending = scorer.errors_async(w, sizes, rows).result()
         for k in range(2):
             assert np.array_equal(pending[k], among[k]), size

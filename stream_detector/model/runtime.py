@@ -21,13 +21,15 @@ from stream_detector.manifest import MODEL_FILE, Manifest, read_manifest
 log = structlog.get_logger(__name__)
 
 
-#: Model calls of fewer windows are padded to this many (copies of the last window; their
-#: errors are dropped). On the x86 CPUs we measured, torch scores a call of 1 or 2 windows
-#: with other kernels than a larger call, and a window's float32 errors then differ in the last
-#: bits (up to ~4e-6 absolute); from 3 windows on they were the same, bit for bit, whatever the
-#: call's size (3 to 4,096, one or two threads). So the consumer's micro-batches, whatever
-#: their size, score a window as offline scoring does (replay parity, rebuilt state).
-MIN_CALL = 4
+#: Every model call is padded to a multiple of this many windows (copies of the last window;
+#: their errors are dropped). On the x86 CPU we measured, torch picks its float32 kernels by the
+#: call's size, and a window's errors then differ in the last bits with the call it lands in
+#: (up to ~4e-6 absolute: calls of 1-2 windows for a 38-feature model; any size that is not a
+#: multiple of 16 for a one-feature one). In calls of a multiple of 16 windows they were the
+#: same, bit for bit, for the five datasets' artifacts, with one or two threads. So the
+#: consumer's micro-batches, whatever their size, score a window as offline scoring does
+#: (replay parity, rebuilt state). The full micro-batch (256) needs no padding.
+CALL_MULTIPLE = 16
 
 
 class _AsyncModel(torch.nn.Module):
@@ -59,7 +61,7 @@ class _AsyncModel(torch.nn.Module):
         self.register_buffer("mean", torch.from_numpy(mean.copy()))
         self.register_buffer("inv_std", torch.from_numpy(inv_std.copy()))
         self.clip = clip
-        self.min_call = MIN_CALL
+        self.multiple = CALL_MULTIPLE
 
     @torch.jit.export
     def run(self, raw: torch.Tensor, rows: torch.Tensor,
@@ -78,8 +80,9 @@ class _AsyncModel(torch.nn.Module):
         at = 0
         for size in sizes:
             part = x[at : at + size]
-            if 0 < size < self.min_call:  # as TorchScorer.errors (MIN_CALL)
-                part = torch.cat([part, part[-1:].expand(self.min_call - size, -1, -1)])
+            pad = (self.multiple - size % self.multiple) % self.multiple
+            if size > 0 and pad > 0:  # as TorchScorer.errors (CALL_MULTIPLE)
+                part = torch.cat([part, part[-1:].expand(pad, -1, -1)])
             rec, fc = self.model(part)
             recs.append(rec[:size])
             fcs.append(fc[:size])
@@ -277,8 +280,9 @@ class TorchScorer:
                rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         x = torch.from_numpy(np.ascontiguousarray(self.scale(windows, rows)))
         n = x.size(0)
-        if 0 < n < MIN_CALL:  # see MIN_CALL: the kernel of a larger call, bit for bit
-            x = torch.cat([x, x[-1:].expand(MIN_CALL - n, -1, -1)])
+        pad = -n % CALL_MULTIPLE
+        if n and pad:  # see CALL_MULTIPLE: the same kernels whatever the call's size
+            x = torch.cat([x, x[-1:].expand(pad, -1, -1)])
         with torch.inference_mode():
             rec, fc = self._module(x)
         return rec[:n].numpy().astype(np.float64), fc[:n].numpy().astype(np.float64)
