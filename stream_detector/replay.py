@@ -361,8 +361,7 @@ def run_replay(opts: ReplayOptions) -> ReplayReport:
         max_err = max(max_err, err)
         # F1 where the consumer opens episodes: the threshold times SD_DETECTOR__WARNING_RATIO
         # (1 by default; a deployment reached with --bootstrap-servers may set another)
-        m = entity_metrics(s_stream, e.labels,
-                           ref.threshold * stream_result.get("warning_ratio", 1.0))
+        m = entity_metrics(s_stream, e.labels, ref.threshold * stream_result["warning_ratio"])
         # the random baseline of `evaluate` for this entity and seed (its best-F1 figures do
         # not depend on a threshold)
         rnd = entity_metrics(run_baselines(e, ["random"], opts.seed)["random"], e.labels,

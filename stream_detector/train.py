@@ -27,6 +27,7 @@ import structlog
 import torch
 from tqdm.auto import tqdm
 
+from stream_detector.config import MAX_TORCH_THREADS
 from stream_detector.datasets.base import Entity
 from stream_detector.errors import ConfigError, DatasetError
 from stream_detector.manifest import (
@@ -143,10 +144,10 @@ class TrainConfig:
         # numpy's seeds are 0 .. 2**32 - 1 (torch's wider); torch threads as serve's (0-256)
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
-        if not 0 <= self.threads <= 256:
-            raise ValueError(f"threads must be in [0, 256] (0 = torch's default), "
-                             f"got {self.threads}")
-        for name in ("latent", "threads", "lambda_fc", "scale_floor_ratio", "lr"):
+        if not 0 <= self.threads <= MAX_TORCH_THREADS:
+            raise ValueError(f"threads must be in [0, {MAX_TORCH_THREADS}] (0 = torch's "
+                             f"default), got {self.threads}")
+        for name in ("latent", "lambda_fc", "scale_floor_ratio", "lr"):
             value = getattr(self, name)
             if not (np.isfinite(value) and value >= 0):  # lr 0: weights frozen (a valid probe)
                 raise ValueError(f"{name} must be finite and >= 0, got {value}")

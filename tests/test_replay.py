@@ -388,7 +388,7 @@ def _replay_without_kafka(monkeypatch: pytest.MonkeyPatch, entities: list, art: 
                 out[key].append(np.concatenate([np.full(c, np.nan), arr]))
         return {**out, "latency_ms": np.array([1.0]), "alerts": [], "duplicates": 0,
                 "elapsed_s": 1.0, "service": {}, "t0_ms": T0_MS,
-                "earlier_state": [False] * len(names), **extra}
+                "earlier_state": [False] * len(names), "warning_ratio": 1.0, **extra}
 
     monkeypatch.setattr(stream_detector.datasets, "load_dataset",
                         lambda name, data_dir=None, wanted=None: entities)

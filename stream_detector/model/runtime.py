@@ -299,15 +299,7 @@ class TorchScorer:
         """
         sizes = call_sizes(len(windows), chunk)
         if self._async is None:
-            if len(sizes) == 1:
-                return PendingErrors(None, self.errors(windows, rows))
-            parts, at = [], 0
-            for size in sizes:
-                parts.append(self.errors(windows[at : at + size],
-                                         None if rows is None else rows[at : at + size]))
-                at += size
-            return PendingErrors(None, (np.concatenate([p[0] for p in parts]),
-                                        np.concatenate([p[1] for p in parts])))
+            return PendingErrors(None, self.errors_batched(windows, sizes, rows))
         raw = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32))
         idx = (self._no_rows if rows is None
                else torch.from_numpy(_check_rows(rows, len(windows)).astype(np.int64)))
@@ -315,15 +307,19 @@ class TorchScorer:
             return PendingErrors(self._async(raw, idx, sizes))
 
     def errors_batched(
-        self, windows: np.ndarray, batch: int = 4096, rows: np.ndarray | None = None
+        self, windows: np.ndarray, batch: int | Sequence[int] = 4096,
+        rows: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Like :meth:`errors` for many windows, in chunks of ``batch`` (offline scoring)."""
+        """Like :meth:`errors` for many windows, in calls of ``batch`` windows (offline
+        scoring) or of the sizes ``batch`` lists (:func:`call_sizes`)."""
         recs, fcs = [], []
-        for i in range(0, len(windows), batch):
-            r, f = self.errors(windows[i : i + batch],
-                               None if rows is None else rows[i : i + batch])
+        at = 0
+        for size in call_sizes(len(windows), batch) if len(windows) else []:
+            r, f = self.errors(windows[at : at + size],
+                               None if rows is None else rows[at : at + size])
             recs.append(r)
             fcs.append(f)
+            at += size
         if not recs:
             n = self.manifest.n_features
             return np.zeros((0, n)), np.zeros((0, n))
