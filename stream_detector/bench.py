@@ -69,6 +69,7 @@ class Sizes:
     e2e_sensors: int
     latency_seconds: float
     latency_skip_s: float  # latencies of the first seconds are discarded (start-up transient)
+    latency_idle_s: float  # the reader stops this long after the last record, once produced
     latency_sensors: int
     memory_sensors: tuple[int, ...]
     memory_readings: int  # readings timed per sensor count once every window is full
@@ -84,6 +85,7 @@ FULL = Sizes(
     name="full", artifact_epochs=2, artifact_windows=20_000, model_seconds=4.0,
     ingest_readings=300_000,
     e2e_readings=300_000, e2e_sensors=1000, latency_seconds=20.0, latency_skip_s=3.0,
+    latency_idle_s=10.0,
     latency_sensors=1000, memory_sensors=(1_000, 10_000, 100_000), memory_readings=100_000,
     e2e_reps=3,
     river_readings=30_000, river_machines=None, river_max_rows=None, quality_machines=None,
@@ -92,7 +94,7 @@ FULL = Sizes(
 QUICK = Sizes(
     name="quick", artifact_epochs=1, artifact_windows=2_000, model_seconds=0.3,
     ingest_readings=5_000, e2e_readings=6_000, e2e_sensors=100, latency_seconds=2.0,
-    latency_skip_s=0.5, latency_sensors=50, memory_sensors=(1_000, 2_000),
+    latency_skip_s=0.5, latency_idle_s=3.0, latency_sensors=50, memory_sensors=(1_000, 2_000),
     memory_readings=2_000, e2e_reps=1,
     river_readings=2_000, river_machines=2, river_max_rows=1_500, quality_machines=2,
     quality_epochs=1,
@@ -478,7 +480,10 @@ def bench_settings(bootstrap: str, topics: dict[str, str], extra: dict[str, Any]
             "score_topic": topics["scores"],
             "dead_letter_topic": topics["dlq"],
             "group_id": topics["group"],
-            "session_timeout_ms": 10_000,
+            # the join takes about half the session timeout on the embedded broker (3 s here,
+            # 5 s with the default 10 s), before every run's clock starts; the heartbeats come
+            # from librdkafka's own thread, so a busy loop does not miss them
+            "session_timeout_ms": 6000,
             "heartbeat_interval_ms": 1000,
             "consumer_extra": extra or {},
         },
@@ -739,19 +744,25 @@ def e2e_rate(x: dict[str, Any]) -> float:
 
 
 def bench_raw_consume(fleet: Fleet, rounds: int, sensors: int) -> dict[str, Any]:
-    """librdkafka -> Python only: ``consume()`` batches of 1000, nothing done with them."""
-    from confluent_kafka import Consumer
+    """librdkafka -> Python only: ``consume()`` batches of 1000, nothing done with them.
+
+    The partitions are assigned, not subscribed to: the clock starts at the first record
+    either way, and a group join with the client's default session timeout takes about 23 s
+    on the embedded broker."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
     from stream_detector.devbroker import EmbeddedBroker
 
     n = rounds * sensors
     with EmbeddedBroker() as broker:
-        topics = _topics(broker, 4, False)
+        partitions = 4
+        topics = _topics(broker, partitions, False)
         produce_all(broker.bootstrap_servers, topics["input"],
                     fleet.messages(rounds, sensors=sensors))
         c = Consumer({"bootstrap.servers": broker.bootstrap_servers, "group.id": topics["group"],
-                      "auto.offset.reset": "earliest", "enable.auto.offset.store": False})
-        c.subscribe([topics["input"]])
+                      "enable.auto.commit": False})
+        c.assign([TopicPartition(topics["input"], p, OFFSET_BEGINNING)
+                  for p in range(partitions)])
         got, t0 = 0, 0.0
         deadline = time.monotonic() + 300
         while got < n and time.monotonic() < deadline:
@@ -826,10 +837,13 @@ def _latency_producer(bootstrap: str, topic: str, fleet: Fleet, sensors: int, t0
 
 
 def _latency_reader(bootstrap: str, topic: str, expect: int, ready: Any, idle_s: float,
-                    partitions: int = 1, field: str = "window_end") -> dict:
+                    partitions: int = 1, field: str = "window_end",
+                    produced: Any = None) -> dict:
     """Child process: read ``topic``; per record the reading's ts (``field``: a score's or
     alert's ``window_end``, a reading's ``ts``), its own Kafka timestamp and when it arrived
-    here (epoch ms)."""
+    here (epoch ms). Stops with ``expect`` records, or once nothing came for ``idle_s`` after
+    the ``produced`` event is set (the producer has finished; ``None``: counted from the
+    start): a quiet stretch mid-run is not the end of the alerts."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"lat-{uuid.uuid4().hex[:8]}",
@@ -841,8 +855,11 @@ def _latency_reader(bootstrap: str, topic: str, expect: int, ready: Any, idle_s:
     arrived: list[int] = []
     got = 0
     last = time.monotonic()
+    finished = produced is None
     t_end = time.monotonic() + 600
     while got < expect and time.monotonic() < t_end:
+        if not finished and produced.is_set():
+            finished, last = True, time.monotonic()
         msgs = c.consume(1000, 0.01)
         now = time.time_ns() // 1_000_000
         for m in msgs:
@@ -855,7 +872,7 @@ def _latency_reader(bootstrap: str, topic: str, expect: int, ready: Any, idle_s:
             arrived.append(now)
         if msgs:
             last = time.monotonic()
-        elif time.monotonic() - last > idle_s:
+        elif finished and time.monotonic() - last > idle_s:
             break
     c.close()
     return {"received": got, "ends": ends, "created": created, "arrived": arrived}
@@ -960,14 +977,16 @@ def bench_latency(scorer: Any, manifest: Any, fleet: Fleet, rate: float, sizes: 
             total = int(rate * sizes.latency_seconds)
             with ProcessPoolExecutor(2, mp_context=ctx) as pool:
                 mgr = ctx.Manager()
-                go, r_ready, p_ready = mgr.Event(), mgr.Event(), mgr.Event()
+                go, r_ready, p_ready, p_done = (mgr.Event(), mgr.Event(), mgr.Event(),
+                                                mgr.Event())
                 # alerts: their number is not known in advance, the reader stops when idle
                 if via == "broker":
                     reader = pool.submit(_latency_reader, bs, topics["input"], total, r_ready,
-                                         10.0, partitions, "ts")
+                                         sizes.latency_idle_s, partitions, "ts", p_done)
                 else:
                     expect = total if via == "scores" else 1 << 62
-                    reader = pool.submit(_latency_reader, bs, topics[via], expect, r_ready, 10.0)
+                    reader = pool.submit(_latency_reader, bs, topics[via], expect, r_ready,
+                                         sizes.latency_idle_s, produced=p_done)
                 producer = pool.submit(_latency_producer, bs, topics["input"], fleet, sensors,
                                        w - 1, rate, sizes.latency_seconds, p_ready, go)
                 if not (r_ready.wait(120) and p_ready.wait(120)):
@@ -984,6 +1003,7 @@ def bench_latency(scorer: Any, manifest: Any, fleet: Fleet, rate: float, sizes: 
                     before = histogram_buckets(service.metrics.registry, PROCESSING)
                     it0, t_it0 = service.iterations, time.perf_counter()
                 prod = producer.result(timeout=sizes.latency_seconds * 4 + 120)
+                p_done.set()
                 if service is not None:  # loop wake-ups: a loop that spins shows here
                     loops = (service.iterations - it0) / (time.perf_counter() - t_it0)
                 # CPU over the paced part only: the reader then idles until it gives up
