@@ -89,7 +89,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from stream_detector.datasets import load_dataset
     from stream_detector.evaluation import counted, prepare_out_dir
-    from stream_detector.train import config_from_overrides, train
+    from stream_detector.train_config import config_from_overrides
 
     overrides = _overrides(args.set)
     if args.quick:
@@ -99,6 +99,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = args.out or Path("artifacts") / args.dataset
     prepare_out_dir(out, what="artifact")  # before minutes of training, not after
     entities = load_dataset(args.dataset, args.data_dir, _entities(args.entities))
+    # the options, --out and the data are checked before torch's import (seconds)
+    from stream_detector.train import train
+
     manifest = train(entities, cfg, out, dataset=args.dataset)
     print(f"artifact: {out}  model_version: {manifest.model_version}  "
           f"trained in {manifest.training['seconds']} s, "

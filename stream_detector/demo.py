@@ -64,7 +64,7 @@ def run_demo(opts: DemoOptions) -> int:
     from stream_detector.devbroker import EmbeddedBroker, free_port
     from stream_detector.evaluation import prepare_out_dir, run_evaluation
     from stream_detector.replay import ReplayOptions, run_replay
-    from stream_detector.train import TrainConfig, train
+    from stream_detector.train_config import TrainConfig
 
     t0 = time.time()
     out = prepare_out_dir(Path(opts.out_dir))
@@ -73,8 +73,10 @@ def run_demo(opts: DemoOptions) -> int:
     print(f"[1/5] training on {opts.dataset} -> {artifact}", flush=True)
     if opts.retrain or not (artifact / "manifest.json").exists():
         cfg = TrainConfig(epochs=opts.epochs) if opts.epochs is not None else TrainConfig()
-        train(load_dataset(opts.dataset, opts.data_dir, opts.entities), cfg, artifact,
-              dataset=opts.dataset)
+        entities = load_dataset(opts.dataset, opts.data_dir, opts.entities)
+        from stream_detector.train import train  # torch's import: after the cheap checks
+
+        train(entities, cfg, artifact, dataset=opts.dataset)
     else:
         print("      artifact exists, reusing it (--retrain to train again)", flush=True)
 

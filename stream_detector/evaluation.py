@@ -139,9 +139,8 @@ def run_evaluation(
     from stream_detector.baselines import BASELINES, SMOOTHED_LIKE_MODEL, run_baselines
     from stream_detector.datasets import load_dataset
     from stream_detector.errors import ConfigError
+    from stream_detector.manifest import read_manifest
     from stream_detector.metrics import entity_metrics, summarize
-    from stream_detector.model.runtime import TorchScorer
-    from stream_detector.offline import batch_score
 
     t0 = time.time()
     unknown = sorted(set(baselines or []) - set(BASELINES))
@@ -149,6 +148,10 @@ def run_evaluation(
         raise ConfigError(f"unknown baseline(s) {unknown}; known: {', '.join(BASELINES)}")
     baselines = with_random(baselines)
     out_dir = prepare_out_dir(out_dir)
+    read_manifest(artifact_dir)  # a missing or broken artifact is named before torch's import
+    from stream_detector.model.runtime import TorchScorer
+    from stream_detector.offline import batch_score
+
     scorer = TorchScorer.load(artifact_dir, expect_features=None)
     manifest = scorer.manifest
     data = load_dataset(dataset, data_dir, entities)

@@ -422,12 +422,14 @@ def _ensure_artifact(opts: ReplayOptions, artifact: Path) -> None:
             f"{opts.dataset}{same} --out {artifact}` or pass --train-if-missing"
         )
     from stream_detector.datasets import load_dataset
-    from stream_detector.train import TrainConfig, train
+    from stream_detector.train_config import TrainConfig
 
     prepare_out_dir(artifact, "--artifact", what="artifact")  # before training, not after
+    entities = load_dataset(opts.dataset, opts.data_dir, opts.entities)
+    from stream_detector.train import train  # torch's import: after the cheap checks
+
     log.info("training the artifact first", dataset=opts.dataset, out=str(artifact))
-    train(load_dataset(opts.dataset, opts.data_dir, opts.entities),
-          TrainConfig(progress=opts.progress), artifact, dataset=opts.dataset)
+    train(entities, TrainConfig(progress=opts.progress), artifact, dataset=opts.dataset)
 
 
 def _carried_over(manifest: Any, sensor: str, limit: float) -> int:

@@ -200,6 +200,40 @@ def test_entities_must_name_each_entity_once(value: str, message: str, tmp_path:
     assert _entities(None) is None and _entities(" a ,b,, ") == ["a", "b"]
 
 
+def test_option_data_and_out_errors_come_before_torchs_import(tmp_path: Path) -> None:
+    """Such a mistake was reported after torch's import (4-6 s here; train, demo, and evaluate
+    with an unknown baseline or a missing artifact), now at once: options, --out, the data
+    and the artifact's manifest are checked first."""
+    afile = tmp_path / "report.md"
+    afile.write_text("x")
+    missing = str(tmp_path / "missing")
+    commands = [
+        ["train", "--set", "epochs=0"],
+        ["train", "--set", "encoder=rnn"],
+        ["train", "--dataset", "synthetic", "--out", str(afile)],
+        ["train", "--dataset", "smd", "--data-dir", missing, "--out", str(tmp_path / "a")],
+        ["evaluate", "--baselines", "nope", "--out", str(tmp_path / "e1")],
+        ["evaluate", "--artifact", missing, "--out", str(tmp_path / "e2")],
+        ["demo", "--artifact", missing, "--out", str(afile)],
+        ["replay", "--artifact", missing, "--out", str(tmp_path / "r")],
+    ]
+    code = ("import sys, json\n"
+            "from stream_detector.cli import main\n"
+            "codes = [main(a) for a in json.loads(sys.argv[1])]\n"
+            "print(json.dumps({'codes': codes, 'torch': 'torch' in sys.modules}))\n")
+    r = subprocess.run([sys.executable, "-c", code, json.dumps(commands)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.splitlines()[-1])
+    assert got["codes"] == [2] * len(commands), r.stderr[-3000:]
+    assert not got["torch"]
+    for text in ("epochs must be >= 1", "encoder must be one of ['gru', 'lstm', 'tcn']",
+                 "is an existing file", "unknown baseline(s) ['nope']", "does not exist"):
+        assert text in r.stderr, text
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "e1").exists()
+
+
 def test_out_that_is_a_file_is_refused_before_any_work(tmp_path: Path) -> None:
     """evaluate, replay and demo crashed with a FileExistsError traceback and exit code 1
     (replay's code for failed parity)."""

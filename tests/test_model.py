@@ -1042,3 +1042,12 @@ def test_a_window_scores_alike_in_a_model_call_of_any_size(artifact) -> None:
         pending = scorer.errors_async(w, sizes, rows).result()
         for k in range(2):
             assert np.array_equal(pending[k], among[k]), size
+
+
+def test_the_options_name_the_encoders_the_network_builds() -> None:
+    """train_config names the encoders without importing torch; the network's registry is the
+    one that builds them: the two lists must not drift apart."""
+    from stream_detector.model.network import ENCODERS
+    from stream_detector.train_config import ENCODER_NAMES
+
+    assert sorted(ENCODER_NAMES) == sorted(ENCODERS)
