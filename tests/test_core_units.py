@@ -513,7 +513,7 @@ def test_a_detector_started_late_matches_the_uninterrupted_one_once_exact(smooth
         return alerts, exact_from
 
     differed = checked = 0
-    for seed in range(8):
+    for seed in range(5):  # 5 x 21 late starts (8 seeds: the same outcome, 42 s of the suite)
         values = _bursty_stream(seed)
         reference, _ = run(values, 0)
         for first in range(10, 200, 9):
@@ -527,7 +527,7 @@ def test_a_detector_started_late_matches_the_uninterrupted_one_once_exact(smooth
             assert since(late, exact_from) == since(reference, exact_from), (seed, first)
             if since(late, first - 1) != since(reference, first - 1):
                 differed += 1
-    assert checked > 80
+    assert checked > 50
     assert differed > 0  # the late starts do lose ids before they become exact
 
 
