@@ -48,12 +48,14 @@ class EvaluationResult:
 
 
 def baseline_label_free(entity: Entity, name: str, q: float, val_fraction: float,
-                        seed: int = 0, **kwargs: Any) -> tuple[float, np.ndarray | None]:
+                        seed: int = 0, method: str = "quantile", margin: float = 1.0,
+                        **kwargs: Any) -> tuple[float, np.ndarray | None]:
     """A baseline's label-free operating point, as the model's is made: the baseline fitted on
     the first ``1 - val_fraction`` of the train rows scores the rest of them and then the test
-    rows; the threshold is quantile ``q`` of its scores on those held-out train rows, and it is
-    applied to the test scores *of that same fit*. Returns (threshold, those test scores); NaN
-    and None when too few rows are left to fit.
+    rows; the threshold is the artifact's rule (:func:`~stream_detector.scoring.fit_threshold`
+    with its ``method``, ``q`` and ``margin``) on its scores on those held-out train rows, and
+    it is applied to the test scores *of that same fit*. Returns (threshold, those test
+    scores); NaN and None when too few rows are left to fit.
 
     (The test scores of the baseline fitted on all train rows, which its best-F1 and AUC-PR
     use, are not comparable with a threshold taken from another fit: IsolationForest's scale,
@@ -61,6 +63,7 @@ def baseline_label_free(entity: Entity, name: str, q: float, val_fraction: float
     ``smoothing``).
     """
     from stream_detector.baselines import run_baselines
+    from stream_detector.scoring import fit_threshold
 
     n_val = max(1, int(len(entity.train) * val_fraction))
     fit, val = entity.train[:-n_val], entity.train[-n_val:]
@@ -69,7 +72,7 @@ def baseline_label_free(entity: Entity, name: str, q: float, val_fraction: float
     after = np.concatenate([val, entity.test])
     proxy = Entity(entity.name, fit, after, np.zeros(len(after), np.int8), entity.features)
     s = run_baselines(proxy, [name], seed, **kwargs)[name]
-    return float(np.quantile(s[:n_val], q)), s[n_val:]
+    return fit_threshold(s[:n_val], method, q, margin), s[n_val:]
 
 
 def counted(n: int, noun: str, plural: str | None = None) -> str:
@@ -155,8 +158,13 @@ def run_evaluation(
     scorer = TorchScorer.load(artifact_dir, expect_features=None)
     manifest = scorer.manifest
     data = load_dataset(dataset, data_dir, entities)
-    q = float(manifest.training.get("config", {}).get("threshold_q", 0.995))
-    val_fraction = float(manifest.training.get("config", {}).get("val_fraction", 0.2))
+    trained = manifest.training.get("config", {})
+    q = float(trained.get("threshold_q", 0.995))
+    val_fraction = float(trained.get("val_fraction", 0.2))
+    # the baselines' label-free thresholds follow the artifact's rule (a pot artifact's
+    # baselines got the quantile before); artifacts without the keys were quantile, margin 1
+    method = str(trained.get("threshold_method", "quantile"))
+    margin = float(trained.get("threshold_margin", 1.0))
     options = {b: {"smoothing": manifest.score.smoothing} for b in SMOOTHED_LIKE_MODEL}
 
     rows: list[dict[str, Any]] = []
@@ -173,11 +181,13 @@ def run_evaluation(
         scores = {"model": ref.score}
         bs = {b: run_baselines(e, [b], seed, **options.get(b, {}))[b] for b in baselines}
         for b in baselines:
-            if b == "random":  # uniform scores: quantile q of their distribution is q itself
-                bm = entity_metrics(bs[b], e.labels, q)
+            if b == "random":
+                # uniform scores: quantile q of their distribution is q itself (and so is the
+                # peaks-over-threshold fit of a uniform tail, near enough)
+                bm = entity_metrics(bs[b], e.labels, q * margin)
             else:
-                thr, held_out_fit = baseline_label_free(e, b, q, val_fraction, seed,
-                                                        **options.get(b, {}))
+                thr, held_out_fit = baseline_label_free(e, b, q, val_fraction, seed, method,
+                                                        margin, **options.get(b, {}))
                 bm = entity_metrics(bs[b], e.labels, thr, threshold_scores=held_out_fit)
             per_method[b].append({"entity": e.name, **bm})
             for k in METRICS:

@@ -525,6 +525,46 @@ def test_baseline_label_free_f1_uses_the_fit_its_threshold_came_from(quick_artif
     assert differs  # the two fits do give different operating points here
 
 
+def test_baseline_thresholds_follow_the_artifacts_rule(quick_artifact: Path,
+                                                      tmp_path: Path) -> None:
+    """An artifact trained with threshold_method=pot (or a threshold_margin) had its F1 at the
+    label-free threshold compared with baselines thresholded by the plain quantile: now every
+    baseline's threshold comes from the artifact's rule, recomputed here independently."""
+    import shutil
+
+    from stream_detector.baselines import run_baselines
+    from stream_detector.datasets import load_dataset
+    from stream_detector.datasets.base import Entity
+    from stream_detector.evaluation import run_evaluation
+    from stream_detector.metrics import f1_at
+    from stream_detector.scoring import fit_threshold
+
+    art = tmp_path / "pot"
+    shutil.copytree(quick_artifact, art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["training"]["config"].update(threshold_method="pot", threshold_margin=1.3)
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    names = ["sensor-000", "sensor-001"]
+    res = run_evaluation("synthetic", None, names, art, tmp_path / "e",
+                         baselines=["pca", "iforest"], plots=False, progress=False)
+    moved = 0
+    for e, row in zip(load_dataset("synthetic", None, names), res.rows, strict=True):
+        n_val = int(len(e.train) * 0.2)
+        after = np.concatenate([e.train[-n_val:], e.test])
+        proxy = Entity(e.name, e.train[:-n_val], after, np.zeros(len(after), np.int8),
+                       e.features)
+        for b in ("pca", "iforest"):
+            s = run_baselines(proxy, [b], 0)[b]
+            want = f1_at(s[n_val:], e.labels, fit_threshold(s[:n_val], "pot", 0.995, 1.3))["f1"]
+            assert row[f"{b}_f1_at_threshold"] == pytest.approx(want, abs=1e-12), (e.name, b)
+            plain = f1_at(s[n_val:], e.labels, float(np.quantile(s[:n_val], 0.995)))["f1"]
+            moved += abs(plain - want) > 1e-6
+        rnd = run_baselines(e, ["random"], 0)["random"]
+        assert row["random_f1_at_threshold"] == pytest.approx(
+            f1_at(rnd, e.labels, 0.995 * 1.3)["f1"], abs=1e-12)
+    assert moved  # the rule changes the operating points here
+
+
 def test_matched_ridge_takes_the_artifacts_smoothing(tmp_path: Path) -> None:
     """``ridge_matched`` is smoothed as the artifact's score is: k from its manifest, not the
     default 4."""
