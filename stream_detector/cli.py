@@ -146,22 +146,52 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from stream_detector.config import load_settings
-    from stream_detector.consumer import DetectorService
-    from stream_detector.logs import configure_logging
-    from stream_detector.model.runtime import TorchScorer
+class _StoppedBeforeStart(BaseException):
+    """SIGTERM while serve was still loading (torch's import, the model); a BaseException, so
+    that no ``except Exception`` on the way (the artifact loader's) turns it into an error."""
 
-    overrides: dict[str, Any] = {}
-    if args.artifact:
-        overrides["artifact_dir"] = args.artifact
-    settings = load_settings(**overrides)
-    configure_logging(settings.service.log_format, settings.service.log_level)
-    threads = settings.service.torch_threads if args.threads is None else args.threads
-    scorer = TorchScorer.load(settings.artifact_dir, threads=threads)
-    service = DetectorService(settings, scorer.manifest, scorer,
-                              rebuild_lookback=args.rebuild_lookback)
-    service.install_signal_handlers()
+
+def _stop_before_start(signum: int, frame: Any) -> None:
+    raise _StoppedBeforeStart
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+
+    # As PID 1 in a container, a process ignores SIGTERM until it installs a handler: a pod
+    # deleted while serve imported torch and loaded its model (seconds) went on to join the
+    # group, then was killed at the grace period without leaving it (two rebalances and a
+    # session timeout's stall for its partitions). Until the service's own handlers are in
+    # place, SIGTERM ends the load at once: nothing was consumed, so nothing to drain.
+    previous = signal.signal(signal.SIGTERM, _stop_before_start)
+    installed = False
+    try:
+        from stream_detector.config import load_settings
+        from stream_detector.consumer import DetectorService
+        from stream_detector.logs import configure_logging
+
+        overrides: dict[str, Any] = {}
+        if args.artifact:
+            overrides["artifact_dir"] = args.artifact
+        settings = load_settings(**overrides)
+        configure_logging(settings.service.log_format, settings.service.log_level)
+        from stream_detector.model.runtime import TorchScorer
+
+        threads = settings.service.torch_threads if args.threads is None else args.threads
+        scorer = TorchScorer.load(settings.artifact_dir, threads=threads)
+        service = DetectorService(settings, scorer.manifest, scorer,
+                                  rebuild_lookback=args.rebuild_lookback)
+        service.install_signal_handlers()
+        installed = True
+    except _StoppedBeforeStart:
+        import structlog
+
+        structlog.get_logger("stream_detector.cli").info(
+            "stopped before start", reason="SIGTERM while loading", exit_code=0)
+        return 0
+    finally:
+        if not installed:  # stopped, or a bad setting or artifact: the caller's handler back
+            signal.signal(signal.SIGTERM, previous)
     code = service.run()
     if service.close_abandoned:
         # a Kafka client still waits for a broker that stopped answering: exiting the usual

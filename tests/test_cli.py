@@ -234,6 +234,42 @@ def test_option_data_and_out_errors_come_before_torchs_import(tmp_path: Path) ->
     assert not (tmp_path / "a").exists() and not (tmp_path / "e1").exists()
 
 
+def test_sigterm_while_serve_loads_stops_it_at_once(quick_artifact: Path, monkeypatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """As a container's PID 1, serve ignored a SIGTERM that came while it imported torch and
+    loaded the model (no handler yet: the kernel drops it), joined the group and was killed at
+    the grace period without leaving it. Until the service's handlers are in place, SIGTERM
+    now ends the load at once with 0 (nothing consumed, nothing to drain)."""
+    import stream_detector.consumer as consumer
+    from stream_detector.model.runtime import TorchScorer
+
+    class Outer(Exception):
+        pass
+
+    def outer(signum, frame):  # what this process had before: back once serve returns
+        raise Outer
+
+    def slow_load(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        raise AssertionError("the load was not interrupted")
+
+    def no_service(*args, **kwargs):
+        raise AssertionError("a service was built after the SIGTERM")
+
+    old = signal.signal(signal.SIGTERM, outer)
+    try:
+        monkeypatch.setattr(TorchScorer, "load", slow_load)
+        monkeypatch.setattr(consumer, "DetectorService", no_service)
+        t0 = time.monotonic()
+        assert main(["serve", "--artifact", str(quick_artifact)]) == 0
+        assert time.monotonic() - t0 < 4
+        assert "stopped before start" in capsys.readouterr().err  # the log line
+        assert signal.getsignal(signal.SIGTERM) is outer
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def test_out_that_is_a_file_is_refused_before_any_work(tmp_path: Path) -> None:
     """evaluate, replay and demo crashed with a FileExistsError traceback and exit code 1
     (replay's code for failed parity)."""
