@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,15 @@ def prepare_out_dir(path: Path, option: str = "--out", what: str = "report") -> 
         raise ConfigError(f"{option} {path}: cannot create the {what} directory "
                           f"({exc.strerror or exc})") from None
     _CREATED.extend(new)
+    # an existing directory this user cannot write into (a shared volume whose owner the pod's
+    # fsGroup did not change, a read-only mount) failed only at the first write: for train,
+    # after the whole training
+    try:
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".sd-write-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{option} {path}: cannot write into the {what} directory "
+                          f"({exc.strerror or exc})") from None
     return path
 
 

@@ -270,6 +270,30 @@ def test_sigterm_while_serve_loads_stops_it_at_once(quick_artifact: Path, monkey
         signal.signal(signal.SIGTERM, old)
 
 
+def test_an_out_directory_that_cannot_be_written_is_refused_before_any_work(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An existing directory this user cannot write into (a shared volume whose owner the
+    pod's fsGroup did not change) passed the --out check; train failed at its first write,
+    after the whole training. /proc is such a directory for every user (root included);
+    a read-only one by mode too where the tests do not run as root."""
+    targets = [Path("/proc")] if Path("/proc/self").is_dir() else []
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.geteuid() != 0:
+        targets.append(ro)
+    if not targets:
+        pytest.skip("no directory here that this user cannot write into")
+    for target in targets:
+        assert main(["train", "--dataset", "synthetic", "--out", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {target}: cannot write into the artifact directory" in err, err
+        assert main(["evaluate", "--artifact", str(tmp_path / "none"), "--out",
+                     str(target)]) == 2
+        assert "cannot write into the report directory" in capsys.readouterr().err
+    assert list(ro.iterdir()) == []
+
+
 def test_out_that_is_a_file_is_refused_before_any_work(tmp_path: Path) -> None:
     """evaluate, replay and demo crashed with a FileExistsError traceback and exit code 1
     (replay's code for failed parity)."""

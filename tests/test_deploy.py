@@ -399,7 +399,8 @@ def test_training_job_writes_the_artifact_the_consumers_read(name):
     assert spec["restartPolicy"] == "Never"
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert spec["securityContext"]["runAsUser"] == APP_UID
-    assert spec["securityContext"].get("fsGroup") == APP_UID, "PVC writable by the app user"
+    assert spec["securityContext"].get("fsGroup") == APP_UID, (
+        "PVC writable by the app user where the storage applies fsGroup")
     (container,) = spec["containers"]
     args = container["args"]
     assert args[0] == "train"
