@@ -209,14 +209,14 @@ def fit_threshold(
         raise ValueError("cannot fit a threshold on zero finite scores")
     base = float(np.quantile(s, q))
     if method == "quantile":
-        return base * margin
+        return _above_ties(s, base * margin, q)
     if method == "pot":
         from scipy.stats import genpareto
 
         t = float(np.quantile(s, 0.98))
         peaks = s[s > t] - t
         if peaks.size < 20 or np.ptp(peaks) <= 0:
-            return base * margin
+            return _above_ties(s, base * margin, q)
         shape, _, scale = genpareto.fit(peaks, floc=0.0)
         risk = 1.0 - q
         ratio = risk * s.size / peaks.size
@@ -225,9 +225,26 @@ def fit_threshold(
         else:
             z = t + scale / shape * (ratio ** (-shape) - 1.0)
         if not np.isfinite(z) or z <= 0:
-            return base * margin
-        return float(z) * margin
+            return _above_ties(s, base * margin, q)
+        return _above_ties(s, float(z) * margin, q)
     raise ValueError(f"unknown threshold method {method!r}; use 'quantile' or 'pot'")
+
+
+#: How far above tied validation scores :func:`_above_ties` moves a threshold, relative: above
+#: the last bits in which a window's float32 errors differ between model calls.
+TIE_STEP = 1e-6
+
+
+def _above_ties(s: np.ndarray, thr: float, q: float) -> float:
+    """``thr``, or just above it when validation scores tie at it and more of them reach it
+    than the quantile allows (a sensor idle or stuck for its whole validation period scores
+    the same on every window: its quantile is that score, and since a window alerts at
+    ``score >= threshold`` it then alerted on every window that behaved exactly as in
+    training). Continuous scores never change: at most one window more than ``(1 - q) n`` can
+    reach an interpolated quantile."""
+    if np.count_nonzero(s == thr) and np.count_nonzero(s >= thr) > (1.0 - q) * s.size + 1:
+        return thr + abs(thr) * TIE_STEP if thr != 0 else float(np.nextafter(0.0, 1.0))
+    return thr
 
 
 class Level(enum.IntEnum):

@@ -56,12 +56,24 @@ def _check_features(entities: list[Entity]) -> tuple[str, ...]:
     if not entities:
         raise DatasetError("no entities to train on")
     features = entities[0].features
+    twice = sorted({f for f in features if list(features).count(f) > 1})
+    if twice:  # the manifest maps names to columns: refused now, not after the training
+        raise DatasetError(f"feature names {twice[:5]} appear more than once: each column "
+                           "needs a name of its own")
     for e in entities[1:]:
         if e.features != features:
             raise DatasetError(
                 f"entity {e.name} has {len(e.features)} features, {entities[0].name} has "
                 f"{len(features)}: one model needs one feature set; train them separately"
             )
+    for e in entities:
+        # the loaders refuse them; a direct caller's NaN made every score NaN and failed only
+        # after the training ("cannot fit a threshold on zero finite scores")
+        finite = np.isfinite(e.train)
+        if not finite.all():
+            row = int(np.flatnonzero(~finite.all(axis=tuple(range(1, e.train.ndim))))[0])
+            raise DatasetError(f"entity {e.name}: train row {row} holds NaN or an infinite "
+                               "value; clean or drop it before training")
     return features
 
 

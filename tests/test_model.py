@@ -1051,3 +1051,51 @@ def test_the_options_name_the_encoders_the_network_builds() -> None:
     from stream_detector.train_config import ENCODER_NAMES
 
     assert sorted(ENCODER_NAMES) == sorted(ENCODERS)
+
+
+def test_tied_validation_scores_put_the_threshold_just_above_them() -> None:
+    """A quantile of tied scores is the tied score, and a window alerts at score >= threshold:
+    a sensor idle for its whole validation period alerted on every window that behaved exactly
+    as in training. Continuous scores keep their quantile unchanged."""
+    from stream_detector.scoring import TIE_STEP, fit_threshold
+
+    flat = np.full(1000, 0.5)
+    for method in ("quantile", "pot"):
+        thr = fit_threshold(flat, method)
+        assert 0.5 < thr <= 0.5 * (1 + TIE_STEP), method
+    assert fit_threshold(np.zeros(500)) > 0
+    tail = np.concatenate([np.linspace(0, 1, 990), np.full(10, 2.0)])  # 1 % tie at the top
+    assert fit_threshold(tail) > 2.0
+    rng = np.random.default_rng(0)
+    for n in (200, 201, 1000, 1001):  # (n - 1) q whole or not: never moved
+        s = rng.random(n)
+        assert fit_threshold(s) == float(np.quantile(s, 0.995)), n
+        assert fit_threshold(s, margin=1.5) == float(np.quantile(s, 0.995)) * 1.5, n
+
+
+def test_a_sensor_constant_in_training_does_not_alert_when_it_stays_so(tmp_path: Path) -> None:
+    """End to end: an entity whose train rows are all the same value, scored on test rows
+    that are the same again: no window reaches the threshold (every one did before)."""
+    values = np.full((600, 3), 3.0)
+    ent = [Entity("idle", values, values[:300].copy(), np.zeros(300, np.int8), ("a", "b", "c"))]
+    cfg = TrainConfig(window=8, hidden=8, epochs=1, max_windows_per_epoch=500, progress=False,
+                      threads=1, min_sensor_windows=50)
+    train(ent, cfg, tmp_path / "art", dataset="idle")
+    scorer = TorchScorer.load(tmp_path / "art")
+    ref = batch_score(scorer, scorer.manifest, ent[0])
+    assert np.all(ref.score < ref.threshold), (ref.score.max(), ref.threshold)
+
+
+def test_train_refuses_non_finite_rows_and_repeated_feature_names(tmp_path: Path) -> None:
+    """The loaders refuse both; train() called directly failed only after the training (a
+    NaN made every score NaN; a repeated name was refused when the artifact was written)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 2))
+    bad = x.copy()
+    bad[123, 1] = np.nan
+    cfg = TrainConfig(window=8, epochs=1, progress=False)
+    with pytest.raises(StreamDetectorError, match="entity e: train row 123 holds NaN"):
+        train([Entity("e", bad, x[:50], np.zeros(50, np.int8), ("a", "b"))], cfg, tmp_path / "a")
+    with pytest.raises(StreamDetectorError, match=r"feature names \['a'\] appear more than once"):
+        train([Entity("e", x, x[:50], np.zeros(50, np.int8), ("a", "a"))], cfg, tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
