@@ -287,8 +287,14 @@ def train(
             per_sensor[name] = fit_threshold(
                 s, cfg.threshold_method, cfg.threshold_q, cfg.threshold_margin
             )
+    pooled = np.concatenate(smoothed_all)
+    needed = int(np.ceil(1.0 / (1.0 - cfg.threshold_q)))
+    if pooled.size < needed:  # trainer review: one validation window made a threshold too
+        log.warning("few validation windows: the default threshold is about their maximum",
+                    windows=int(pooled.size), quantile=cfg.threshold_q, needed=needed,
+                    remedy="more train rows or a larger val_fraction")
     default = fit_threshold(
-        np.concatenate(smoothed_all), cfg.threshold_method, cfg.threshold_q, cfg.threshold_margin
+        pooled, cfg.threshold_method, cfg.threshold_q, cfg.threshold_margin
     )
     thresholds = ThresholdSpec(
         method=cfg.threshold_method, default=default, per_sensor=per_sensor,

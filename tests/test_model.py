@@ -1099,3 +1099,18 @@ def test_train_refuses_non_finite_rows_and_repeated_feature_names(tmp_path: Path
     with pytest.raises(StreamDetectorError, match=r"feature names \['a'\] appear more than once"):
         train([Entity("e", x, x[:50], np.zeros(50, np.int8), ("a", "a"))], cfg, tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_few_validation_windows_are_named_in_a_warning(tmp_path: Path) -> None:
+    """One validation window made the 99.5 % threshold without a word (trainer review: 95 % of
+    normal test rows then alerted); now a warning says how many there were and how many the
+    quantile needs."""
+    from structlog.testing import capture_logs
+
+    rng = np.random.default_rng(0)
+    x = np.sin(np.arange(120)[:, None] / 5.0) + 0.1 * rng.normal(size=(120, 2))
+    cfg = TrainConfig(window=8, hidden=8, epochs=1, progress=False, threads=1)
+    with capture_logs() as logs:
+        train([Entity("e", x, x[:40], np.zeros(40, np.int8), ("a", "b"))], cfg, tmp_path / "a")
+    few = [e for e in logs if e["event"].startswith("few validation windows")]
+    assert len(few) == 1 and few[0]["needed"] == 200 and few[0]["windows"] < 200, few
