@@ -554,6 +554,18 @@ def test_replay_stops_its_broker_when_terminated(quick_artifact: Path, tmp_path:
             proc.wait()
 
 
+def _held_out_fit(e, baseline: str) -> tuple[np.ndarray, int]:
+    """The baseline fitted on the first 80 % of ``e``'s train rows, scoring the last 20 % and
+    then the test rows (recomputed here, independently of evaluation.baseline_label_free)."""
+    from stream_detector.baselines import run_baselines
+    from stream_detector.datasets.base import Entity
+
+    n_val = int(len(e.train) * 0.2)
+    after = np.concatenate([e.train[-n_val:], e.test])
+    proxy = Entity(e.name, e.train[:-n_val], after, np.zeros(len(after), np.int8), e.features)
+    return run_baselines(proxy, [baseline], 0)[baseline], n_val
+
+
 def test_baseline_label_free_f1_uses_the_fit_its_threshold_came_from(quick_artifact: Path,
                                                                     tmp_path: Path) -> None:
     """A baseline's label-free threshold is a quantile of the scores of the baseline fitted on
@@ -562,7 +574,6 @@ def test_baseline_label_free_f1_uses_the_fit_its_threshold_came_from(quick_artif
     with threshold and scores of one fit). Checked against an independent recomputation."""
     from stream_detector.baselines import run_baselines
     from stream_detector.datasets import load_dataset
-    from stream_detector.datasets.base import Entity
     from stream_detector.evaluation import run_evaluation
     from stream_detector.metrics import f1_at
 
@@ -571,12 +582,8 @@ def test_baseline_label_free_f1_uses_the_fit_its_threshold_came_from(quick_artif
                          baselines=["pca", "iforest"], plots=False, progress=False)
     differs = 0
     for e, row in zip(load_dataset("synthetic", None, names), res.rows, strict=True):
-        n_val = int(len(e.train) * 0.2)
-        after = np.concatenate([e.train[-n_val:], e.test])
-        proxy = Entity(e.name, e.train[:-n_val], after, np.zeros(len(after), np.int8),
-                       e.features)
         for b in ("pca", "iforest"):
-            s = run_baselines(proxy, [b], 0)[b]
+            s, n_val = _held_out_fit(e, b)
             want = f1_at(s[n_val:], e.labels, float(np.quantile(s[:n_val], 0.995)))["f1"]
             assert row[f"{b}_f1_at_threshold"] == pytest.approx(want, abs=1e-12), (e.name, b)
             full = run_baselines(e, [b], 0)[b]  # the other fit, which best-F1 still uses
@@ -594,7 +601,6 @@ def test_baseline_thresholds_follow_the_artifacts_rule(quick_artifact: Path,
 
     from stream_detector.baselines import run_baselines
     from stream_detector.datasets import load_dataset
-    from stream_detector.datasets.base import Entity
     from stream_detector.evaluation import run_evaluation
     from stream_detector.metrics import f1_at
     from stream_detector.scoring import fit_threshold
@@ -609,12 +615,8 @@ def test_baseline_thresholds_follow_the_artifacts_rule(quick_artifact: Path,
                          baselines=["pca", "iforest"], plots=False, progress=False)
     moved = 0
     for e, row in zip(load_dataset("synthetic", None, names), res.rows, strict=True):
-        n_val = int(len(e.train) * 0.2)
-        after = np.concatenate([e.train[-n_val:], e.test])
-        proxy = Entity(e.name, e.train[:-n_val], after, np.zeros(len(after), np.int8),
-                       e.features)
         for b in ("pca", "iforest"):
-            s = run_baselines(proxy, [b], 0)[b]
+            s, n_val = _held_out_fit(e, b)
             want = f1_at(s[n_val:], e.labels, fit_threshold(s[:n_val], "pot", 0.995, 1.3))["f1"]
             assert row[f"{b}_f1_at_threshold"] == pytest.approx(want, abs=1e-12), (e.name, b)
             plain = f1_at(s[n_val:], e.labels, float(np.quantile(s[:n_val], 0.995)))["f1"]
