@@ -13,6 +13,8 @@ names), and refuses with an :class:`~stream_detector.errors.ArtifactError` that 
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -245,8 +247,8 @@ class Manifest:
         f = self.n_features
         if f == 0:
             raise ArtifactError("manifest features is empty")
-        if len(set(self.features)) != f:
-            dup = sorted({x for x in self.features if self.features.count(x) > 1})
+        dup = sorted(repeated_names(self.features))
+        if dup:
             raise ArtifactError(f"manifest features has duplicate names {dup[:10]}")
         checks = {
             "scaler_mean": len(self.scaler_mean),
@@ -406,6 +408,12 @@ def _positive(path: str, values: tuple[float, ...]) -> None:
         if not (np.isfinite(v) and v > 0):
             where = path if len(values) == 1 else f"{path}[{i}]"
             raise ArtifactError(f"manifest {where} must be finite and > 0, got {v}")
+
+
+def repeated_names(names: Iterable[str]) -> list[str]:
+    """The names that appear more than once in ``names``, in the order they first appear."""
+    counts = Counter(names)
+    return [n for n in counts if counts[n] > 1]
 
 
 def sha256_file(path: Path) -> str:

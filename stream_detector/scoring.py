@@ -207,16 +207,22 @@ def fit_threshold(
     s = s[np.isfinite(s)]
     if s.size == 0:
         raise ValueError("cannot fit a threshold on zero finite scores")
+    return _above_ties(s, _tail_point(s, method, q) * margin, q)
+
+
+def _tail_point(s: np.ndarray, method: str, q: float) -> float:
+    """:func:`fit_threshold` before its margin: the ``q`` quantile of the finite scores ``s``,
+    or with ``pot`` the tail fit's point (the quantile when the fit is degenerate)."""
     base = float(np.quantile(s, q))
     if method == "quantile":
-        return _above_ties(s, base * margin, q)
+        return base
     if method == "pot":
         from scipy.stats import genpareto
 
         t = float(np.quantile(s, 0.98))
         peaks = s[s > t] - t
         if peaks.size < 20 or np.ptp(peaks) <= 0:
-            return _above_ties(s, base * margin, q)
+            return base
         shape, _, scale = genpareto.fit(peaks, floc=0.0)
         risk = 1.0 - q
         ratio = risk * s.size / peaks.size
@@ -225,8 +231,8 @@ def fit_threshold(
         else:
             z = t + scale / shape * (ratio ** (-shape) - 1.0)
         if not np.isfinite(z) or z <= 0:
-            return _above_ties(s, base * margin, q)
-        return _above_ties(s, float(z) * margin, q)
+            return base
+        return float(z)
     raise ValueError(f"unknown threshold method {method!r}; use 'quantile' or 'pot'")
 
 

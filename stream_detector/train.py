@@ -33,6 +33,7 @@ from stream_detector.manifest import (
     Manifest,
     ScoreSpec,
     ThresholdSpec,
+    repeated_names,
 )
 from stream_detector.model.artifact import write_artifact
 from stream_detector.model.network import HybridModel
@@ -56,7 +57,7 @@ def _check_features(entities: list[Entity]) -> tuple[str, ...]:
     if not entities:
         raise DatasetError("no entities to train on")
     features = entities[0].features
-    twice = sorted({f for f in features if list(features).count(f) > 1})
+    twice = sorted(repeated_names(features))
     if twice:  # the manifest maps names to columns: refused now, not after the training
         raise DatasetError(f"feature names {twice[:5]} appear more than once: each column "
                            "needs a name of its own")
@@ -69,9 +70,8 @@ def _check_features(entities: list[Entity]) -> tuple[str, ...]:
     for e in entities:
         # the loaders refuse them; a direct caller's NaN made every score NaN and failed only
         # after the training ("cannot fit a threshold on zero finite scores")
-        finite = np.isfinite(e.train)
-        if not finite.all():
-            row = int(np.flatnonzero(~finite.all(axis=tuple(range(1, e.train.ndim))))[0])
+        if not np.isfinite(e.train).all():
+            row = int(np.argwhere(~np.isfinite(e.train))[0][0])  # as the loaders name it
             raise DatasetError(f"entity {e.name}: train row {row} holds NaN or an infinite "
                                "value; clean or drop it before training")
     return features

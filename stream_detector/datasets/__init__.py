@@ -18,7 +18,6 @@ entity list (None means all) or an entity named more than once.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from stream_detector.datasets.smap_msl import TelemanomLoader
 from stream_detector.datasets.smd import SMDLoader
 from stream_detector.datasets.synthetic import SyntheticLoader
 from stream_detector.errors import DatasetError
+from stream_detector.manifest import repeated_names
 
 __all__ = [
     "DATASETS",
@@ -116,8 +116,7 @@ def check_entity_names(names: Sequence[str], source: str) -> None:
     if not names:
         raise DatasetError(f"{source} names no entity: give comma-separated names, or leave "
                            "the option out for all")
-    counts = Counter(names)
-    repeated = [n for n in counts if counts[n] > 1]
+    repeated = repeated_names(names)
     if repeated:
         raise DatasetError(f"{source} names {', '.join(repeated)} more than once: name each "
                            "entity once")
