@@ -67,7 +67,17 @@ def _check_features(entities: list[Entity]) -> tuple[str, ...]:
                 f"entity {e.name} has {len(e.features)} features, {entities[0].name} has "
                 f"{len(features)}: one model needs one feature set; train them separately"
             )
+    # the command line refuses these; a direct caller's repeated entity name overwrote the
+    # first one's scaler, error scales and threshold with the second's, and a column count
+    # other than the names' failed inside torch
+    twice = sorted(repeated_names([e.name for e in entities]))
+    if twice:
+        raise DatasetError(f"entity names {twice[:5]} appear more than once: each sensor's "
+                           "scaler and threshold are stored under its name")
     for e in entities:
+        if e.train.ndim != 2 or e.train.shape[1] != len(features):
+            raise DatasetError(f"entity {e.name}: train is {e.train.shape}, expected (rows, "
+                               f"{len(features)}) for its {len(features)} feature names")
         # the loaders refuse them; a direct caller's NaN made every score NaN and failed only
         # after the training ("cannot fit a threshold on zero finite scores")
         if not np.isfinite(e.train).all():
@@ -80,6 +90,13 @@ def _check_features(entities: list[Entity]) -> tuple[str, ...]:
 def _feature_weights(cfg: TrainConfig, entities: list[Entity],
                      features: tuple[str, ...]) -> tuple[float, ...]:
     """Weights of the score's mean over features: () = all equal (every feature scored)."""
+    if not cfg.score_features:
+        # the entities' own choice, which must be one choice: the score has one set of weights
+        choices = {e.scored_features or () for e in entities}
+        if len(choices) > 1:
+            raise DatasetError(
+                f"the entities score different features ({len(choices)} choices, e.g. "
+                f"{sorted(choices)[:2]}): one model has one score; pass score_features")
     chosen = cfg.score_features or entities[0].scored_features or ()
     if not chosen or tuple(chosen) == ("all",):
         return ()

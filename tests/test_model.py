@@ -1101,6 +1101,33 @@ def test_train_refuses_non_finite_rows_and_repeated_feature_names(tmp_path: Path
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_train_refuses_repeated_entities_wrong_widths_and_mixed_scored_features(
+        tmp_path: Path) -> None:
+    """Direct train() callers (the command line refuses the first): a repeated entity name
+    overwrote the first sensor's scaler and threshold with the second's; a column count other
+    than the names' failed inside torch; entities choosing different scored features were
+    scored by the first one's choice."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 2))
+    y = np.zeros(50, np.int8)
+    cfg = TrainConfig(window=8, epochs=1, progress=False)
+    with pytest.raises(StreamDetectorError, match=r"entity names \['e'\] appear more than once"):
+        train([Entity("e", x, x[:50], y, ("a", "b")), Entity("e", x, x[:50], y, ("a", "b"))],
+              cfg, tmp_path / "a")
+    with pytest.raises(StreamDetectorError, match=r"entity f: train is \(300, 3\), expected "
+                                                  r"\(rows, 2\)"):
+        train([Entity("e", x, x[:50], y, ("a", "b")),
+               Entity("f", rng.normal(size=(300, 3)), x[:50], y, ("a", "b"))], cfg, tmp_path / "b")
+    mixed = [Entity("e", x, x[:50], y, ("a", "b"), scored_features=("a",)),
+             Entity("f", x, x[:50], y, ("a", "b"))]
+    with pytest.raises(StreamDetectorError, match="the entities score different features"):
+        train(mixed, cfg, tmp_path / "c")
+    assert not any((tmp_path / d).exists() for d in "abc")
+    # an explicit choice settles it
+    m = train(mixed, dataclasses.replace(cfg, score_features=("b",)), tmp_path / "d")
+    assert m.score.feature_weights == (0.0, 1.0)
+
+
 def test_few_validation_windows_are_named_in_a_warning(tmp_path: Path) -> None:
     """One validation window made the 99.5 % threshold without a word (trainer review: 95 % of
     normal test rows then alerted); now a warning says how many there were and how many the
