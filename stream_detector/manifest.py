@@ -13,6 +13,7 @@ names), and refuses with an :class:`~stream_detector.errors.ArtifactError` that 
 from __future__ import annotations
 
 import hashlib
+import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -424,6 +425,26 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+#: A reader that finds the model's checksum not matching the manifest reads again after this
+#: pause when either file changed meanwhile (the trainer replaces them by two renames, model
+#: first: a reader between them sees the new model with the old manifest), at most
+#: ``REREAD_LIMIT`` times.
+REREAD_PAUSE_S = 0.2
+REREAD_LIMIT = 5
+
+
+def _signature(*paths: Path) -> tuple[tuple[int, int, int], ...]:
+    out = []
+    for p in paths:
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            out.append((-1, -1, -1))
+        else:
+            out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
 def read_manifest(
     artifact_dir: str | Path,
     *,
@@ -431,6 +452,19 @@ def read_manifest(
     expect_window: int | None = None,
 ) -> Manifest:
     """Read and verify an artifact's manifest (schema, checksum, shapes, expectations)."""
+    return read_artifact(artifact_dir, expect_features=expect_features,
+                         expect_window=expect_window)[0]
+
+
+def read_artifact(
+    artifact_dir: str | Path,
+    *,
+    expect_features: tuple[str, ...] | None = None,
+    expect_window: int | None = None,
+) -> tuple[Manifest, bytes]:
+    """:func:`read_manifest`, and the model file's bytes that its checksum was verified on
+    (load those, not the file again: it may have been replaced since). An artifact being
+    rewritten while it is read is read again once its files have settled."""
     root = Path(artifact_dir)
     mpath = root / MANIFEST_FILE
     model_path = root / MODEL_FILE
@@ -443,6 +477,38 @@ def read_manifest(
         raise ArtifactError(f"artifact {root} has no {MANIFEST_FILE}")
     if not model_path.is_file():
         raise ArtifactError(f"artifact {root} has no {MODEL_FILE}")
+    for _ in range(REREAD_LIMIT + 1):
+        before = _signature(mpath, model_path)
+        manifest = _parse_manifest(mpath)
+        model = model_path.read_bytes()
+        actual = hashlib.sha256(model).hexdigest()
+        if actual == manifest.sha256:
+            break
+        time.sleep(REREAD_PAUSE_S)
+        if _signature(mpath, model_path) == before:
+            break  # nothing was being written: the files do not belong together
+    if actual != manifest.sha256:
+        raise ArtifactError(
+            f"checksum mismatch for {model_path}: manifest says {manifest.sha256[:16]}..., "
+            f"file is {actual[:16]}... (tampered with, from another training run, or a "
+            "training that stopped while it replaced the artifact: train again)"
+        )
+    if expect_features is not None and tuple(expect_features) != manifest.features:
+        missing = [f for f in expect_features if f not in manifest.features]
+        extra = [f for f in manifest.features if f not in expect_features]
+        raise ArtifactError(
+            f"feature mismatch: expected {len(expect_features)} features, artifact has "
+            f"{manifest.n_features}; missing from artifact {missing[:10]}, unexpected {extra[:10]}"
+            + ("; same names in another order" if not missing and not extra else "")
+        )
+    if expect_window is not None and expect_window != manifest.window:
+        raise ArtifactError(
+            f"window mismatch: expected {expect_window}, artifact has {manifest.window}"
+        )
+    return manifest, model
+
+
+def _parse_manifest(mpath: Path) -> Manifest:
     try:
         raw = orjson.loads(mpath.read_bytes())
     except orjson.JSONDecodeError as exc:
@@ -457,22 +523,4 @@ def read_manifest(
         )
     manifest = Manifest.from_dict(raw)
     manifest.validate()
-    actual = sha256_file(model_path)
-    if actual != manifest.sha256:
-        raise ArtifactError(
-            f"checksum mismatch for {model_path}: manifest says {manifest.sha256[:16]}..., "
-            f"file is {actual[:16]}... (tampered with or from another training run)"
-        )
-    if expect_features is not None and tuple(expect_features) != manifest.features:
-        missing = [f for f in expect_features if f not in manifest.features]
-        extra = [f for f in manifest.features if f not in expect_features]
-        raise ArtifactError(
-            f"feature mismatch: expected {len(expect_features)} features, artifact has "
-            f"{manifest.n_features}; missing from artifact {missing[:10]}, unexpected {extra[:10]}"
-            + ("; same names in another order" if not missing and not extra else "")
-        )
-    if expect_window is not None and expect_window != manifest.window:
-        raise ArtifactError(
-            f"window mismatch: expected {expect_window}, artifact has {manifest.window}"
-        )
     return manifest

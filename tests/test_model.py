@@ -453,6 +453,73 @@ def test_tampered_model_file_is_refused(artifact, tmp_path) -> None:
     assert "tampered" in str(info.value)
 
 
+def _other_artifact(artifact, root: Path):
+    """A second valid artifact of the same shape (other weights), written by write_artifact."""
+    from stream_detector.model.artifact import write_artifact
+
+    m = artifact[1]
+    torch.manual_seed(7)
+    net = HybridModel(m.n_features, m.window, hidden=m.network["hidden"],
+                      encoder=m.network["encoder"], layers=m.network["layers"],
+                      latent=m.network["latent"])
+    return write_artifact(root, net, dataclasses.replace(m, model_version=""))
+
+
+def test_an_artifact_replaced_while_it_is_read_is_read_again(artifact, tmp_path,
+                                                             monkeypatch) -> None:
+    """The trainer replaces model.pt, then manifest.json (two renames). A reader that read the
+    old manifest and then the new model refused the artifact ("checksum mismatch": a pod
+    starting while the training Job wrote restarted), and the scorer loaded model.pt a second
+    time after its checksum was verified. Now it reads again once the files settle, and loads
+    the very bytes it verified."""
+    import stream_detector.manifest as manifest_mod
+
+    root = _copy(artifact[0], tmp_path)
+    new = _other_artifact(artifact, tmp_path / "new")
+    assert new.model_version != artifact[1].model_version
+    parse, sleep = manifest_mod._parse_manifest, manifest_mod.time.sleep
+    steps: list[str] = []
+
+    def parse_then_writer_renames_model(path):
+        m = parse(path)
+        if not steps:  # the writer's first rename lands after the reader's manifest read
+            shutil.copy(tmp_path / "new" / MODEL_FILE, root / "m.tmp")
+            os.replace(root / "m.tmp", root / MODEL_FILE)
+        steps.append(m.model_version)
+        return m
+
+    def pause_then_writer_renames_manifest(seconds):
+        shutil.copy(tmp_path / "new" / MANIFEST_FILE, root / "j.tmp")
+        os.replace(root / "j.tmp", root / MANIFEST_FILE)
+        sleep(0)
+
+    monkeypatch.setattr(manifest_mod, "_parse_manifest", parse_then_writer_renames_model)
+    monkeypatch.setattr(manifest_mod.time, "sleep", pause_then_writer_renames_manifest)
+    scorer = TorchScorer.load(root)
+    assert steps == [artifact[1].model_version, new.model_version]  # read twice
+    assert scorer.manifest.model_version == new.model_version and scorer.version_verified
+    expect = TorchScorer.load(tmp_path / "new")
+    x = np.random.default_rng(0).normal(size=(3, new.window, new.n_features)).astype(np.float32)
+    for a, b in zip(scorer.errors(x), expect.errors(x), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_training_that_stopped_between_its_renames_is_refused_with_the_reason(
+        artifact, tmp_path, monkeypatch) -> None:
+    """New model, old manifest, nothing writing any more: refused after one pause, and the
+    message says what may have happened."""
+    import stream_detector.manifest as manifest_mod
+
+    root = _copy(artifact[0], tmp_path)
+    _other_artifact(artifact, tmp_path / "new")
+    shutil.copy(tmp_path / "new" / MODEL_FILE, root / MODEL_FILE)
+    pauses: list[float] = []
+    monkeypatch.setattr(manifest_mod.time, "sleep", pauses.append)
+    with pytest.raises(ArtifactError, match="checksum mismatch.*stopped while it replaced"):
+        TorchScorer.load(root)
+    assert pauses == [manifest_mod.REREAD_PAUSE_S]
+
+
 @pytest.mark.parametrize("edit", ["threshold", "scaler", "weight"])
 def test_an_edited_manifest_is_refused(artifact, tmp_path, edit: str) -> None:
     """A manifest edited after training (a threshold halved, a scaler or a score weight

@@ -7,6 +7,7 @@ own graph, so a serving process needs nothing from :mod:`stream_detector.model.n
 from __future__ import annotations
 
 import hashlib
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import structlog
 import torch
 
 from stream_detector.errors import ArtifactError
-from stream_detector.manifest import MODEL_FILE, Manifest, read_manifest
+from stream_detector.manifest import MODEL_FILE, Manifest, read_artifact
 
 log = structlog.get_logger(__name__)
 
@@ -236,12 +237,12 @@ class TorchScorer:
         expect_window: int | None = None,
         threads: int = 0,
     ) -> TorchScorer:
-        manifest = read_manifest(
+        manifest, model_bytes = read_artifact(
             artifact_dir, expect_features=expect_features, expect_window=expect_window
         )
         path = Path(artifact_dir) / MODEL_FILE
-        try:
-            module = torch.jit.load(str(path), map_location="cpu")
+        try:  # the bytes the checksum was verified on: the file may have been replaced since
+            module = torch.jit.load(io.BytesIO(model_bytes), map_location="cpu")
         except Exception as exc:  # torch raises RuntimeError subclasses with long C++ traces
             raise ArtifactError(f"cannot load TorchScript model {path}: {str(exc)[:300]}") from None
         module.eval()
