@@ -162,9 +162,10 @@ def _input_scalers(cfg: TrainConfig, fit_parts: list[np.ndarray]):
     z = np.concatenate([(p - m) / sd for p, (m, sd) in zip(parts, first, strict=True)])
     z_mean = z.mean(axis=0)
     z_std = np.maximum(z.std(axis=0), cfg.std_floor)
+    floor = cfg.std_floor if cfg.final_std_floor else 0.0
     means = [m + z_mean * sd for m, sd in first]
-    stds = [sd * z_std for _, sd in first]
-    return mean + z_mean * std, std * z_std, means, stds, own
+    stds = [np.maximum(sd * z_std, floor) for _, sd in first]
+    return mean + z_mean * std, np.maximum(std * z_std, floor), means, stds, own
 
 
 def _gather(split: _Split, idx: np.ndarray, window: int) -> torch.Tensor:

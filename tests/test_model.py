@@ -1153,6 +1153,36 @@ def test_a_sensor_constant_in_training_does_not_alert_when_it_stays_so(tmp_path:
     assert np.all(ref.score < ref.threshold), (ref.score.max(), ref.threshold)
 
 
+def test_final_std_floor_keeps_constant_features_at_std_floor(tmp_path: Path) -> None:
+    """per_sensor scaling floors each stage's std at std_floor, so a feature constant in every
+    sensor's fit rows ends at std_floor**2 (1e-4: its smallest change stands out, the default,
+    kept by a pre-registered backtest); final_std_floor floors the folded std too, as global
+    scaling does. Features that vary are scaled alike either way."""
+    rng = np.random.default_rng(0)
+    ents = []
+    for i in range(2):
+        x = rng.normal(size=(400, 3))
+        x[:, 1] = 5.0  # constant in every sensor
+        x[:, 2] = 5.0 + 0.5 * rng.normal(size=400) * i  # constant in sensor 0 only
+        ents.append(Entity(f"s{i}", x, x[:50], np.zeros(50, np.int8), ("a", "b", "c")))
+    cfg = TrainConfig(window=8, hidden=8, epochs=1, progress=False, threads=1,
+                      min_sensor_windows=50)
+    off = train(ents, cfg, tmp_path / "off")
+    on = train(ents, dataclasses.replace(cfg, final_std_floor=True), tmp_path / "on")
+    floor = cfg.std_floor
+    for m in (off, on):
+        assert m.training["config"]["final_std_floor"] is (m is on)
+    std_off = {n: np.array(sc["std"]) for n, sc in off.scaler_per_sensor.items()}
+    std_on = {n: np.array(sc["std"]) for n, sc in on.scaler_per_sensor.items()}
+    assert std_off["s0"][1] == pytest.approx(floor * floor)
+    assert std_off["s0"][2] < floor  # floor x the second stage's std (< 1)
+    assert std_on["s0"][1] == std_on["s0"][2] == floor
+    assert off.scaler_std[1] == pytest.approx(floor * floor) and on.scaler_std[1] == floor
+    for n in ("s0", "s1"):  # the varying feature: the same scaler
+        assert std_on[n][0] == std_off[n][0] > floor
+    assert std_on["s1"][2] == std_off["s1"][2] > floor
+
+
 def test_train_refuses_non_finite_rows_and_repeated_feature_names(tmp_path: Path) -> None:
     """The loaders refuse both; train() called directly failed only after the training (a
     NaN made every score NaN; a repeated name was refused when the artifact was written)."""
