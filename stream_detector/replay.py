@@ -396,7 +396,7 @@ def run_replay(opts: ReplayOptions) -> ReplayReport:
     md = _markdown(opts, rows, summary, manifest, out_dir)
     _remove_earlier_plots(out_dir)
     if opts.plots:  # first: a report is never written with links to plots not (yet) there
-        _plots(out_dir, data, manifest, opts.progress)
+        _plots(out_dir, data, summary["warning_ratio"], opts.progress)
     (out_dir / "report.md").write_text(md)
     (out_dir / "report.json").write_bytes(orjson.dumps(
         {"summary": summary, "entities": rows},
@@ -715,6 +715,8 @@ def _summary(rows: list[dict[str, Any]], st: dict[str, Any], n_readings: int, ex
         "rate": opts.rate,
         "t0_ms": st["t0_ms"],
         "sensors_with_earlier_state": int(sum(st["earlier_state"])),
+        # f1_at_threshold is measured at threshold x this (SD_DETECTOR__WARNING_RATIO)
+        "warning_ratio": st["warning_ratio"],
         **st["service"],
     }
 
@@ -783,7 +785,11 @@ def _markdown(opts: ReplayOptions, rows: list[dict[str, Any]], s: dict[str, Any]
     lines += [
         "",
         "Metrics are computed on the streamed scores. best-F1 and AUC-PR use no point "
-        "adjustment; `f1_at_threshold` uses the deployed, label-free threshold; point-adjusted "
+        "adjustment; `f1_at_threshold` uses the deployed, label-free threshold"
+        + ("" if s["warning_ratio"] == 1.0 else
+           f" times {s['warning_ratio']:g} (SD_DETECTOR__WARNING_RATIO), where this consumer "
+           "opens episodes (`evaluate` measures it at the threshold itself, so the two differ)")
+        + "; point-adjusted "
         "best-F1 (`pa_best_f1`) is shown only next to the same figure for random scores "
         "(`random_pa_best_f1`), which shows how much point adjustment inflates any detector. "
         "HitRate (where the dataset names the responsible features) averages over the `open` "
@@ -842,12 +848,14 @@ def alert_ranges(alerts: list[dict[str, Any]], n_ctx: int, n_rows: int,
     return sorted(r for r in out if r[1] > r[0])
 
 
-def _plots(out_dir: Path, data: dict[str, Any], manifest: Any, progress: bool) -> None:
+def _plots(out_dir: Path, data: dict[str, Any], warning_ratio: float, progress: bool) -> None:
     from stream_detector.plots import plot_entity
 
     for name, d in tqdm(data.items(), desc="plots", disable=not progress, leave=False):
         e: Entity = d["entity"]
-        plot_entity(out_dir / plot_file_name(name), name, d["score"], e.labels, d["ref"].threshold,
+        # the line where episodes open, the level f1_at_threshold is measured at
+        plot_entity(out_dir / plot_file_name(name), name, d["score"], e.labels,
+                    d["ref"].threshold * warning_ratio,
                     signal=e.test, feature_names=list(e.features), alerts=d["episodes"],
                     title=f"{name}: streamed score, threshold, labelled anomalies, alerts")
 

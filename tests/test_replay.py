@@ -564,9 +564,25 @@ def test_replay_f1_at_the_deployed_threshold_takes_the_warning_ratio(
             ref = batch_score(scorer, scorer.manifest, e)
             want = entity_metrics(ref.score, e.labels, ref.threshold * ratio)["f1_at_threshold"]
             assert row["f1_at_threshold"] == pytest.approx(want, nan_ok=True), (ratio, e.name)
+        # the report says at which level (it did not: review), as evaluate's differs
+        assert json.loads((tmp_path / f"r{ratio}" / "report.json").read_text())[
+            "summary"]["warning_ratio"] == ratio
+        md = (tmp_path / f"r{ratio}" / "report.md").read_text()
+        assert ("times 0.5 (SD_DETECTOR__WARNING_RATIO)" in md) is (ratio == 0.5)
     # the two ratios give different figures on these entities (the test can fail)
     one = _replay_without_kafka(monkeypatch, entities, tiny_artifact, tmp_path / "a",
                                 warning_ratio=1.0)
     half = _replay_without_kafka(monkeypatch, entities, tiny_artifact, tmp_path / "b",
                                  warning_ratio=0.5)
     assert [r["f1_at_threshold"] for r in one.rows] != [r["f1_at_threshold"] for r in half.rows]
+    # the plots draw the line where episodes open
+    import stream_detector.plots as plots
+    import stream_detector.replay as replay
+
+    drawn: list[float] = []
+    monkeypatch.setattr(plots, "plot_entity", lambda path, name, score, labels, thr, **kw:
+                        drawn.append(thr))
+    ref = batch_score(scorer, scorer.manifest, entities[0])
+    replay._plots(tmp_path, {"x": {"score": ref.score, "ref": ref, "entity": entities[0],
+                                   "episodes": []}}, 0.5, progress=False)
+    assert drawn == [pytest.approx(0.5 * ref.threshold)]
