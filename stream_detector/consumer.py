@@ -845,7 +845,13 @@ class DetectorService:
         where = (cast(str, msg.topic()), cast(int, msg.partition()), cast(int, msg.offset()))
         ts_type, ts = msg.timestamp()
         stamp = ts if ts_type != TIMESTAMP_NOT_AVAILABLE else None
-        headers = cast("list[tuple[str, bytes | None]] | None", msg.headers())
+        try:
+            headers = cast("list[tuple[str, bytes | None]] | None", msg.headers())
+        except Exception:  # noqa: BLE001 - confluent-kafka decodes header keys as UTF-8 and
+            # raises (SystemError) on any other: the record's dead letter failed, a fatal
+            # error, and the restart met it again (found in review)
+            headers = None
+            detail = f"{detail}; original_headers left out: a header key is not valid UTF-8"
         payload = dead_letter(reason, detail, raw, *where, stamp, headers)
         # a dead-letter topic whose max.message.bytes is below the copy: the same dead letter
         # without original_b64 and original_headers (topic/partition/offset still point at

@@ -69,6 +69,28 @@ def produce_readings(bootstrap: str, topic: str, items, extra: list[tuple[bytes,
     assert p.flush(30) == 0
 
 
+def produce_with_raw_header_key(bootstrap: str, topic: str, key: bytes, value: bytes,
+                                header_key: bytes) -> None:
+    """One record whose header key is the raw bytes ``header_key`` (not UTF-8, say), which the
+    protocol allows and some clients send; confluent-kafka's producer sends str keys only, so
+    this one goes through kafka-python (a dev dependency)."""
+    import warnings
+
+    class RawKey(str):
+        def encode(self, *args: object, **kwargs: object) -> bytes:  # type: ignore[override]
+            return header_key
+
+    with warnings.catch_warnings():  # kafka-python's own (importlib.resources) deprecations
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from kafka import KafkaProducer
+
+        p = KafkaProducer(bootstrap_servers=bootstrap)
+        try:
+            p.send(topic, value=value, key=key, headers=[(RawKey("raw"), b"v")]).get(timeout=30)
+        finally:
+            p.close(timeout=10)
+
+
 def produce_paced(bootstrap: str, topic: str, items, per_second: float):
     """Produce ``items`` at about ``per_second`` in a background thread; returns the thread."""
     import threading
