@@ -74,6 +74,13 @@ _PRODUCER_ALIASES = {"linger.ms": "queue.buffering.max.ms", "compression.type": 
 #: up on a backlog (after a restart or a rebalance): 110,000 readings/s end to end with a
 #: zero-cost model against 220,000 with 10 ms (docs/benchmarks.md).
 FETCH_QUEUE_BACKOFF_MS = 10
+#: The producer's ``queue.buffering.max.kbytes`` unless SD_KAFKA__EXTRA / PRODUCER_EXTRA sets
+#: it: what the records not yet acknowledged may take while the broker is slow or away (the
+#: service then waits, consuming nothing more). librdkafka's default, 1 GiB, let a slow
+#: dead-letter topic (records up to ~700 KB each) grow the process past the deployment's 2 GiB
+#: memory limit (review: 2.1 GB resident). 128 MiB is over a second of score records at
+#: 100,000 readings/s.
+PRODUCER_QUEUE_KBYTES = 131_072
 #: The most torch threads ``SD_SERVICE__TORCH_THREADS`` (and ``serve --threads``) take.
 MAX_TORCH_THREADS = 256
 
@@ -236,7 +243,8 @@ class KafkaSettings(_Group):
             "acks": "all",
         }
         for key, value in (("linger.ms", 5), ("compression.type", "lz4"),
-                           ("partitioner", "murmur2_random")):
+                           ("partitioner", "murmur2_random"),
+                           ("queue.buffering.max.kbytes", PRODUCER_QUEUE_KBYTES)):
             if key not in conf and _PRODUCER_ALIASES.get(key) not in conf:
                 conf[key] = value
         return conf

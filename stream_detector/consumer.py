@@ -308,9 +308,10 @@ def _score_named(msg: Message | None) -> str:
     return f"{what} ({len(value)} bytes)"
 
 
-def _describe(context: tuple[Any, ...], value: bytes) -> str:
+def _describe(context: tuple[Any, ...], value: bytes | None) -> str:
     """A produced record, named in an error: what it is (``context``) and its size."""
-    return " ".join(map(str, (*context, f"({len(value)} bytes)")))
+    return " ".join(map(str, (*context, f"({len(value)} bytes)" if value is not None
+                              else "(size unknown)")))
 
 
 def wait_for_broker(settings: Settings, sleep: Callable[[float], None] = time.sleep,
@@ -946,16 +947,20 @@ class DetectorService:
         delivery callback to use instead (shared by records, :meth:`_score_ack`)."""
         assert self._producer is not None
 
-        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+        # the callback names the record from the delivery report, never from ``value``: a
+        # reference here would keep every queued payload alive in Python beside librdkafka's
+        # own copy, twice the producer queue's memory while the broker is slow (review)
+        def on_delivery(err: KafkaError | None, msg: Message) -> None:
             if err is not None:
+                sent = msg.value() if msg is not None else None
                 if smaller is not None and err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
                     log.warning("record too large for its topic; sending it without the "
-                                "original payload", topic=topic, record=_describe(context, value))
+                                "original payload", topic=topic, record=_describe(context, sent))
                     # sent by _send_resends, outside this callback (its chunk stays held)
                     self._resend.append((topic, key, smaller(), chunk, latency_from_ms, context))
                     return
                 self._fatal = (f"delivery to {topic} failed: {err}; record: "
-                               f"{_describe(context, value)}")
+                               f"{_describe(context, sent)}")
                 return
             if latency_from_ms is not None and latency_from_ms > 0:
                 self.metrics.reading_to_alert.observe(

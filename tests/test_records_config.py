@@ -614,6 +614,21 @@ def test_extra_tunes_the_producer_defaults_and_keys_map_like_the_java_client(cle
     assert (p["queue.buffering.max.ms"], p["compression.codec"]) == (0, "zstd")
 
 
+def test_the_producer_queue_is_bounded_for_the_pod_unless_extra_says_otherwise(
+        clean_env, monkeypatch) -> None:
+    """librdkafka's default queue (1 GiB) let a slow dead-letter topic grow the service past
+    the deployment's 2 GiB limit (review); the producer's default is 128 MiB, and the extras
+    may set another. librdkafka accepts the value."""
+    from confluent_kafka import Producer
+
+    p = load_settings().kafka.producer_config()
+    assert p["queue.buffering.max.kbytes"] == 131_072
+    assert "queue.buffering.max.kbytes" not in load_settings().kafka.consumer_config()
+    Producer({**p, "bootstrap.servers": "127.0.0.1:1"}).flush(0)  # no "invalid value"
+    monkeypatch.setenv("SD_KAFKA__PRODUCER_EXTRA", '{"queue.buffering.max.kbytes": 524288}')
+    assert load_settings().kafka.producer_config()["queue.buffering.max.kbytes"] == 524_288
+
+
 def test_consumer_checks_its_full_fetch_queue_again_soon_unless_extra_says_otherwise(
         clean_env, monkeypatch) -> None:
     """librdkafka's fetch.queue.backoff.ms (1,000 ms by default) stalled a consumer catching up
