@@ -65,6 +65,8 @@ _SECRET_KEY = re.compile(r"secret|password|passwd|token|credential|sasl\.jaas|\.
                          r"key\.pem|keystore|oauthbearer\.config", re.IGNORECASE)
 _DELIVERY = ("enable.auto.offset.store", "enable.auto.commit", "enable.idempotence", "acks",
              "request.required.acks", "enable.partition.eof")
+#: librdkafka's partition.assignment.strategy names
+_STRATEGIES = ("cooperative-sticky", "range", "roundrobin")
 # librdkafka's other names of the producer defaults that SD_KAFKA__EXTRA may change
 _PRODUCER_ALIASES = {"linger.ms": "queue.buffering.max.ms", "compression.type": "compression.codec"}
 #: The consumer's ``fetch.queue.backoff.ms`` unless SD_KAFKA__EXTRA sets it. librdkafka stops
@@ -111,7 +113,9 @@ class KafkaSettings(_Group):
     session_timeout_ms: int = Field(10_000, ge=1000, description="Consumer session timeout.")
     heartbeat_interval_ms: int = Field(2_000, ge=100, description="Consumer heartbeat interval.")
     partition_assignment_strategy: str = Field(
-        "cooperative-sticky", description="librdkafka partition.assignment.strategy."
+        "cooperative-sticky",
+        description="librdkafka partition.assignment.strategy: cooperative-sticky "
+        "(incremental rebalances), or range / roundrobin (eager; comma-separated).",
     )
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: str = Field("", description="e.g. PLAIN, SCRAM-SHA-512; empty = none.")
@@ -148,6 +152,22 @@ class KafkaSettings(_Group):
                 raise ValueError(f"{key!r} is set by the service (at-least-once delivery: "
                                  "docs/messages.md) and cannot be changed")
         return value
+
+    @field_validator("partition_assignment_strategy")
+    @classmethod
+    def _strategy(cls, value: str) -> str:
+        # the service picks incremental or eager assign() from this value: librdkafka took
+        # " cooperative-sticky" (cooperative) while the service compared the raw string and
+        # assigned eagerly, a fatal "Erroneous state" at the first assignment (review)
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+        unknown = [p for p in parts if p not in _STRATEGIES]
+        if not parts or unknown:
+            raise ValueError(f"{value!r}: one or more of {', '.join(_STRATEGIES)}, "
+                             "comma-separated")
+        if "cooperative-sticky" in parts and len(parts) > 1:
+            raise ValueError(f"{value!r}: cooperative-sticky cannot be combined with the eager "
+                             "strategies (range, roundrobin)")
+        return ",".join(parts)
 
     @field_validator("input_topic", "alert_topic", "dead_letter_topic", "score_topic")
     @classmethod

@@ -453,6 +453,10 @@ class DetectorService:
                                      self.metrics, self.health)
             self.http.start()
         try:
+            # librdkafka's own check of every property (the per-client extras included) before
+            # the broker wait: with the broker away, a mistyped consumer property was named
+            # only after the retries (about 4 minutes), as "broker unreachable" (review)
+            check_client_settings(s)
             if not wait_for_broker(s, beat=self.health.beat, stop=self._stop):
                 log.info("stopped while waiting for the broker")
                 return 0

@@ -652,6 +652,46 @@ def test_check_broker_checks_the_per_client_librdkafka_properties(clean_env, fak
     assert fake_admin.instances == []  # refused before any broker request
 
 
+def test_serve_names_a_refused_client_property_before_waiting_for_the_broker(
+        clean_env, fake_admin, monkeypatch) -> None:
+    """A consumer-only property librdkafka refuses, with the broker away: serve retried the
+    broker for minutes and then said only "unreachable" (review). Now the settings are
+    checked first: a ConfigError, and no broker request made."""
+    from stream_detector.consumer import DetectorService
+    from stream_detector.testing import NumpyScorer, make_manifest
+
+    fake_admin.fail = 100
+    monkeypatch.setenv("SD_KAFKA__CONSUMER_EXTRA", '{"fetch.max.bytes": "abc"}')
+    settings = load_settings(kafka={"bootstrap_servers": "127.0.0.1:1"},
+                             service={"startup_retries": 100, "startup_backoff_s": 30.0})
+    service = DetectorService(settings, make_manifest(window=3), NumpyScorer(), serve_http=False)
+    with pytest.raises(ConfigError, match="fetch.max.bytes"):
+        service.run()
+    assert fake_admin.instances == []
+
+
+@pytest.mark.parametrize(("value", "normalised"), [
+    (" cooperative-sticky", "cooperative-sticky"), ("range, roundrobin", "range,roundrobin")])
+def test_the_assignment_strategy_is_normalised(clean_env, value, normalised) -> None:
+    """librdkafka took " cooperative-sticky" (cooperative) while the service compared the raw
+    string and assigned eagerly: a fatal "Erroneous state" at the first assignment (review)."""
+    k = load_settings(kafka={"partition_assignment_strategy": value}).kafka
+    assert k.partition_assignment_strategy == normalised
+    assert k.consumer_config()["partition.assignment.strategy"] == normalised
+
+
+@pytest.mark.parametrize(("value", "says"), [
+    ("cooperative_sticky", "one or more of cooperative-sticky, range, roundrobin"),
+    ("", "one or more of"),
+    ("cooperative-sticky,range", "cannot be combined")])
+def test_a_wrong_assignment_strategy_is_refused_naming_the_variable(clean_env, monkeypatch,
+                                                                   value, says) -> None:
+    monkeypatch.setenv("SD_KAFKA__PARTITION_ASSIGNMENT_STRATEGY", value)
+    with pytest.raises(ConfigError, match="SD_KAFKA__PARTITION_ASSIGNMENT_STRATEGY") as info:
+        load_settings()
+    assert says in str(info.value)
+
+
 # ----------------------------------------------------------------------------- HealthServer
 
 
