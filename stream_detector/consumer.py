@@ -395,6 +395,9 @@ class DetectorService:
         self.tracker = OffsetTracker()
         self._silent_until: dict[TP, int] = {}
         self._rebuilds: dict[TP, _Rebuild] = {}  # rebuilds whose exactness is checked at the end
+        # partitions sent to an absolute offset inside the log to rebuild, until their first
+        # record: its committed offset (see _catch_jumps)
+        self._jump_watch: dict[TP, int] = {}
         self._sensor_tp: dict[str, TP] = {}
         self._owned: set[TP] = set()  # partitions assigned to this instance now
         self._touched: set[TP] = set()  # partitions a rebalance callback changed (see _loop)
@@ -556,6 +559,8 @@ class DetectorService:
         reading goes in (:meth:`_end_rebuilds`): either its live readings follow, or the rebuild
         starts again from further back and they are read again after it."""
         ended: dict[TP, list[Message]] = {}
+        if self._jump_watch:
+            messages = self._catch_jumps(messages)
         if self._rebuilds:
             messages, ended = self._split_rebuild_ends(messages)
         self._ingest_batch(messages, decoder, detector)
@@ -564,6 +569,34 @@ class DetectorService:
             live = [m for tp in done for m in ended[tp]]
             if live:
                 self._ingest_batch(live, decoder, detector)
+
+    def _catch_jumps(self, messages: list[Message]) -> list[Message]:
+        """A rebuild that starts inside the log is an absolute offset: if retention deletes it
+        between the watermark request and the fetch, the fetch is out of range and
+        ``auto.offset.reset=latest`` moves it to the log's end, past the committed offset, and
+        every record in between would never be scored (the offsets after them stored). The
+        first record of such a partition after the committed offset shows it: the partition
+        is read again from its (new) start, silently up to the committed offset, and this
+        batch's records of it are dropped (read again after the seek)."""
+        watch = self._jump_watch
+        kept, jumped = [], set()
+        for msg in messages:
+            if msg.error() is None:
+                tp = cast("TP", (msg.topic(), msg.partition()))
+                if tp in jumped:
+                    continue
+                committed = watch.pop(tp, None)
+                if committed is not None and cast(int, msg.offset()) > committed:
+                    jumped.add(tp)
+                    assert self._consumer is not None
+                    log.warning("the rebuild's fetch went past the committed offset (retention "
+                                "removed its start, and auto.offset.reset moved it); reading "
+                                "the partition again from its start", topic=tp[0],
+                                partition=tp[1], committed=committed, fetched=msg.offset())
+                    self._consumer.seek(TopicPartition(tp[0], tp[1], OFFSET_BEGINNING))
+                    continue
+            kept.append(msg)
+        return kept
 
     def _split_rebuild_ends(self, messages: list[Message]
                             ) -> tuple[list[Message], dict[TP, list[Message]]]:
@@ -663,6 +696,8 @@ class DetectorService:
                 # auto.offset.reset=latest jump past the committed offset)
                 self._consumer.seek(TopicPartition(tp[0], tp[1],
                                                    OFFSET_BEGINNING if start <= low else start))
+                if start > low:
+                    self._jump_watch[tp] = rb.committed
             except KafkaException as exc:  # best effort, like the rebuild itself
                 log.warning("cannot deepen the rebuild; going on with this one",
                             error=str(exc)[:300], **where)
@@ -1174,6 +1209,8 @@ class DetectorService:
             # watermark request and the fetch cannot make it out of range (and
             # auto.offset.reset=latest jump past the committed offset), as when deepening
             p.offset = OFFSET_BEGINNING if start <= low else start
+            if p.offset == start and start < c.offset:
+                self._jump_watch[tp] = c.offset
             log.info("rebuilding windows", topic=p.topic, partition=p.partition,
                      from_offset=start, committed=c.offset)
 
@@ -1193,6 +1230,7 @@ class DetectorService:
                     p.offset = OFFSET_INVALID
                     self._silent_until.pop((p.topic, p.partition), None)
                     self._rebuilds.pop((p.topic, p.partition), None)
+                    self._jump_watch.pop((p.topic, p.partition), None)
         if self.settings.kafka.partition_assignment_strategy == "cooperative-sticky":
             consumer.incremental_assign(partitions)
         else:
@@ -1239,6 +1277,7 @@ class DetectorService:
             self.tracker.drop(tp)
             self._silent_until.pop(tp, None)
             self._rebuilds.pop(tp, None)
+            self._jump_watch.pop(tp, None)
             with contextlib.suppress(KeyError):  # its lag is its new owner's to report
                 self.metrics.lag.remove(tp[0], str(tp[1]))
         sensors = self._sensors_on(gone)

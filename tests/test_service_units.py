@@ -1945,6 +1945,50 @@ def test_a_first_rebuild_from_the_log_start_survives_retention_before_its_fetch(
     assert fake.stored == {A: records[-1].offset() + 1}
 
 
+class _RetentionPastStart(_LogConsumer):
+    """The rebuild starts inside the log (an absolute offset); retention deletes the log's first
+    100 records, past that offset, before the first fetch, which is then out of range: with
+    auto.offset.reset=latest it moves to the log's end. The last 30 records are produced after
+    that (a live stream), so the fetch returns them first."""
+
+    def __init__(self, service, records, committed: int, low: int = 0, batch: int = 7) -> None:
+        super().__init__(service, records[:-30], committed, low, batch)
+        self.later = records[-30:]
+
+    def assign(self, partitions) -> None:
+        super().assign(partitions)
+        if self.later:
+            self.low += 100
+            self.records = [m for m in self.records if m.offset() >= self.low]
+            if self.pos < self.low:  # out of range: to the end
+                self.pos = self.records[-1].offset() + 1
+            self.records, self.later = self.records + self.later, []
+
+    incremental_assign = assign
+
+
+def test_a_rebuild_from_inside_the_log_survives_retention_before_its_fetch() -> None:
+    """The case the log-start fix left (consumer review): low 500 < rebuild start 590 <
+    committed 680, retention moves the start to 600, the fetch jumps to the end: the 150
+    records from the committed offset on were never scored and offsets past them stored.
+    Now the first record past the committed offset shows the jump; the partition is read
+    again from its start, silently up to the committed offset."""
+    records = _episode_log(low=500)
+    committed = 500 + 3 * 60
+    service, fake, _, _ = _rebuild_run(records, committed, 90, 90, low=500,
+                                       consumer_cls=_RetentionPastStart)
+    assert fake.assigned_at == committed - 90 and fake.low == 600
+    assert fake.seeks == [OFFSET_BEGINNING]
+    live = len(records) - (committed - 500)
+    assert service.metrics.windows._value.get() == live  # every live record scored once
+    assert fake.stored == {A: records[-1].offset() + 1}
+    assert service._jump_watch == {}
+    # without the jump, the watch ends at the first record and never seeks
+    service, fake, _, _ = _rebuild_run(records, committed, 90, 90, low=500)
+    assert fake.seeks == [] and service._jump_watch == {}
+    assert service.metrics.windows._value.get() == live
+
+
 class _SwitchProducer(_RecordingProducer):
     """Queue full while ``full``; otherwise every record is acknowledged at the next poll()."""
 
