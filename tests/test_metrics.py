@@ -154,6 +154,17 @@ def test_auc_pr_sanity() -> None:
     assert auc_pr(rng.random(y.size), y) == pytest.approx(0.1, abs=0.02)
 
 
+def test_infinite_scores_rank_highest_or_lowest_in_every_ranking_metric() -> None:
+    """AUC-PR raised on an infinite score (sklearn refuses inf) that best-F1 took (review)."""
+    inf = math.inf
+    assert auc_pr([inf, 0.2, 0.1], [1, 0, 0]) == pytest.approx(1.0)
+    assert auc_pr([-inf, 0.2, 0.1], [1, 0, 0]) == pytest.approx(1 / 3)
+    assert best_f1([inf, 0.2, 0.1], [1, 0, 0])["f1"] == pytest.approx(1.0)
+    assert pa_best_f1([inf, 0.2, 0.1], [1, 0, 0])["f1"] == pytest.approx(1.0)
+    m = entity_metrics(np.array([0.1, inf, 0.3, -inf]), np.array([0, 1, 1, 0]), 0.2)
+    assert m["auc_pr"] == pytest.approx(1.0) and m["f1_at_threshold"] == pytest.approx(1.0)
+
+
 def test_hit_rate_examples() -> None:
     gt = {1, 2, 3}
     ranking = [1, 5, 2, 3, 7]
