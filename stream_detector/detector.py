@@ -69,6 +69,7 @@ class Scorer(Protocol):
 #: :func:`converged_after` for a term that never gets within the tolerance (rounding alone
 #: exceeds it, or ``alpha`` is so small that the count would not fit)
 NEVER_EXACT = 2 ** 40
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 def converged_after(alpha: float, start: float, threshold: float, gain: float,
@@ -295,12 +296,19 @@ class Detector:
         n = len(sensors)
         if n == 0:
             return np.zeros(0, dtype=np.uint8)
-        if not np.isfinite(values).all():
-            finite = np.isfinite(np.asarray(values)).reshape(n, -1).all(axis=1)
-            bad = int(np.flatnonzero(~finite)[0])
+        values = np.asarray(values)
+        if values.shape != (n, self.manifest.n_features) or len(ts_ms) != n:
+            raise ValueError(f"a batch of {n} readings needs values of shape ({n}, "
+                             f"{self.manifest.n_features}) and {n} timestamps, got "
+                             f"{values.shape} and {len(ts_ms)}")
+        # a value the float32 window cannot hold would become inf there
+        finite = (np.isfinite(values) if values.dtype == np.float32
+                  else np.isfinite(values) & (np.abs(values) <= _F32_MAX))
+        if not finite.all():
+            bad = int(np.flatnonzero(~finite.all(axis=1))[0])
             raise ValueError(f"reading {bad} of the batch (sensor {sensors[bad]!r}, ts "
-                             f"{int(ts_ms[bad])}) holds a NaN or infinite value; the detector "
-                             "takes finite values only")
+                             f"{ts_ms[bad]}) holds a NaN or infinite value (or one beyond "
+                             "float32's range); the detector takes finite values only")
         if refs is None:
             refs = [None] * n
         out = self._store.append_many(sensors, ts_ms, values)
@@ -748,5 +756,5 @@ class Detector:
         k = self._top
         idx = np.argpartition(-contrib, k - 1)[:k] if k < len(contrib) else np.arange(len(contrib))
         idx = idx[np.argsort(-contrib[idx], kind="stable")]
-        return tuple((self._features[i], round(float(contrib[i]), 6)) for i in idx
-                     if contrib[i] > 0)
+        top = ((self._features[i], round(float(contrib[i]), 6)) for i in idx)
+        return tuple(t for t in top if t[1] > 0)  # as rounded: never a listed 0.0

@@ -84,8 +84,11 @@ class ScoreFunction:
         else:
             wts = self._weights
             contrib = (w_rec * rec_n + w_fc * fc_n) * wts
-            rec_term = rec_n @ wts
-            fc_term = fc_n @ wts
+            # summed row by row: a matrix product's rounding depends on how many rows the
+            # call has, so a window's score differed in its last bits with the micro-batch it
+            # landed in (and from the offline reference; found in review)
+            rec_term = (rec_n * wts).sum(axis=1)
+            fc_term = (fc_n * wts).sum(axis=1)
         score = w_rec * rec_term + w_fc * fc_term
         return ScoredWindows(rec_term, fc_term, score, contrib)
 

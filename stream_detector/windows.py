@@ -146,11 +146,30 @@ class WindowStore:
     ) -> Appended:
         """Add readings ``(sensors[i], ts_ms[i], values[i])`` in order; see :class:`Appended`."""
         n = len(sensors)
+        # everything that can fail is checked before a new sensor takes a slot: a batch that
+        # raised half-way left a sensor with a slot but no state (its threshold 0: an episode
+        # that opened at score 0 and never resolved; found in review)
+        try:
+            ts = np.asarray(ts_ms, dtype=np.int64).reshape(n)
+        except (OverflowError, TypeError, ValueError):
+            raise ValueError("timestamps must be n integers in [0, 2**63)") from None
+        if n and ts.min() < 0:
+            raise ValueError(f"timestamps must be >= 0 (epoch milliseconds), got {ts.min()}")
         get = self._slots.get
         slots = np.fromiter((get(s, -1) for s in sensors), dtype=np.int64, count=n)
         new: list[tuple[str, int]] = []
         if n and slots.min() < 0:
-            for i in np.flatnonzero(slots < 0).tolist():
+            fresh = np.flatnonzero(slots < 0).tolist()
+            for i in fresh:  # a sensor's name becomes its alert ids' bytes (UTF-8)
+                name = sensors[i]
+                if not isinstance(name, str):
+                    raise ValueError(f"sensor names must be strings, got {name!r}")
+                try:
+                    name.encode()
+                except UnicodeEncodeError:
+                    raise ValueError(f"sensor name {name!r} is not valid Unicode "
+                                     "(a lone surrogate)") from None
+            for i in fresh:
                 s = sensors[i]
                 slot = get(s)  # an earlier reading of this batch may have assigned it
                 if slot is None:
@@ -159,7 +178,6 @@ class WindowStore:
                         continue  # FULL: stays -1
                     new.append((s, slot))
                 slots[i] = slot
-        ts = np.asarray(ts_ms, dtype=np.int64)
         status = np.full(n, WARMING, dtype=np.uint8)
         status[slots < 0] = FULL
         # group the accepted candidates by slot, in input order within a sensor

@@ -607,6 +607,68 @@ def test_async_scoring_makes_the_model_calls_the_sync_path_makes() -> None:
     assert async_scores == sync_scores
 
 
+def test_a_weighted_score_does_not_depend_on_the_micro_batch() -> None:
+    """With feature weights the mean over features was a matrix product, whose rounding
+    depends on the number of rows: a window's score differed in its last bits between
+    micro-batches of 1 and 256 (and from the offline reference; found in review)."""
+    import dataclasses
+
+    base = make_manifest(features=tuple("abcdefgh"), window=4, threshold=50.0)
+    manifest = dataclasses.replace(base, score=dataclasses.replace(
+        base.score, feature_weights=(1.0, 1, 1, 1, 1, 1, 0, 0)))
+    rng = np.random.default_rng(3)
+    values = rng.normal(size=(500, 8)).astype(np.float32)
+
+    def scores(max_batch: int) -> list[float]:
+        det = Detector(manifest, NumpyScorer(), DetectorSettings(max_batch=max_batch))
+        out = []
+        for i in range(0, 500, 50):
+            det.submit_many(["s"] * 50, list(range(i, i + 50)), values[i:i + 50])
+            out += det.poll()
+        out += det.flush()
+        return [r.score.score for r in sorted(out, key=lambda r: r.reading_ts_ms)]
+
+    one, many = scores(1), scores(256)
+    assert len(one) == 497 and one == many
+
+
+@pytest.mark.parametrize(("sensors", "ts", "width", "says"), [
+    (["a", "b"], [1, 2**63], 3, "timestamps must be n integers"),
+    (["a", "b"], [1, -5], 3, "timestamps must be >= 0"),
+    (["a", "b"], [1, 2], 2, r"shape \(2, 3\)"),
+    (["a", "\ud800"], [1, 2], 3, "not valid Unicode"),
+])
+def test_a_batch_that_cannot_be_taken_in_leaves_no_sensor_behind(sensors, ts, width,
+                                                                 says) -> None:
+    """A batch that raised half-way (a timestamp past int64, the wrong number of values, a
+    name that is not Unicode) left its new sensors with a slot but no state: threshold 0, an
+    episode opened at score 0 that never resolved, or IndexError on every later batch once
+    the pool had grown (found in review). It is refused whole now."""
+    det = Detector(make_manifest(window=3, threshold=1.0), NumpyScorer(),
+                   DetectorSettings(max_batch=4, clear_after=2))
+    with pytest.raises(ValueError, match=says):
+        det.submit_many(sensors, ts, np.zeros((2, width), np.float32))
+    assert det.sensors() == [] and det.counters["readings"] == 0
+    det.submit_many(["a"] * 4, [1, 2, 3, 4], np.zeros((4, 3), np.float32))
+    results = det.flush()
+    assert [r.score.threshold for r in results] == [1.0, 1.0]
+    assert all(r.alert is None for r in results)
+
+
+def test_a_float64_value_beyond_float32_is_refused() -> None:
+    """1e39 is finite as float64 and inf in the float32 window: every later score NaN and the
+    episode critical for good (found in review)."""
+    det = Detector(make_manifest(window=3), NumpyScorer(), DetectorSettings(max_batch=4))
+    with pytest.raises(ValueError, match="beyond float32's range"):
+        det.submit_many(["a"], [1], np.array([[1.0, 1e39, 2.0]]))
+    assert det.sensors() == []
+
+
+def test_top_features_never_lists_a_contribution_that_rounds_to_zero() -> None:
+    det = Detector(make_manifest(window=3), NumpyScorer(), DetectorSettings(max_batch=4))
+    assert det._top_features(np.array([4.1666667, 0.0, 1e-8])) == (("a", 4.166667),)
+
+
 def test_a_batch_with_a_nan_reading_is_refused_before_any_of_it_is_taken_in() -> None:
     """The core took NaN readings in: with the long-term term one NaN made every later score
     NaN and the sensor's episode never resolved (found in review; the Kafka decoder already
