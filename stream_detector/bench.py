@@ -713,15 +713,55 @@ def _alert_count(service: Any) -> int:
                    for s in m.samples if s.name.endswith("_total")))
 
 
-def run_service_median(reps: int, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """:func:`run_service` ``reps`` times; the run with the median steady rate, with all rates.
+def _model_run(what: str, artifact: str, threads: int | None,
+               service_cpus: frozenset[int] | None, args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The body of :func:`in_fresh_process`: load the artifact with ``threads`` torch threads
+    (None: torch's default) before anything runs the model, then run ``what``."""
+    global _SERVICE_CPUS
+    _SERVICE_CPUS = service_cpus
+    import torch
+
+    from stream_detector.model.runtime import TorchScorer
+
+    scorer = TorchScorer.load(artifact, threads=threads or 0)
+    # what the model ran with, and where (a process of its own per run)
+    ran = {"torch_threads": torch.get_num_threads(), "pid": os.getpid()}
+    if what == "latency":
+        return {**bench_latency(scorer, scorer.manifest, *args, **kwargs), **ran}
+    return {**run_service(scorer, scorer.manifest, *args, **kwargs), **ran}
+
+
+def in_fresh_process(what: str, artifact: str | Path, threads: int | None
+                     ) -> Callable[..., dict[str, Any]]:
+    """A runner of :func:`run_service` (``what="service"``) or :func:`bench_latency`
+    (``"latency"``) with the artifact's model at ``threads`` torch threads, each call in a
+    process of its own (spawned; arguments after the scorer and manifest).
+
+    The service scores on torch's inter-op pool, whose threads fix their intra-op thread
+    count when they start, at the first model call of the process: a later
+    ``torch.set_num_threads`` on the bench's thread does not reach them. Until 2026-11-28 the
+    runs shared the bench's process, so every row after the first ran the model with the
+    first row's count, "1 torch thread" rows included (found in review)."""
+    def run(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+            return pool.submit(_model_run, what, str(artifact), threads, _SERVICE_CPUS,
+                               args, kwargs).result()
+    return run
+
+
+def run_service_median(reps: int, *args: Any,
+                       runner: Callable[..., dict[str, Any]] | None = None,
+                       **kwargs: Any) -> dict[str, Any]:
+    """:func:`run_service` (or ``runner``) ``reps`` times; the run with the median steady rate,
+    with all rates.
 
     Other jobs on a shared machine show up as outliers (see ``cpu_machine_cores`` against
     ``cpu_service_cores``); the median is robust to one of them. ``reps`` must be odd: every
     figure reported is then the median run's own (an even count has no middle run).
     """
     check_e2e_reps(reps)
-    runs = [run_service(*args, **kwargs) for _ in range(reps)]
+    runs = [(runner or run_service)(*args, **kwargs) for _ in range(reps)]
     runs.sort(key=e2e_rate)
     mid = dict(runs[len(runs) // 2])
     mid["all_steady_per_s"] = [e2e_rate(x) for x in runs]
@@ -1249,8 +1289,8 @@ def bench_quality(entities: Sequence[Any], out: Path, sizes: Sizes, max_batch: i
                                 threads=threads)["headline"]
         fleet = Fleet(series, sizes.e2e_sensors, prefix="m")
         rounds = max(scorer.manifest.window, sizes.e2e_readings // sizes.e2e_sensors)
-        with torch_threads(threads):
-            e2e = run_service_median(sizes.e2e_reps, scorer, scorer.manifest, fleet, rounds)
+        e2e = run_service_median(sizes.e2e_reps, fleet, rounds,
+                                 runner=in_fresh_process("service", art, threads))
         row = {
             "config": label, **arch, "epochs": cfg.epochs, "train_s": train_s,
             "best_f1": mean["best_f1"], "auc_pr": mean["auc_pr"],
@@ -1270,6 +1310,13 @@ def bench_quality(entities: Sequence[Any], out: Path, sizes: Sizes, max_batch: i
 
 
 # -- report ------------------------------------------------------------------------------------
+
+
+def _latency_base(r: dict[str, Any]) -> float:
+    """The end-to-end rate the latency rows are fractions of (results before 2026-11-28: the
+    best row's, whatever its thread count)."""
+    base = r.get("latency_base")
+    return float(base["readings_per_s"]) if base else e2e_rate(r["e2e"][r["e2e"]["best"]])
 
 
 def _roles(x: dict[str, Any]) -> str:
@@ -1449,13 +1496,13 @@ def render_markdown(r: dict[str, Any]) -> str:
         lines += [
             "## 4. Latency, reading produced -> alert / score",
             "",
-            f"Rates relative to the best end-to-end rate of section 3 "
-            f"({e2e_rate(r['e2e'][r['e2e']['best']]):,.0f}/s, "
-            f"{r['e2e']['best_threads']} torch thread(s)); the service runs with "
-            f"{r['latency'][0]['threads']} torch thread(s) (its default); "
+            f"Rates relative to the end-to-end rate of section 3 at the service's own "
+            f"thread count ({_latency_base(r):,.0f}/s); the service runs with "
+            f"{r['latency'][0]['threads']} torch thread(s) (its default), in a process of "
+            "its own; "
             f"{r['latency'][0]['sensors']:,} sensors; producer linger.ms 5, consumers' "
             f"fetch.wait.max.ms {r['latency'][0]['fetch_wait_max_ms']}; the first "
-            f"{r['latency'][0]['skip_first_s']:.0f} s are discarded.",
+            f"{r['latency'][0]['skip_first_s']:g} s are discarded.",
             "",
             "| load | timed records | target rate | produced rate | records | "
             "produced p50/p95/p99 ms | received p50/p95/p99 ms | in the service p50/p95/p99 ms "
@@ -1726,21 +1773,24 @@ def _run_bench(args: argparse.Namespace, r: dict[str, Any], sizes: Sizes,
             rounds = max(w, sizes.e2e_readings // sizes.e2e_sensors)
             e2e: dict[str, Any] = {}
             reps = sizes.e2e_reps
-            e2e["model"] = run_service_median(reps, scorer, manifest, fleet, rounds)
             default_threads = r["model"]["default_threads"]
+            # each run in a process of its own, its thread count set before the model's first
+            # call (in_fresh_process)
+            e2e["model"] = run_service_median(
+                reps, fleet, rounds, runner=in_fresh_process("service", artifact, default_threads))
             best_threads = default_threads
             if default_threads != 1:
-                with torch_threads(1):
-                    e2e["one_thread"] = run_service_median(reps, scorer, manifest, fleet, rounds)
+                e2e["one_thread"] = run_service_median(
+                    reps, fleet, rounds, runner=in_fresh_process("service", artifact, 1))
                 if e2e_rate(e2e["one_thread"]) > e2e_rate(e2e["model"]):
                     best_threads = 1
             e2e["best"] = "one_thread" if best_threads != default_threads else "model"
             e2e["best_threads"] = best_threads
             e2e["stub"] = run_service_median(reps, ZeroScorer(manifest.n_features), manifest,
                                              fleet, rounds)
-            with torch_threads(best_threads):
-                e2e["scores_on"] = run_service_median(reps, scorer, manifest, fleet, rounds,
-                                                      scores=True)
+            e2e["scores_on"] = run_service_median(
+                reps, fleet, rounds, scores=True,
+                runner=in_fresh_process("service", artifact, best_threads))
             r["e2e"] = e2e
             for key in [k for k in ("model", "one_thread", "stub", "scores_on") if k in e2e]:
                 x = e2e[key]
@@ -1770,11 +1820,16 @@ def _run_bench(args: argparse.Namespace, r: dict[str, Any], sizes: Sizes,
 
             lat_threads = ServiceSettings().torch_threads or default_threads
             r["latency_threads"] = lat_threads
+            # fractions of the end-to-end rate at the latency runs' own thread count (they
+            # were fractions of the best row's, perhaps at another count; found in review)
+            base_key = ("one_thread" if lat_threads == 1 and "one_thread" in e2e else
+                        "model" if lat_threads == default_threads else e2e["best"])
+            r["latency_base"] = {"row": base_key, "readings_per_s": e2e_rate(e2e[base_key])}
+            lat_run = in_fresh_process("latency", artifact, lat_threads)
             for frac, via in points:
-                rate = frac * e2e_rate(best)
-                with torch_threads(lat_threads):
-                    x = bench_latency(scorer, manifest, fleet, rate, sizes,
-                                      min(sizes.latency_sensors, fleet.n_sensors), via=via)
+                rate = frac * e2e_rate(e2e[base_key])
+                x = lat_run(fleet, rate, sizes, min(sizes.latency_sensors, fleet.n_sensors),
+                            via=via)
                 x["fraction"] = frac
                 x["threads"] = lat_threads
                 r["latency"].append(x)

@@ -134,6 +134,22 @@ def test_quick_bench_prints_every_section_and_writes_reports(
     for key in ("machine", "model", "ingest", "e2e", "latency", "memory", "river", "targets"):
         assert key in report, key
     assert report["e2e"]["model"]["windows"] > 0
+    # every run of the model in a process of its own, with its thread count set before the
+    # model's first call: rows that shared the bench's process ran with the first row's count
+    # whatever they were labelled (review)
+    e2e, lat = report["e2e"], report["latency"]
+    assert e2e["model"]["torch_threads"] == report["model"]["default_threads"]
+    if "one_thread" in e2e:
+        assert e2e["one_thread"]["torch_threads"] == 1
+    assert e2e["scores_on"]["torch_threads"] == e2e["best_threads"]
+    pids = [e2e[k]["pid"] for k in ("model", "one_thread", "scores_on") if k in e2e]
+    pids += [row["pid"] for row in lat if row["via"] != "broker"]
+    assert len(set(pids)) == len(pids) and os.getpid() not in pids
+    assert all(row["torch_threads"] == report["latency_threads"] for row in lat
+               if row["via"] != "broker")
+    # the latency rates are fractions of the end-to-end rate at their own thread count
+    base = {1: "one_thread"}.get(report["latency_threads"], "model")
+    assert report["latency_base"]["row"] in (base, "model")
     # a zero-cost stub scores 0: no window comes near an alert
     assert report["e2e"]["stub"]["tracked_windows"] == 0
     assert 0 <= report["e2e"]["model"]["tracked_windows"] <= report["e2e"]["model"]["windows"]
