@@ -147,6 +147,10 @@ def test_quick_bench_prints_every_section_and_writes_reports(
     assert len(set(pids)) == len(pids) and os.getpid() not in pids
     assert all(row["torch_threads"] == report["latency_threads"] for row in lat
                if row["via"] != "broker")
+    # every record timed that should be (the run checks it now; review)
+    assert all(row["complete"] and row["undelivered"] == 0 for row in lat)
+    assert all(row["records_received"] >= row["alerts_emitted"] for row in lat
+               if row["via"] == "alerts")
     # the latency rates are fractions of the end-to-end rate at their own thread count
     base = {1: "one_thread"}.get(report["latency_threads"], "model")
     assert report["latency_base"]["row"] in (base, "model")
