@@ -550,6 +550,18 @@ def test_bench_without_river_skips_that_section(tmp_path: Path, monkeypatch: pyt
         tmp_path / "out" / "bench.md").read_text()
 
 
+def test_a_run_without_a_steady_rate_reports_none_not_the_whole_runs() -> None:
+    """The whole run's rate, which e2e_rate fell back to, counts the warm-up readings (no
+    window to score): it flattered the figure (bench review)."""
+    import math
+
+    from stream_detector.bench import e2e_rate
+
+    assert e2e_rate({"steady_per_s": 1234.0, "readings_per_s": 99.0}) == 1234.0
+    assert math.isnan(e2e_rate({"steady_per_s": float("nan"), "readings_per_s": 5000.0}))
+    assert math.isnan(e2e_rate({"readings_per_s": 5000.0}))
+
+
 def test_the_memory_target_counts_the_pools_unused_capacity() -> None:
     """The pool grows by doubling; its unused slots are resident but were left out of the
     figure the target judged (review: 636 B per sensor at 100,000 sensors, 1,579 B with
