@@ -357,6 +357,35 @@ def test_smap_num_values_mismatch_and_bad_rows(tmp_path: Path) -> None:
         get_loader("smap").list_entities(tmp_path / "train")
 
 
+@pytest.mark.parametrize("seq", ["[[1e400, 8]]", "[[2.7, 8]]", "[[true, 8]]", '["12"]',
+                                 "[[1, 2, 3]]", "{}"])
+def test_smap_anomaly_sequences_must_be_pairs_of_whole_numbers(tmp_path: Path, seq: str) -> None:
+    """int() truncated 2.7, took true as 1, unpacked the string "12" into (1, 2), and 1e400
+    raised OverflowError: a traceback (found in review)."""
+    _telemanom(tmp_path)
+    csv_path = tmp_path / "labeled_anomalies.csv"
+    csv_path.write_text(csv_path.read_text().replace('"[[3, 5]]"', '"' + seq.replace('"', '""')
+                                                      + '"'))
+    with pytest.raises(DatasetError, match="line 3: anomaly_sequences must be a list of"):
+        get_loader("smap").list_entities(tmp_path)
+
+
+def test_nab_values_beyond_float32_and_smd_names_that_are_paths(tmp_path: Path) -> None:
+    """A NAB value of 1e39 loaded as inf (SMD and SMAP/MSL refused it); an SMD entity named
+    like a path loaded a machine a second time under another name (found in review)."""
+    _nab(tmp_path / "nab")
+    csv_path = tmp_path / "nab" / "realKnownCause" / "tiny_stream.csv"
+    lines = csv_path.read_text().splitlines()
+    lines[7] = lines[7].split(",")[0] + ",1e39"
+    csv_path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError, match="line 8: value '1e39' is beyond the float32 range"):
+        NABLoader().load_entity(tmp_path / "nab", "tiny_stream")
+    _smd_machine(tmp_path / "smd", "machine-1-1")
+    for name in ("./machine-1-1", "../smd/train/machine-1-1", "..", "a\\machine-1-1"):
+        with pytest.raises(DatasetError, match="file names, not paths"):
+            SMDLoader().load_entity(tmp_path / "smd", name)
+
+
 def test_smap_label_file_extra_field_and_line_numbers(tmp_path: Path) -> None:
     _telemanom(tmp_path)
     csv_path = tmp_path / "labeled_anomalies.csv"

@@ -59,7 +59,13 @@ def feature_names(n: int) -> tuple[str, ...]:
 def _parse_sequences(text: str, where: str) -> list[tuple[int, int]]:
     try:
         raw = json.loads(text)
-        pairs = [(int(a), int(b)) for a, b in raw]
+        # whole numbers only, each pair a list of two: int() truncated 100.7, took true as 1,
+        # unpacked the string "12" into (1, 2) and raised OverflowError on 1e400 (review)
+        if not isinstance(raw, list) or not all(
+                isinstance(p, list) and len(p) == 2 and all(type(x) is int for x in p)
+                for p in raw):
+            raise ValueError("not a list of [start, end] pairs of whole numbers")
+        pairs = [(a, b) for a, b in raw]
     except (ValueError, TypeError) as exc:
         raise DatasetError(
             f"{where}: anomaly_sequences must be a list of [start, end] pairs, "

@@ -251,6 +251,10 @@ class SMDLoader:
 
     def load_entity(self, data_dir: Path | None, entity: str) -> Entity:
         path = self._dir(data_dir)
+        if entity != Path(entity).name or entity in (".", "..") or "\\" in entity:
+            # a path ("./m-1", "../test_label/m-1") loaded a machine under a second name, or
+            # reached into another folder (review)
+            raise DatasetError(f"SMD machine names are file names, not paths: {entity!r}")
         files = {kind: find_file(path, kind, entity) for kind in KINDS}
         if all(files[k] is None for k in REQUIRED_KINDS):
             raise self._unknown(path, entity)
