@@ -472,6 +472,27 @@ def test_nab_explicit_windows_and_errors(tmp_path: Path) -> None:
         NABLoader().list_entities(bad / "realKnownCause")
 
 
+@pytest.mark.parametrize(("window", "says"), [
+    (["2014-01-01 02:00:00", "2014-01-01 01:00:00"], "ends before it starts"),
+    (["2015-01-01 00:00:00", "2015-01-02 00:00:00"], "is outside the stream")])
+def test_nab_explicit_windows_that_label_nothing_are_refused(tmp_path: Path, window,
+                                                              says) -> None:
+    """Such windows loaded with no labelled row and exit 0 (found in review), while label
+    timestamps outside the stream were refused."""
+    _nab(tmp_path, windows=True)
+    (tmp_path / "combined_windows.json").write_text(
+        json.dumps({"realKnownCause/tiny_stream.csv": [window]}))
+    with pytest.raises(DatasetError, match=says):
+        NABLoader().load_entity(tmp_path, "tiny_stream")
+
+
+def test_a_complex_npy_is_refused(tmp_path: Path) -> None:
+    _telemanom(tmp_path)
+    np.save(tmp_path / "test" / "P-1.npy", np.ones((20, 3), dtype=np.complex64))
+    with pytest.raises(DatasetError, match="expected a real numeric array"):
+        get_loader("smap").load_entity(tmp_path, "P-1")
+
+
 def test_files_with_utf8_bom_load(tmp_path: Path) -> None:
     def add_bom(path: Path) -> None:
         path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())

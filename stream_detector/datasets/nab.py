@@ -174,7 +174,10 @@ def _explicit_windows(entry: list, where: str) -> list[tuple[int, int]]:
     for w in entry:
         if not (isinstance(w, list) and len(w) == 2):
             raise DatasetError(f"{where}: windows must be [start, end] timestamp pairs")
-        spans.append((parse_timestamp(str(w[0]), where), parse_timestamp(str(w[1]), where)))
+        lo, hi = parse_timestamp(str(w[0]), where), parse_timestamp(str(w[1]), where)
+        if lo > hi:  # labelled nothing, without a word (review)
+            raise DatasetError(f"{where}: window [{w[0]}, {w[1]}] ends before it starts")
+        spans.append((lo, hi))
     return spans
 
 
@@ -279,6 +282,11 @@ class NABLoader:
         label_entry = index.label_entry(entity)
         if win_entry is not None:
             spans = _explicit_windows(win_entry, f"{index.windows_path} [{rel}]")
+            for lo, hi in spans:  # as label timestamps outside the stream are refused
+                if hi < ts.min() or lo > ts.max():
+                    raise DatasetError(
+                        f"{index.windows_path} [{rel}]: window {_iso(lo)} .. {_iso(hi)} is "
+                        f"outside the stream ({_iso(int(ts.min()))} .. {_iso(int(ts.max()))})")
             window_source = str(index.windows_path)
         elif label_entry is not None:
             where = f"{index.labels_path} [{rel}]"

@@ -140,9 +140,11 @@ def _load_npy(path: Path) -> np.ndarray:
         arr = arr[:, None]
     if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise DatasetError(f"{path}: expected a non-empty 2-D array, found shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.number):
-        raise DatasetError(f"{path}: expected a numeric array, found dtype {arr.dtype}")
-    out = arr.astype(np.float32)
+    if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+        # a complex array lost its imaginary part with a warning only (review)
+        raise DatasetError(f"{path}: expected a real numeric array, found dtype {arr.dtype}")
+    with np.errstate(over="ignore"):  # beyond float32: refused below, without numpy's warning
+        out = arr.astype(np.float32)
     if not np.isfinite(out).all():
         row = int(np.argwhere(~np.isfinite(out))[0][0])
         raise DatasetError(f"{path}: NaN, infinite or beyond float32 range (about 3.4e38) "
