@@ -622,8 +622,10 @@ def test_download_smd_errors(smd_server: tuple[str, Path], tmp_path: Path) -> No
     assert not list((tmp_path / "a").rglob("*.part"))
 
     (served / "test" / "machine-1-1.txt").write_text(_matrix_text(np.zeros((7, 37))))
-    with pytest.raises(DatasetError, match="machine-1-1 does not load: .*38 columns .* 37"):
+    with pytest.raises(DatasetError, match="machine-1-1 does not load: .*38 columns .* 37") as e:
         download_smd(tmp_path / "b", ["machine-1-1"], base_url=url, progress=False, backoff=0.0)
+    # a damaged file is not fetched again by a rerun: the error says what to delete
+    assert "delete its files under" in str(e.value) and "machine-1-1.*" in str(e.value)
 
     with pytest.raises(DatasetError, match="unknown SMD machine"):
         download_smd(tmp_path / "c", ["machine-9-9"], base_url=url, progress=False)

@@ -143,7 +143,11 @@ def _download(root: Path, names: list[str], base: str, retries: int, backoff: fl
         try:
             entity = loader.load_entity(root, machine)
         except DatasetError as exc:
-            raise DatasetError(f"downloaded SMD machine {machine} does not load: {exc}") from exc
+            # a damaged file already there is not fetched again: say which to delete (review)
+            raise DatasetError(f"downloaded SMD machine {machine} does not load: {exc}; delete "
+                               f"its files under {root} (train/, test/, test_label/, "
+                               f"interpretation_label/ {machine}.*) and run the download "
+                               "again") from exc
         if expected_columns is not None and entity.train.shape[1] != expected_columns:
             raise DatasetError(
                 f"downloaded SMD machine {machine} has {entity.train.shape[1]} columns, "
