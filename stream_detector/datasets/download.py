@@ -7,7 +7,8 @@ loads every machine with the SMD loader to check it (column counts, label length
 
 - Each file is written to ``<file>.part`` and renamed into place, so an interrupted run never
   leaves a truncated file that looks complete; rerunning resumes.
-- A file already present with non-zero size (as ``.txt`` or ``.txt.gz``) is not fetched again.
+- A file already present with non-zero size (as ``.txt`` or ``.txt.gz``) is not fetched again
+  (one damaged by other means fails the load check, whose error says what to delete).
 - Network errors, timeouts and HTTP 5xx/408/429 are retried (3 attempts, exponential backoff);
   any other HTTP error fails at once. Failures raise DatasetError naming the URL.
 - The train/test files are 4-10 MB each (about 0.9 GB for all 28 machines).
