@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 from prometheus_client import (
     CollectorRegistry,
@@ -158,6 +159,10 @@ class Metrics:
         return callback
 
 
+#: Seconds an HTTP connection may stay silent before the server closes it.
+HTTP_IDLE_TIMEOUT_S = 5.0
+
+
 class HealthState:
     def __init__(self, stall_s: float = 30.0) -> None:
         self.stall_s = stall_s
@@ -189,22 +194,39 @@ class HealthServer:
         metrics, health = self.metrics, self.health
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server API)
-                if self.path == "/healthz":
-                    self._send(200 if health.alive else 503, b"ok" if health.alive else b"stalled")
-                elif self.path == "/readyz":
-                    self._send(200 if health.ready else 503, b"ready" if health.ready else b"no")
-                elif self.path == "/metrics":
-                    self._send(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
-                else:
-                    self._send(404, b"not found")
+            # a connection that sends nothing is closed after this many seconds: each held a
+            # thread for as long as its client kept it open (300 idle connections, 300 threads;
+            # review)
+            timeout = HTTP_IDLE_TIMEOUT_S
 
-            def _send(self, code: int, body: bytes, ctype: str = "text/plain") -> None:
+            def do_GET(self) -> None:  # noqa: N802 (http.server API)
+                self._answer(body=True)
+
+            def do_HEAD(self) -> None:  # noqa: N802 - some HTTP checkers probe with HEAD
+                self._answer(body=False)
+
+            def _answer(self, body: bool) -> None:
+                path = urlsplit(self.path).path  # "/healthz?probe=1" is /healthz
+                if path == "/healthz":
+                    self._send(200 if health.alive else 503, b"ok" if health.alive else b"stalled",
+                               body=body)
+                elif path == "/readyz":
+                    self._send(200 if health.ready else 503, b"ready" if health.ready else b"no",
+                               body=body)
+                elif path == "/metrics":
+                    self._send(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST,
+                               body=body)
+                else:
+                    self._send(404, b"not found", body=body)
+
+            def _send(self, code: int, data: bytes, ctype: str = "text/plain",
+                      body: bool = True) -> None:
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(body)
+                if body:
+                    self.wfile.write(data)
 
             def log_message(self, *args: object) -> None:
                 return

@@ -141,10 +141,13 @@ def _producer_loop(bootstrap: str, topic: str, names: list[str], streams: list[n
                    t0_ms: int = T0_MS, clock: Callable[[], float] = time.monotonic,
                    sleep: Callable[[float], None] = time.sleep,
                    go: threading.Event | None = None,
-                   conf: dict[str, Any] | None = None) -> None:
+                   conf: dict[str, Any] | None = None,
+                   stop: threading.Event | None = None) -> None:
     """Produce the readings (``rate`` per second, 0: as fast as possible). With ``go``: connect
     first (metadata; the idempotent producer gets its id meanwhile), then wait for it, so the
-    producer's own start-up is not counted in the readings' latency."""
+    producer's own start-up is not counted in the readings' latency. ``stop``: end early, what
+    is queued given 5 s (a failed or interrupted replay kept producing at ``rate`` into a
+    deployment's input topic; review)."""
     from confluent_kafka import Producer
 
     producer = Producer({
@@ -161,7 +164,7 @@ def _producer_loop(bootstrap: str, topic: str, names: list[str], streams: list[n
             return
         while not go.wait(0.1):
             producer.poll(0)
-        if error:  # the replay gave up before the start
+        if error or (stop is not None and stop.is_set()):  # gave up before the start
             return
     keys = [n.encode() for n in names]
     prefix = [b'{"schema_version":1,"sensor":' + orjson.dumps(n) + b',"ts":' for n in names]
@@ -171,6 +174,9 @@ def _producer_loop(bootstrap: str, topic: str, names: list[str], streams: list[n
     shown = 0
     try:
         for i in range(len(order_e)):
+            if stop is not None and stop.is_set():
+                producer.flush(5)
+                return
             e, t = int(order_e[i]), int(order_t[i])
             value = (prefix[e] + str(t0_ms + t * STEP_MS).encode() + b',"values":'
                      + orjson.dumps(streams[e][t], option=orjson.OPT_SERIALIZE_NUMPY) + b"}")
@@ -524,29 +530,20 @@ def _stream(opts: ReplayOptions, manifest: Any, scorer: Any, names: list[str],
                            "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS})
         reader.assign(_start_offsets(reader, [topics["scores"], topics["alerts"]]))
         errors: list[str] = []
-        go = threading.Event()
+        go, stop = threading.Event(), threading.Event()
         producer = threading.Thread(
             target=_producer_loop, name="replay-producer",
             args=(bootstrap, topics["input"], names, streams, order_e, order_t, opts.rate,
                   sent_at, opts.progress, errors, t0_ms),
-            kwargs={"go": go, "conf": conf}, daemon=True)
+            kwargs={"go": go, "conf": conf, "stop": stop}, daemon=True)
         producer.start()  # connects while the consumer joins its group
-        if service is not None and thread is not None:
-            try:
-                _wait_for_assignment(service, thread, JOIN_TIMEOUT_S)
-            except ReplayError as exc:
-                errors.append(str(exc))  # the producer then stops instead of starting
-                go.set()
-                raise
-        if errors:
-            raise ReplayError(errors[0])
-        t0 = time.time()
-        go.set()
-        got = 0
-        last_progress = time.monotonic()
-        t_last_score = t0
         bar = tqdm(total=expected, desc="scored", unit="win", disable=not opts.progress,
                    mininterval=0.5)
+        # silence allowed between scores: with --rate, a sensor's first score needs its W-1
+        # context readings first (a slow rate failed as "is the consumer running?"; review)
+        idle_s = opts.idle_timeout_s
+        if opts.rate > 0:
+            idle_s = max(idle_s, 2 * len(names) * manifest.window / opts.rate)
 
         def test_row(rec: dict[str, Any], is_score: bool) -> tuple[int, int] | None:
             """(entity, stream row) of a record of one of this run's test rows, else None."""
@@ -560,7 +557,18 @@ def _stream(opts: ReplayOptions, manifest: Any, scorer: Any, names: list[str],
                 return None
             return i, t
 
+        # from here on every way out stops the producer and the replay's consumer (a failed
+        # join, a producer that could not connect, Ctrl-C during the join left both running)
         try:
+            if service is not None and thread is not None:
+                _wait_for_assignment(service, thread, JOIN_TIMEOUT_S)
+            if errors:
+                raise ReplayError(errors[0])
+            t0 = time.time()
+            go.set()
+            got = 0
+            last_progress = time.monotonic()
+            t_last_score = t0
             while got < expected:
                 msgs = reader.consume(2000, 0.2)
                 for m in msgs:
@@ -573,6 +581,15 @@ def _stream(opts: ReplayOptions, manifest: Any, scorer: Any, names: list[str],
                     if it is None:
                         continue
                     i, t = it
+                    if is_score and rec.get("model_version") != manifest.model_version:
+                        # another artifact's scores read as a parity failure (exit 1) and
+                        # reported as this one's metrics (review)
+                        raise ReplayError(
+                            f"the consumer scores with model {rec.get('model_version')!r}, "
+                            f"this replay's artifact is {manifest.model_version!r}: replay "
+                            "with the artifact the deployment serves")
+                    last_progress = time.monotonic()  # a record of this run (other traffic
+                    # on a deployment's topics kept an idle replay waiting for ever; review)
                     if is_score:
                         if not np.isnan(scores[i][t]):
                             duplicates += 1
@@ -587,15 +604,13 @@ def _stream(opts: ReplayOptions, manifest: Any, scorer: Any, names: list[str],
                         bar.update(1)
                     else:
                         alerts.setdefault(rec["event_id"], rec)
-                if msgs:
-                    last_progress = time.monotonic()
                 if errors:
                     raise ReplayError(errors[0])
                 if service is not None and service.failure:
                     raise ReplayError(f"consumer failed: {service.failure}")
-                if time.monotonic() - last_progress > opts.idle_timeout_s:
+                if time.monotonic() - last_progress > idle_s:
                     raise ReplayError(
-                        f"no scores for {opts.idle_timeout_s:.0f} s with {expected - got} of "
+                        f"no scores for {idle_s:.0f} s with {expected - got} of "
                         f"{expected} windows missing; is the consumer running and its score "
                         "topic on?" + ("" if service is not None else
                                        " Readings at or before a sensor's last reading are "
@@ -613,7 +628,9 @@ def _stream(opts: ReplayOptions, manifest: Any, scorer: Any, names: list[str],
                             alerts.setdefault(rec["event_id"], rec)
         finally:
             bar.close()
-            producer.join(5)
+            stop.set()
+            go.set()  # a producer still waiting for the start
+            producer.join(10)
             reader.close()
             if service is not None:
                 service.stop()

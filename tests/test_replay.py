@@ -337,6 +337,47 @@ def test_replay_twice_into_one_running_consumer(kafka_broker, make_topic, tiny_a
     assert dead == 0
 
 
+def test_replay_against_a_consumer_of_another_model_says_so_and_stops_producing(
+        kafka_broker, make_topic, tiny_artifact: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deployment serving another artifact was reported as a parity failure (exit 1) with
+    its scores as this artifact's metrics; and a failed replay's producer went on producing
+    into the deployment's input topic (review). Now: a ReplayError naming both versions, and
+    the producer stopped."""
+    import dataclasses
+
+    import stream_detector.datasets
+    from stream_detector.consumer import DetectorService
+    from stream_detector.model.runtime import TorchScorer
+    from stream_detector.replay import ReplayError, ReplayOptions, run_replay
+    from tests.kafka_helpers import settings_for, tiny_entities
+
+    bs = kafka_broker.bootstrap_servers
+    topics = {"input": make_topic(partitions=2), "alerts": make_topic(), "scores": make_topic(),
+              "dlq": make_topic(), "group": f"g-{time.time_ns()}"}
+    settings = settings_for(bs, topics, tiny_artifact)
+    entities = tiny_entities(2)
+    monkeypatch.setattr(stream_detector.datasets, "load_dataset",
+                        lambda name, data_dir=None, wanted=None: entities)
+    scorer = TorchScorer.load(tiny_artifact)
+    other = dataclasses.replace(scorer.manifest, model_version="other-model-0001")
+    service = DetectorService(settings, other, scorer, serve_http=False)
+    thread = threading.Thread(target=service.run, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(ReplayError, match="'other-model-0001'.*"
+                           + scorer.manifest.model_version):
+            run_replay(ReplayOptions(
+                dataset="tiny", artifact_dir=tiny_artifact, out_dir=tmp_path / "r",
+                bootstrap_servers=bs, settings=settings, plots=False, progress=False,
+                idle_timeout_s=20, rate=200.0))
+        assert not any(t.name == "replay-producer" and t.is_alive()
+                       for t in threading.enumerate())
+    finally:
+        service.stop()
+        thread.join(30)
+
+
 def test_replay_fails_when_offline_reference_differs(tiny_artifact: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Offline scores 1e-3 off the stream (above the 1e-4 limit): parity is measured, so the

@@ -725,6 +725,36 @@ def test_probes(server) -> None:
     assert _get(server.port, "/nope")[0] == 404
 
 
+def test_probes_take_head_and_query_strings_and_idle_connections_are_closed(
+        server, monkeypatch) -> None:
+    """HEAD answered 501 and "/healthz?probe=1" 404 (some HTTP checkers send either); a
+    connection that sent nothing held a server thread until its client closed it (review)."""
+    conn = HTTPConnection("127.0.0.1", server.port, timeout=5)
+    try:
+        conn.request("HEAD", "/healthz")
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.getheader("Content-Length") == "2"
+        assert resp.read() == b""
+    finally:
+        conn.close()
+    assert _get(server.port, "/healthz?probe=1")[0::2] == (200, b"ok")
+    assert _get(server.port, "/metrics?x=1")[0] == 200
+
+    import stream_detector.observability as obs
+
+    monkeypatch.setattr(obs, "HTTP_IDLE_TIMEOUT_S", 0.3)
+    srv = HealthServer("127.0.0.1", 0, Metrics(), HealthState())
+    srv.start()
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as idle:
+            idle.sendall(b"GET /hea")  # and then nothing
+            t0 = time.monotonic()
+            assert idle.recv(100) == b""  # the server closed it
+            assert time.monotonic() - t0 < 4
+    finally:
+        srv.stop()
+
+
 def test_liveness_fails_when_the_loop_stalls() -> None:
     health = HealthState(stall_s=0.0)
     srv = HealthServer("127.0.0.1", 0, Metrics(), health)
