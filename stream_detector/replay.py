@@ -810,8 +810,10 @@ def _markdown(opts: ReplayOptions, rows: list[dict[str, Any]], s: dict[str, Any]
         "best-F1 (`pa_best_f1`) is shown only next to the same figure for random scores "
         "(`random_pa_best_f1`), which shows how much point adjustment inflates any detector. "
         "HitRate (where the dataset names the responsible features) averages over the `open` "
-        "and every `update` event inside an interpretable anomaly range (this replay's "
-        "consumer sends an update at each rise of the peak: long episodes weigh more). "
+        "and every `update` event inside an interpretable anomaly range ("
+        + ("this replay's consumer sends an update at each rise of the peak: long episodes "
+           "weigh more" if s["embedded_broker"] else "the deployment's consumer sends "
+           "updates at its own SD_DETECTOR__UPDATE_INTERVAL_S") + "). "
         "`alerts`: alert episodes opened; `rc_alerts`: the `open` and `update` events HitRate "
         "averages over; `parity_max_abs`: the entity's largest streamed-vs-offline difference.",
         "",
