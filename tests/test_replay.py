@@ -272,6 +272,32 @@ def tiny_long_term_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_tiny(tmp_path_factory.mktemp("tiny-lt") / "art", long_term_alpha=0.05)
 
 
+def _deployment(kafka_broker, make_topic, art: Path, monkeypatch: pytest.MonkeyPatch,
+                version: str | None = None):
+    """A consumer of ``art`` on fresh topics of the test broker, as a deployment a replay with
+    ``--bootstrap-servers`` meets (``version``: the model version it claims), and two tiny
+    entities as the replayed dataset: ``(settings, entities, scorer, service)``; the caller
+    starts and stops the service."""
+    import dataclasses
+
+    import stream_detector.datasets
+    from stream_detector.consumer import DetectorService
+    from stream_detector.model.runtime import TorchScorer
+    from tests.kafka_helpers import settings_for, tiny_entities
+
+    topics = {"input": make_topic(partitions=2), "alerts": make_topic(), "scores": make_topic(),
+              "dlq": make_topic(), "group": f"g-{time.time_ns()}"}
+    settings = settings_for(kafka_broker.bootstrap_servers, topics, art)
+    entities = tiny_entities(2)
+    monkeypatch.setattr(stream_detector.datasets, "load_dataset",
+                        lambda name, data_dir=None, wanted=None: entities)
+    scorer = TorchScorer.load(art)
+    manifest = (scorer.manifest if version is None
+                else dataclasses.replace(scorer.manifest, model_version=version))
+    return settings, entities, scorer, DetectorService(settings, manifest, scorer,
+                                                       serve_http=False)
+
+
 @pytest.mark.parametrize("long_term", [False, True])
 def test_replay_twice_into_one_running_consumer(kafka_broker, make_topic, tiny_artifact: Path,
                                                 tiny_long_term_artifact: Path, long_term: bool,
@@ -281,22 +307,11 @@ def test_replay_twice_into_one_running_consumer(kafka_broker, make_topic, tiny_a
     scored with parity (the second used to be rejected as late, then time out). With a
     long-term term the second run's first scores carry run 1's level, which fades: left out
     of the parity until it is below the limit (they failed it)."""
-    import stream_detector.datasets
-    from stream_detector.consumer import DetectorService
-    from stream_detector.model.runtime import TorchScorer
     from stream_detector.replay import ReplayOptions, run_replay
-    from tests.kafka_helpers import settings_for, tiny_entities
 
     art = tiny_long_term_artifact if long_term else tiny_artifact
     bs = kafka_broker.bootstrap_servers
-    topics = {"input": make_topic(partitions=2), "alerts": make_topic(), "scores": make_topic(),
-              "dlq": make_topic(), "group": f"g-{time.time_ns()}"}
-    settings = settings_for(bs, topics, art)
-    entities = tiny_entities(2)
-    monkeypatch.setattr(stream_detector.datasets, "load_dataset",
-                        lambda name, data_dir=None, wanted=None: entities)
-    scorer = TorchScorer.load(art)
-    service = DetectorService(settings, scorer.manifest, scorer, serve_http=False)
+    settings, entities, scorer, service = _deployment(kafka_broker, make_topic, art, monkeypatch)
     thread = threading.Thread(target=service.run, daemon=True)
     thread.start()
     try:
@@ -344,24 +359,11 @@ def test_replay_against_a_consumer_of_another_model_says_so_and_stops_producing(
     its scores as this artifact's metrics; and a failed replay's producer went on producing
     into the deployment's input topic (review). Now: a ReplayError naming both versions, and
     the producer stopped."""
-    import dataclasses
-
-    import stream_detector.datasets
-    from stream_detector.consumer import DetectorService
-    from stream_detector.model.runtime import TorchScorer
     from stream_detector.replay import ReplayError, ReplayOptions, run_replay
-    from tests.kafka_helpers import settings_for, tiny_entities
 
     bs = kafka_broker.bootstrap_servers
-    topics = {"input": make_topic(partitions=2), "alerts": make_topic(), "scores": make_topic(),
-              "dlq": make_topic(), "group": f"g-{time.time_ns()}"}
-    settings = settings_for(bs, topics, tiny_artifact)
-    entities = tiny_entities(2)
-    monkeypatch.setattr(stream_detector.datasets, "load_dataset",
-                        lambda name, data_dir=None, wanted=None: entities)
-    scorer = TorchScorer.load(tiny_artifact)
-    other = dataclasses.replace(scorer.manifest, model_version="other-model-0001")
-    service = DetectorService(settings, other, scorer, serve_http=False)
+    settings, _, scorer, service = _deployment(kafka_broker, make_topic, tiny_artifact,
+                                               monkeypatch, version="other-model-0001")
     thread = threading.Thread(target=service.run, daemon=True)
     thread.start()
     try:
