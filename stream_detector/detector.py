@@ -28,7 +28,7 @@ import numpy as np
 from stream_detector.batching import Batch, MicroBatcher
 from stream_detector.config import DetectorSettings
 from stream_detector.manifest import LongTermSpec, Manifest
-from stream_detector.records import Alert, Reading, ScoreRecord, alert_id, score_json
+from stream_detector.records import F32_MAX, Alert, Reading, ScoreRecord, alert_id, score_json
 from stream_detector.scoring import (
     EpisodeTracker,
     EventKind,
@@ -69,7 +69,6 @@ class Scorer(Protocol):
 #: :func:`converged_after` for a term that never gets within the tolerance (rounding alone
 #: exceeds it, or ``alpha`` is so small that the count would not fit)
 NEVER_EXACT = 2 ** 40
-_F32_MAX = float(np.finfo(np.float32).max)
 
 
 def converged_after(alpha: float, start: float, threshold: float, gain: float,
@@ -303,7 +302,7 @@ class Detector:
                              f"{values.shape} and {len(ts_ms)}")
         # a value the float32 window cannot hold would become inf there
         finite = (np.isfinite(values) if values.dtype == np.float32
-                  else np.isfinite(values) & (np.abs(values) <= _F32_MAX))
+                  else np.isfinite(values) & (np.abs(values) <= F32_MAX))
         if not finite.all():
             bad = int(np.flatnonzero(~finite.all(axis=1))[0])
             raise ValueError(f"reading {bad} of the batch (sensor {sensors[bad]!r}, ts "

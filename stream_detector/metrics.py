@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from stream_detector.records import F32_MAX
+
 NAN = float("nan")
 
 #: The keys of :func:`entity_metrics`, in report order.
@@ -56,8 +58,7 @@ def _at_model_precision(s: np.ndarray) -> np.ndarray:
     by 0.012 between ``evaluate`` and ``replay`` for the same scores."""
     # scores beyond float32's range, infinite ones included, rank at its limit: sklearn refuses
     # inf (AUC-PR raised on an infinite score that best-F1 took, found in review)
-    big = float(np.finfo(np.float32).max)
-    return np.clip(s, -big, big).astype(np.float32).astype(np.float64)
+    return np.clip(s, -F32_MAX, F32_MAX).astype(np.float32).astype(np.float64)
 
 
 def _original_threshold(orig: np.ndarray, rounded: np.ndarray, t: float) -> float:

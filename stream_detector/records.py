@@ -68,7 +68,8 @@ class Reading:
     ref: Any = None
 
 
-_F32_MAX = float(np.finfo(np.float32).max)
+#: The largest float32 magnitude: a value beyond it becomes inf in a float32 window.
+F32_MAX = float(np.finfo(np.float32).max)
 _NUMBER_TYPES = frozenset((int, float))
 # how orjson words its refusal of a number beyond double range, e.g. 1e400 (orjson 3.x)
 _ORJSON_OVERFLOW = "number is infinity when parsed as double"
@@ -222,7 +223,7 @@ class ReadingDecoder:
         wide = np.array(rows, dtype=np.float64).reshape(len(rows), n)
         bad: list[tuple[int, BadRecord]] = []
         if len(rows):
-            finite = np.abs(wide).max(axis=1) <= _F32_MAX if n else np.ones(len(rows), bool)
+            finite = np.abs(wide).max(axis=1) <= F32_MAX if n else np.ones(len(rows), bool)
             if not finite.all():
                 for j in np.flatnonzero(~finite).tolist():
                     bad.append((index[j], BadRecord(
@@ -262,7 +263,7 @@ class ReadingDecoder:
         if keyed:  # n names, each a feature (a KeyError otherwise): exactly the features
             rows = tuple(map(self._in_order, rows))
         wide = np.array(rows, dtype=np.float64).reshape(len(rows), self.n)
-        if wide.size and not np.abs(wide).max() <= _F32_MAX:
+        if wide.size and not np.abs(wide).max() <= F32_MAX:
             return None
         return DecodedBatch(list(range(len(raws))), list(sensors), list(stamps),
                             wide.astype(np.float32), [])
@@ -312,7 +313,7 @@ class ReadingDecoder:
         wide = np.asarray(values, dtype=np.float64)
         # check before the float32 cast: 1e39 is finite in JSON but overflows float32. One
         # reduction covers NaN (max is NaN, the comparison is False) and infinity.
-        if wide.size and not np.abs(wide).max() <= _F32_MAX:
+        if wide.size and not np.abs(wide).max() <= F32_MAX:
             raise BadRecord("non_finite", "values hold NaN, infinity or exceed float32 range")
         return wide.astype(np.float32)
 

@@ -42,9 +42,9 @@ import structlog
 
 from stream_detector.datasets.base import Entity
 from stream_detector.errors import DatasetError
+from stream_detector.records import F32_MAX
 
 log = structlog.get_logger(__name__)
-_F32_MAX = float(np.finfo(np.float32).max)
 #: (label file, unlabelled streams...) already warned about (list_entities runs more than
 #: once a command)
 _WARNED_UNLABELLED: set[tuple[str, ...]] = set()
@@ -103,7 +103,7 @@ def read_stream(path: Path) -> tuple[np.ndarray, np.ndarray]:
                     raise DatasetError(f"{where}: non-numeric value {row[iv]!r}") from None
                 if not math.isfinite(v):
                     raise DatasetError(f"{where}: value is NaN or infinite")
-                if abs(v) > _F32_MAX:  # inf once stored as float32 (review)
+                if abs(v) > F32_MAX:  # inf once stored as float32 (review)
                     raise DatasetError(f"{where}: value {row[iv]!r} is beyond the float32 "
                                        "range (about 3.4e38)")
                 vals.append(v)
